@@ -1,0 +1,162 @@
+"""Building blocks for the experiment configs in `experiments/`.
+
+Every experiment file defines `get_config(arg)` and returns `base_config(...)` filled in for its
+dataset and backbone; `arg` (what follows the colon in `--config experiments/x.py:wider`) picks the
+variant. Only choices live in a config: values derived from them (steps per epoch, total steps, the
+number of gated filters) are computed in code, so `--config.<field>=` overrides never leave a stale
+number behind.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from gaternet_jax.errors import UserError
+
+VARIANTS = ('plain', 'wider', 'se', 'gated')
+
+
+def parse_variant(arg: str | None, default: str = 'gated') -> str:
+  """The variant named by a config string (`''`/None -> `default`)."""
+  variant = (arg or default).strip().lower()
+  if variant not in VARIANTS:
+    raise UserError(f'unknown variant {variant!r}; choose one of {", ".join(VARIANTS)}')
+  return variant
+
+
+def base_config(
+    *,
+    name: str,
+    variant: str,
+    dataset: str,
+    backbone: str,
+    extractor: str,
+    bottleneck: int,
+    wider_width: float,
+    se_reduction: int,
+) -> ml_collections.ConfigDict:
+  """A complete config with the model fields for `variant`; training fields get CIFAR defaults.
+
+  Args:
+    name: the experiment's name (reported in results.json and tables).
+    variant: 'plain', 'wider', 'se' or 'gated'.
+    dataset: `data.name`.
+    backbone: registered backbone name (see `gaternet_jax.models.BACKBONES`).
+    extractor: registered name of the gater's feature extractor.
+    bottleneck: the gater's FC bottleneck size b.
+    wider_width: channel multiplier of the -Wider variant (chosen so its parameter count matches
+      the paper's Wider row).
+    se_reduction: SE reduction ratio of the -SE variant (chosen likewise).
+  """
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.variant = variant
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = backbone
+  c.model.width = wider_width if variant == 'wider' else 1.0
+  c.model.se_reduction = se_reduction if variant == 'se' else 0
+  c.model.gated = variant == 'gated'
+
+  c.gater = ml_collections.ConfigDict()
+  c.gater.extractor = extractor
+  c.gater.extractor_width = 1.0
+  c.gater.bottleneck = bottleneck
+  c.gater.init_bias = 1.0  # see models/gater.py: every gate starts open
+  c.gater.l1_weight = 0.1  # lambda of the sparsity term (the paper does not give its value)
+  c.gater.dropout_rate = 0.0  # final rate of scheduled dropout on the gates (appendix B: 0.05)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = dataset
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.eval_split = 'test'
+  c.data.holdout = 0  # training examples held out as split 'holdout' (the paper: 5000)
+  c.data.holdout_seed = 0
+  c.data.image_size = 224  # ImageNet crop size; in-memory datasets keep their own size
+  c.data.shuffle_buffer = 16_384
+  c.data.crop_padding = 4  # on-device augmentation of in-memory datasets: pad-and-crop, flip
+  c.data.augment = True
+
+  # The original recipe of CIFAR ResNets (He et al. 2016): SGD with momentum 0.9, batch 128,
+  # learning rate 0.1 divided by 10 at 50% and 75% of training, weight decay 1e-4, 164 epochs.
+  c.batch_size = 128  # global
+  c.eval_batch_size = 500  # global
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.learning_rate = 0.1  # for `base_batch_size`; scaled linearly with batch_size
+  c.optimizer.base_batch_size = 128
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'step'  # 'step' | 'cosine' | 'constant'
+  c.schedule.num_epochs = 164.0
+  c.schedule.warmup_epochs = 0.0
+  c.schedule.boundaries = (0.5, 0.75)  # fractions of training, for 'step'
+  c.schedule.decay_factor = 0.1
+  c.max_steps = config_dict.placeholder(int)  # caps the total steps (smoke tests); None = epochs
+
+  # The paper's procedure (section 4.4), used when model.gated: stage 1 trains the plain backbone,
+  # stage 2 the gater's extractor as a classifier, stage 3 the GaterNet initialised from both.
+  c.procedure = ml_collections.ConfigDict()
+  c.procedure.pretrain = True  # False: train the GaterNet from scratch in one stage
+  c.procedure.pretrain_epochs = config_dict.placeholder(float)  # None = schedule.num_epochs
+  c.procedure.joint_extra_epochs = 0.0  # the paper adds 20 (DenseNet) / 30 (Shake-Shake)
+  c.procedure.joint_learning_rate = config_dict.placeholder(float)  # None = optimizer's
+  c.init = ml_collections.ConfigDict()
+  c.init.backbone = config_dict.placeholder(str)  # a workdir whose checkpoint replaces stage 1
+  c.init.gater = config_dict.placeholder(str)  # a workdir whose checkpoint replaces stage 2
+
+  c.half_precision = False  # bfloat16 compute; parameters and BN statistics stay float32
+  c.log_every_steps = 100
+  c.eval_every_epochs = 4.0
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  return c
+
+
+def cifar_config(dataset: str, depth: int, arg: str | None, *, wider_width: float,
+                 se_reduction: int) -> ml_collections.ConfigDict:
+  """A Table 1 row: ResNet-`depth` on CIFAR-10/100 with a ResNet-20 gater (b = 8)."""
+  variant = parse_variant(arg)
+  return base_config(
+      name=f'{dataset}_resnet{depth}',
+      variant=variant,
+      dataset=dataset,
+      backbone=f'cifar_resnet{depth}',
+      extractor='cifar_resnet20',
+      bottleneck=8,
+      wider_width=wider_width,
+      se_reduction=se_reduction,
+  )
+
+
+def imagenet_config(depth: int, arg: str | None, *, wider_width: float, bottleneck: int = 256
+                    ) -> ml_collections.ConfigDict:
+  """A Table 3 row: ResNet-`depth` on ImageNet with a ResNet-18 gater."""
+  variant = parse_variant(arg)
+  c = base_config(
+      name=f'imagenet_resnet{depth}',
+      variant=variant,
+      dataset='imagenet2012',
+      backbone=f'resnet{depth}',
+      extractor='resnet18',
+      bottleneck=bottleneck,
+      wider_width=wider_width,
+      se_reduction=16,  # the SE paper's ratio; reproduces Table 3's SE rows
+  )
+  c.data.eval_split = 'validation'
+  # ImageNet recipe: batch 256 at learning rate 0.1, scaled linearly with the global batch;
+  # 90 epochs, 5 warm-up epochs, cosine decay (set schedule.name='step' for /10 at 30/60/80).
+  c.batch_size = 1024
+  c.eval_batch_size = 1000
+  c.optimizer.base_batch_size = 256
+  c.schedule.name = 'cosine'
+  c.schedule.num_epochs = 90.0
+  c.schedule.warmup_epochs = 5.0
+  c.schedule.boundaries = (1 / 3, 2 / 3, 8 / 9)
+  c.half_precision = True
+  c.eval_every_epochs = 1.0
+  c.checkpoint_every_steps = 2000
+  return c

@@ -1,0 +1,108 @@
+"""Abstract model statistics: parameter counts, gated filters, multiply-accumulates.
+
+Everything is computed with `jax.eval_shape`, so no parameter is ever materialized: ResNet-152-Gated
+is described in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gaternet_jax import models
+from gaternet_jax.layout import total_filters
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a (possibly abstract) pytree."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def abstract_variables(model: nn.Module, image_shape) -> Any:
+  """The model's variables as ShapeDtypeStructs, without running any initializer."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  rngs = {'params': jax.random.key(0), 'gates': jax.random.key(1)}
+  return jax.eval_shape(functools.partial(model.init, train=False), rngs, x)
+
+
+def count_macs(model: nn.Module, variables: Any, image_shape) -> dict[str, int]:
+  """Forward multiply-accumulates per image of every Conv and Dense, by top-level submodule.
+
+  A method interceptor records each layer's input and output shapes while the forward pass is
+  traced abstractly; the MACs of a convolution are kernel area x input channels / groups x output
+  elements, those of a dense layer input x output features.
+  """
+  macs: dict[str, int] = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
+      inputs = args[0]
+      if isinstance(module, nn.Conv):
+        per_output = math.prod(module.kernel_size) * inputs.shape[-1] // module.feature_group_count
+      else:
+        per_output = inputs.shape[-1]
+      owner = module.path[0] if module.path else ''
+      macs[owner] = macs.get(owner, 0) + per_output * math.prod(out.shape[1:])
+    return out
+
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+  return macs
+
+
+def describe(config, *, num_classes: int, image_shape) -> dict[str, Any]:
+  """Parameter counts, gated filters and MACs of the model a config describes.
+
+  Returns:
+    A dict with `backbone_params`, `gater_params`, `total_params`, `gated_filters`,
+    `backbone_macs` and `gater_macs` (per image), plus `gate_layout` (list of [name, filters]).
+  """
+  model = models.create_model(config, num_classes=num_classes, image_shape=image_shape)
+  variables = abstract_variables(model, image_shape)
+  params = variables['params']
+  macs = count_macs(model, variables, image_shape)
+  layout = models.gate_layout(config, image_shape) if config.model.gated else []
+  return {
+      'backbone_params': count_params(params['backbone']),
+      'gater_params': count_params(params.get('gater', {})),
+      'total_params': count_params(params),
+      'gated_filters': total_filters(layout),
+      'backbone_macs': macs.get('backbone', 0),
+      'gater_macs': macs.get('gater', 0),
+      'gate_layout': [[layer.name, layer.filters] for layer in layout],
+  }
+
+
+def gated_macs_per_filter(config, image_shape) -> np.ndarray:
+  """MACs each gated filter costs per image, in gate-vector order (for compute-used analysis)."""
+  layout = models.gate_layout(config, image_shape)
+  return np.concatenate([np.full(l.filters, l.macs_per_filter, np.int64) for l in layout])
+
+
+# Shapes and class counts of the datasets whose layout is known without reading them.
+KNOWN_DATASETS = {
+    'default': (10, (16, 16, 1)),
+    'cifar10': (10, (32, 32, 3)),
+    'cifar100': (100, (32, 32, 3)),
+}
+
+
+def dataset_spec(data_config) -> tuple[int, tuple[int, int, int]]:
+  """(num_classes, image_shape) of `config.data`, without loading the dataset when possible."""
+  if data_config.name in KNOWN_DATASETS:
+    return KNOWN_DATASETS[data_config.name]
+  if data_config.name == 'imagenet2012':
+    return 1000, (data_config.image_size, data_config.image_size, 3)
+  from gaternet_jax import data  # noqa: PLC0415 - an image folder must be read
+
+  info = data.load_dataset(data_config).info
+  return info.num_classes, info.image_shape

@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Anything a user can cause with bad input (an unknown config key or model name, a missing dataset,
+an unwritable workdir, a corrupt or mismatched checkpoint, a non-finite loss) raises `UserError`.
+The `gaternet` command catches it and prints its message as one line on stderr with a non-zero
+exit status and no traceback; library callers get an ordinary exception they can catch.
+"""
+
+
+class UserError(Exception):
+  """An error caused by the user's input; its message is one self-contained line."""
+
+
+class DatasetNotFoundError(UserError):
+  """A dataset could not be found locally (and cannot be downloaded here)."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint is missing, corrupt, or does not match the model or config."""
+
+
+class NonFiniteLossError(UserError):
+  """Training produced a non-finite loss; the message names the step."""

@@ -1,0 +1,68 @@
+"""Model registry: backbone names -> constructors, and `create_model(config)`."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from gaternet_jax.errors import UserError
+from gaternet_jax.models.gater import Gater
+from gaternet_jax.models.gaternet import Classifier, GaterNet
+from gaternet_jax.layout import GatedLayer, total_filters
+from gaternet_jax.models.resnet import ResNet
+from gaternet_jax.models.resnet_cifar import CifarResNet
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+  BACKBONES[f'cifar_resnet{_depth}'] = functools.partial(CifarResNet, depth=_depth)
+for _depth in (164, 1001):
+  BACKBONES[f'cifar_resnet{_depth}'] = functools.partial(
+      CifarResNet, depth=_depth, bottleneck=True)
+for _depth in (18, 34, 50, 101, 152):
+  BACKBONES[f'resnet{_depth}'] = functools.partial(ResNet, depth=_depth)
+
+VARIANTS = ('plain', 'wider', 'se', 'gated')
+
+
+def create_backbone(name: str, *, num_classes: int, width: float = 1.0, se_reduction: int = 0,
+                    include_head: bool = True, dtype: Any = jnp.float32) -> nn.Module:
+  """A registered backbone by name; unknown names raise UserError listing the known ones."""
+  if name not in BACKBONES:
+    raise UserError(f'unknown model name {name!r}; known: {", ".join(sorted(BACKBONES))}')
+  return BACKBONES[name](num_classes=num_classes, width=width, se_reduction=se_reduction,
+                         include_head=include_head, dtype=dtype)
+
+
+def backbone_from_config(config, *, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
+  m = config.model
+  return create_backbone(m.backbone, num_classes=num_classes, width=m.width,
+                         se_reduction=m.se_reduction, dtype=dtype)
+
+
+def gate_layout(config, image_shape) -> list[GatedLayer]:
+  """The gated layers of `config.model.backbone` for images of `image_shape` (H, W, C)."""
+  return backbone_from_config(config, num_classes=1).gate_layout(tuple(image_shape))
+
+
+def create_model(config, *, num_classes: int, image_shape, dtype: Any = jnp.float32) -> nn.Module:
+  """The model a config describes: a Classifier, or a GaterNet when `config.model.gated`.
+
+  Args:
+    config: an experiment config (uses `config.model` and `config.gater`).
+    num_classes: classifier outputs of the backbone.
+    image_shape: (H, W, C) of the inputs; fixes the gate layout's compute costs.
+    dtype: computation dtype (bfloat16 under `half_precision`).
+  """
+  backbone = backbone_from_config(config, num_classes=num_classes, dtype=dtype)
+  if not config.model.gated:
+    return Classifier(backbone)
+  layout = backbone.gate_layout(tuple(image_shape))
+  g = config.gater
+  extractor = create_backbone(g.extractor, num_classes=num_classes, width=g.extractor_width,
+                              include_head=False, dtype=dtype)
+  gater = Gater(extractor, num_gates=total_filters(layout), bottleneck=g.bottleneck,
+                init_bias=g.init_bias, dtype=dtype)
+  return GaterNet(backbone, gater)

@@ -1,0 +1,101 @@
+"""Building blocks shared by the backbones: convolutions, batch norm, SE, and gating."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# He-normal (fan_out) is what the ResNet papers and torchvision use for convolutions.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str | None = None):
+  """A bias-free 'SAME' convolution (every conv here is followed by batch norm)."""
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding='SAME' if kernel > 1 else 'VALID',
+      use_bias=False,
+      kernel_init=conv_kernel_init,
+      dtype=dtype,
+      name=name,
+  )
+
+
+def batch_norm(train: bool, *, dtype: Dtype, scale_init=nn.initializers.ones, name=None):
+  """Batch norm with the usual ResNet settings; statistics and parameters stay float32."""
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      scale_init=scale_init,
+      name=name,
+  )
+
+
+def scaled_channels(base: int, width: float) -> int:
+  """Channels of a widened layer: round(base * width), at least 1."""
+  return max(1, int(round(base * width)))
+
+
+class SqueezeExcite(nn.Module):
+  """Squeeze-and-excitation (Hu et al. 2018): rescales channels by a gated global summary."""
+
+  reduction: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    hidden = max(1, channels // self.reduction)
+    s = jnp.mean(x, axis=(1, 2))
+    s = nn.relu(nn.Dense(hidden, dtype=self.dtype, name='reduce')(s))
+    s = nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name='expand')(s))
+    return x * s[:, None, None, :].astype(x.dtype)
+
+
+def apply_gate(y: jax.Array, gate: jax.Array | None) -> jax.Array:
+  """Paper eq. 4: O_i = phi(F_i * I) * g_i, per sample and output channel.
+
+  Args:
+    y: a gated layer's output, (batch, H, W, C).
+    gate: this layer's slice of the gate vector, (batch, C), or None for the plain network.
+  """
+  if gate is None:
+    return y
+  return y * gate[:, None, None, :].astype(y.dtype)
+
+
+class GateSlicer:
+  """Hands out consecutive slices of the gate vector, one per gated layer, in layout order.
+
+  The backbones call `next(width)` once per gated layer as they build themselves, and check at the
+  end that the whole vector was used, so a layout and the module can never disagree silently.
+  """
+
+  def __init__(self, gates: jax.Array | None):
+    self._gates = gates
+    self._offset = 0
+
+  def next(self, width: int) -> jax.Array | None:
+    if self._gates is None:
+      return None
+    gate = self._gates[:, self._offset : self._offset + width]
+    self._offset += width
+    return gate
+
+  def check_consumed(self) -> None:
+    if self._gates is not None and self._offset != self._gates.shape[-1]:
+      raise ValueError(
+          f'gate vector has {self._gates.shape[-1]} entries but the backbone gates {self._offset}'
+          ' filters'
+      )
+

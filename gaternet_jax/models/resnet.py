@@ -1,0 +1,148 @@
+"""ImageNet ResNets (He et al. 2016a): ResNet-18/34 (basic blocks), -50/101/152 (bottlenecks).
+
+The standard torchvision/flax layout: a 7x7/2 stem and a 3x3/2 max-pool, four stages of 64, 128,
+256, 512 (x4 for bottlenecks) channels, projection shortcuts (option B) where the shape changes,
+the stride on the 3x3 convolution of a bottleneck. ResNet-34 has 21.80M parameters, -101 44.55M,
+-152 60.19M, as in the paper's Table 3. The gated layer of each unit is its last convolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gaternet_jax.models import layers
+from gaternet_jax.layout import GatedLayer
+from gaternet_jax.models.resnet_cifar import UnitSpec, _ceil_div
+
+STAGE_SIZES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+STAGE_WIDTHS = (64, 128, 256, 512)
+STEM_CHANNELS = 64
+
+
+class ResNet(nn.Module):
+  """ImageNet ResNet, optionally gated, widened, or with squeeze-and-excitation.
+
+  Attributes:
+    depth: 18, 34, 50, 101 or 152.
+    num_classes: classifier outputs; ignored when `include_head` is False.
+    width: multiplies every layer's channel count (the -Wider variants).
+    se_reduction: squeeze-and-excitation reduction ratio in every unit; 0 disables SE.
+    include_head: False drops the classifier and returns pooled features (the gater's extractor).
+    dtype: computation dtype (parameters and batch statistics stay float32).
+  """
+
+  depth: int
+  num_classes: int = 1000
+  width: float = 1.0
+  se_reduction: int = 0
+  include_head: bool = True
+  dtype: Any = jnp.float32
+
+  @property
+  def bottleneck(self) -> bool:
+    return self.depth >= 50
+
+  def unit_specs(self, image_size: tuple[int, int] = (224, 224)) -> list[UnitSpec]:
+    if self.depth not in STAGE_SIZES:
+      raise ValueError(f'ResNet depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}')
+    expansion = 4 if self.bottleneck else 1
+    in_channels = layers.scaled_channels(STEM_CHANNELS, self.width)
+    height, width = (_ceil_div(_ceil_div(d, 2), 2) for d in image_size)  # stem conv + max-pool
+    specs = []
+    for s, (units, base) in enumerate(zip(STAGE_SIZES[self.depth], STAGE_WIDTHS)):
+      mid = layers.scaled_channels(base, self.width)
+      out = layers.scaled_channels(base * expansion, self.width)
+      for u in range(units):
+        stride = 2 if (s > 0 and u == 0) else 1
+        height, width = _ceil_div(height, stride), _ceil_div(width, stride)
+        specs.append(UnitSpec(f'stage{s + 1}/unit{u + 1}', in_channels, mid, out, stride,
+                              (height, width)))
+        in_channels = out
+    return specs
+
+  def gate_layout(self, image_shape: tuple[int, int, int] = (224, 224, 3)) -> list[GatedLayer]:
+    """The gated layers (last conv of every unit), from the configuration alone."""
+    kernel_area = 1 if self.bottleneck else 9
+    return [
+        GatedLayer(s.name, s.out_channels,
+                   kernel_area * s.mid_channels * s.out_size[0] * s.out_size[1])
+        for s in self.unit_specs(image_shape[:2])
+    ]
+
+  @nn.compact
+  def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
+    specs = self.unit_specs(x.shape[1:3])
+    x = x.astype(self.dtype)
+    slicer = layers.GateSlicer(gates)
+    stem = layers.scaled_channels(STEM_CHANNELS, self.width)
+    x = layers.conv(stem, 7, 2, dtype=self.dtype, name='stem_conv')(x)
+    x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    block = BottleneckUnit if self.bottleneck else BasicUnit
+    for spec in specs:
+      x = block(spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction,
+                dtype=self.dtype, name=spec.name.replace('/', '_'))(
+                    x, slicer.next(spec.out_channels), train=train)
+    slicer.check_consumed()
+    x = jnp.mean(x, axis=(1, 2))
+    if not self.include_head:
+      return x
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+
+
+def _projection(x, out, stride, train, dtype):
+  """Option-B shortcut: identity, or a strided 1x1 conv + BN when the shape changes."""
+  if stride == 1 and x.shape[-1] == out:
+    return x
+  x = layers.conv(out, 1, stride, dtype=dtype, name='proj_conv')(x)
+  return layers.batch_norm(train, dtype=dtype, name='proj_bn')(x)
+
+
+class BasicUnit(nn.Module):
+  mid: int
+  out: int
+  stride: int
+  se_reduction: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, gate, *, train):
+    y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv1')(x)
+    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
+    y = layers.conv(self.out, 3, dtype=self.dtype, name='conv2')(y)
+    y = layers.batch_norm(train, dtype=self.dtype, name='bn2')(y)
+    if self.se_reduction:
+      y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
+    y = layers.apply_gate(y, gate)
+    return nn.relu(y + _projection(x, self.out, self.stride, train, self.dtype))
+
+
+class BottleneckUnit(nn.Module):
+  mid: int
+  out: int
+  stride: int
+  se_reduction: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, gate, *, train):
+    y = layers.conv(self.mid, 1, dtype=self.dtype, name='conv1')(x)
+    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
+    y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
+    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
+    y = layers.conv(self.out, 1, dtype=self.dtype, name='conv3')(y)
+    y = layers.batch_norm(train, dtype=self.dtype, name='bn3')(y)
+    if self.se_reduction:
+      y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
+    y = layers.apply_gate(y, gate)
+    return nn.relu(y + _projection(x, self.out, self.stride, train, self.dtype))

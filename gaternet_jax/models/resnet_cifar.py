@@ -1,0 +1,172 @@
+"""CIFAR ResNets: ResNet-20/56/110 (He et al. 2016a) and the paper's ResNet-164 (He et al. 2016b).
+
+ResNet-6n+2 uses post-activation basic blocks with parameter-free shortcuts (option A: subsample and
+zero-pad channels), which is what gives ResNet-20 its 0.27M parameters. ResNet-9n+2 (164) uses
+pre-activation bottleneck units with projection shortcuts where the shape changes; as footnote 2 of
+the paper says, its first stage's units are 16-4-16 (then 32-32-128 and 64-64-256), which gives 1.62M
+parameters and 7,200 gated filters.
+
+The gated layer of every residual unit is its last convolution: the gate multiplies that
+convolution's (batch-normalized) output channels before the residual addition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gaternet_jax.models import layers
+from gaternet_jax.layout import GatedLayer
+
+# (mid, out) channels of each stage's units.
+BASIC_STAGES = ((16, 16), (32, 32), (64, 64))
+BOTTLENECK_STAGES = ((4, 16), (32, 128), (64, 256))  # paper footnote 2
+STEM_CHANNELS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSpec:
+  """Static description of one residual unit, shared by the module and its gate layout."""
+
+  name: str
+  in_channels: int
+  mid_channels: int
+  out_channels: int
+  stride: int
+  out_size: tuple[int, int]  # spatial size of the unit's output
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+class CifarResNet(nn.Module):
+  """ResNet for 32x32 inputs, optionally gated, widened, or with squeeze-and-excitation.
+
+  Attributes:
+    depth: 6n+2 for basic blocks (20, 56, 110, ...), 9n+2 for bottleneck units (164, ...).
+    num_classes: classifier outputs; ignored when `include_head` is False.
+    bottleneck: pre-activation bottleneck units (ResNet-164) instead of basic blocks.
+    width: multiplies every layer's channel count (the -Wider variants).
+    se_reduction: squeeze-and-excitation reduction ratio in every unit; 0 disables SE.
+    include_head: False drops the classifier and returns pooled features (the gater's extractor).
+    dtype: computation dtype (parameters and batch statistics stay float32).
+  """
+
+  depth: int
+  num_classes: int = 10
+  bottleneck: bool = False
+  width: float = 1.0
+  se_reduction: int = 0
+  include_head: bool = True
+  dtype: Any = jnp.float32
+
+  def units_per_stage(self) -> int:
+    per_unit = 9 if self.bottleneck else 6
+    if (self.depth - 2) % per_unit or self.depth < 2 + per_unit:
+      kind = 'bottleneck (9n+2)' if self.bottleneck else 'basic (6n+2)'
+      raise ValueError(f'depth {self.depth} is not a valid {kind} CIFAR ResNet depth')
+    return (self.depth - 2) // per_unit
+
+  def unit_specs(self, image_size: tuple[int, int] = (32, 32)) -> list[UnitSpec]:
+    stages = BOTTLENECK_STAGES if self.bottleneck else BASIC_STAGES
+    in_channels = layers.scaled_channels(STEM_CHANNELS, self.width)
+    height, width = image_size
+    specs = []
+    for s, (mid, out) in enumerate(stages):
+      mid, out = layers.scaled_channels(mid, self.width), layers.scaled_channels(out, self.width)
+      for u in range(self.units_per_stage()):
+        stride = 2 if (s > 0 and u == 0) else 1
+        height, width = _ceil_div(height, stride), _ceil_div(width, stride)
+        specs.append(UnitSpec(f'stage{s + 1}/unit{u + 1}', in_channels, mid, out, stride,
+                              (height, width)))
+        in_channels = out
+    return specs
+
+  def gate_layout(self, image_shape: tuple[int, int, int] = (32, 32, 3)) -> list[GatedLayer]:
+    """The gated layers (last conv of every unit), from the configuration alone."""
+    result = []
+    for spec in self.unit_specs(image_shape[:2]):
+      kernel_area = 1 if self.bottleneck else 9
+      positions = spec.out_size[0] * spec.out_size[1]
+      result.append(GatedLayer(spec.name, spec.out_channels,
+                               kernel_area * spec.mid_channels * positions))
+    return result
+
+  @nn.compact
+  def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
+    x = x.astype(self.dtype)
+    slicer = layers.GateSlicer(gates)
+    stem = layers.scaled_channels(STEM_CHANNELS, self.width)
+    x = layers.conv(stem, 3, dtype=self.dtype, name='stem_conv')(x)
+    if not self.bottleneck:  # pre-activation nets normalize at the start of each unit instead
+      x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
+    for spec in self.unit_specs(x.shape[1:3]):
+      block = PreActBottleneckUnit if self.bottleneck else BasicUnit
+      gate = slicer.next(spec.out_channels)
+      x = block(spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction,
+                dtype=self.dtype, name=spec.name.replace('/', '_'))(x, gate, train=train)
+    slicer.check_consumed()
+    if self.bottleneck:
+      x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='final_bn')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    if not self.include_head:
+      return x
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+
+
+class BasicUnit(nn.Module):
+  """Post-activation basic block; option-A (parameter-free) shortcut when the shape changes."""
+
+  mid: int
+  out: int
+  stride: int
+  se_reduction: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, gate, *, train):
+    y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv1')(x)
+    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
+    y = layers.conv(self.out, 3, dtype=self.dtype, name='conv2')(y)
+    y = layers.batch_norm(train, dtype=self.dtype, name='bn2')(y)
+    if self.se_reduction:
+      y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
+    y = layers.apply_gate(y, gate)
+    shortcut = x
+    if self.stride > 1:
+      shortcut = shortcut[:, :: self.stride, :: self.stride, :]
+    if shortcut.shape[-1] != self.out:
+      extra = self.out - shortcut.shape[-1]
+      shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return nn.relu(y + shortcut)
+
+
+class PreActBottleneckUnit(nn.Module):
+  """Pre-activation bottleneck unit (He et al. 2016b); projection shortcut when the shape changes."""
+
+  mid: int
+  out: int
+  stride: int
+  se_reduction: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, gate, *, train):
+    pre = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(x))
+    shortcut = x
+    if self.stride > 1 or x.shape[-1] != self.out:
+      shortcut = layers.conv(self.out, 1, self.stride, dtype=self.dtype, name='proj')(pre)
+    y = layers.conv(self.mid, 1, dtype=self.dtype, name='conv1')(pre)
+    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
+    y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
+    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn3')(y))
+    y = layers.conv(self.out, 1, dtype=self.dtype, name='conv3')(y)
+    if self.se_reduction:
+      y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
+    y = layers.apply_gate(y, gate)
+    return y + shortcut

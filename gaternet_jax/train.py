@@ -448,9 +448,13 @@ def train_single(config: ml_collections.ConfigDict, workdir: str, *, stage: str 
     eval_metrics = evaluate(state, dataset, config.data.eval_split, setup, eval_fn)
   writer.flush()
   writer.close()
+  layout = models.gate_layout(config, setup.info.image_shape) if config.model.gated else []
   results = {
       'name': config.name,
       'variant': config.variant,
+      'dataset': config.data.name,
+      'params': int(sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))),
+      'gated_filters': sum(layer.filters for layer in layout),
       'stage': stage,
       'step': int(step),
       'total_steps': plan.total_steps,

@@ -50,6 +50,7 @@ class DatasetInfo:
   num_train: int
   split_sizes: dict[str, int]
   in_memory: bool
+  class_names: tuple[str, ...] | None = None  # label id -> name, where the source knows them
 
   def split_size(self, split: str) -> int:
     """Global size of `split` ('train' included); UserError for an unknown split."""
@@ -311,6 +312,7 @@ def from_global_arrays(
     process_count: int,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> InMemoryDataset:
   """Builds an in-memory dataset from whole splits that every process holds.
 
@@ -353,6 +355,7 @@ def from_global_arrays(
       num_train=len(train_images),
       split_sizes={split: len(arrays[0]) for split, arrays in evals.items()},
       in_memory=True,
+      class_names=tuple(class_names) if class_names else None,
   )
 
   def share(arrays: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -55,4 +55,5 @@ def load(
       holdout_seed=holdout_seed,
       process_index=process_index,
       process_count=process_count,
+      class_names=[str(d) for d in range(10)],
   )

@@ -136,6 +136,7 @@ def load(
       num_train=len(train_files),
       split_sizes={split: len(files) for split, (files, _) in eval_files.items()},
       in_memory=True,
+      class_names=tuple(classes),
   )
   return base.InMemoryDataset(info, train, evals, process_count=process_count)
 

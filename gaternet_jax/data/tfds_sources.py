@@ -125,6 +125,7 @@ def load_cifar(
       process_count=process_count,
       mean=[m * 255.0 for m in mean],
       std=[s * 255.0 for s in std],
+      class_names=builder.info.features['label'].names,
   )
 
 

@@ -81,7 +81,10 @@ class GateSlicer:
   end that the whole vector was used, so a layout and the module can never disagree silently.
   """
 
-  def __init__(self, gates: jax.Array | None):
+  def __init__(self, gates: jax.Array | None, expected: int):
+    if gates is not None and gates.shape[-1] != expected:
+      raise ValueError(f'gate vector has {gates.shape[-1]} entries but the backbone gates '
+                       f'{expected} filters')
     self._gates = gates
     self._offset = 0
 

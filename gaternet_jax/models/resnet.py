@@ -83,7 +83,7 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
     specs = self.unit_specs(x.shape[1:3])
     x = x.astype(self.dtype)
-    slicer = layers.GateSlicer(gates)
+    slicer = layers.GateSlicer(gates, sum(s.out_channels for s in specs))
     stem = layers.scaled_channels(STEM_CHANNELS, self.width)
     x = layers.conv(stem, 7, 2, dtype=self.dtype, name='stem_conv')(x)
     x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))

@@ -99,13 +99,14 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
+    specs = self.unit_specs(x.shape[1:3])
     x = x.astype(self.dtype)
-    slicer = layers.GateSlicer(gates)
+    slicer = layers.GateSlicer(gates, sum(s.out_channels for s in specs))
     stem = layers.scaled_channels(STEM_CHANNELS, self.width)
     x = layers.conv(stem, 3, dtype=self.dtype, name='stem_conv')(x)
     if not self.bottleneck:  # pre-activation nets normalize at the start of each unit instead
       x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
-    for spec in self.unit_specs(x.shape[1:3]):
+    for spec in specs:
       block = PreActBottleneckUnit if self.bottleneck else BasicUnit
       gate = slicer.next(spec.out_channels)
       x = block(spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction,

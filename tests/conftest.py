@@ -1,0 +1,77 @@
+"""Test setup: CPU flags before JAX starts, a shared compilation cache, helpers to run the CLI."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+# Same CPU setting the `gaternet` command applies (see gaternet_jax/main.py), before JAX starts.
+os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One persistent compilation cache for the whole test session, in-process and in subprocesses:
+# many tests compile the same tiny models.
+_CACHE = os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                               os.path.join(tempfile.gettempdir(), 'gaternet_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir', _CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, 'experiments', 'default.py')
+
+
+def run_cli(*args, timeout=600, env=None):
+  """Runs `gaternet ARGS` in a subprocess; returns CompletedProcess with text output."""
+  full_env = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, '-m', 'gaternet_jax.main', *args], capture_output=True,
+                        text=True, timeout=timeout, cwd=REPO, env=full_env)
+
+
+@pytest.fixture
+def cli():
+  return run_cli
+
+
+def load_experiment(name: str, variant: str | None = None):
+  """An experiment's config, as `--config experiments/NAME.py:VARIANT` would load it."""
+  import importlib.util  # noqa: PLC0415
+
+  path = os.path.join(REPO, 'experiments', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'experiment_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def tiny_default(variant: str = 'gated', **overrides):
+  """The default experiment with a budget of a few steps (unlocked, editable)."""
+  config = load_experiment('default', variant)
+  config.max_steps = 6
+  config.checkpoint_every_steps = 3
+  config.log_every_steps = 3
+  config.eval_every_epochs = 100.0
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+TINY_FLAGS = ['--config.max_steps=6', '--config.checkpoint_every_steps=3',
+              '--config.log_every_steps=3', '--config.eval_every_epochs=100']
+
+
+@pytest.fixture(scope='session')
+def gated_run(tmp_path_factory):
+  """One tiny three-stage GaterNet run on the default data, shared by several tests."""
+  from gaternet_jax import train  # noqa: PLC0415
+
+  workdir = str(tmp_path_factory.mktemp('gated_run'))
+  results = train.train_and_evaluate(tiny_default('gated'), workdir)
+  return workdir, results

@@ -1,0 +1,240 @@
+"""The training system: data-parallel step, no retracing, eval masking, resume, failures."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_FLAGS, tiny_default
+from gaternet_jax import checkpoints, train
+from gaternet_jax import data as data_lib
+from gaternet_jax.errors import NonFiniteLossError
+
+ONE_VS_EIGHT = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, 'tests')
+    from conftest import tiny_default
+    from gaternet_jax import train, data
+    from jax.sharding import Mesh
+    assert jax.device_count() == 8, jax.devices()
+    config = tiny_default('gated', batch_size=16, eval_batch_size=16)
+    dataset = data.load_dataset(config.data)
+    images, labels = dataset.train_arrays()
+    batch = {'image': images[:16], 'label': labels[:16]}
+    out = {}
+    for n in (1, 8):
+      setup = train.build(config, dataset.info, mesh=Mesh(np.asarray(jax.devices()[:n]), ('data',)))
+      state = train.create_state(setup, 0)
+      step, _, _ = train.compile_steps(setup)
+      key = jax.random.key(42)
+      for _ in range(2):
+        state, metrics = step(state, train.to_global(batch, setup.data_sharding), key)
+      out[n] = (jax.device_get(metrics), jax.device_get(state.params),
+                jax.device_get(state.batch_stats))
+    m1, p1, s1 = out[1]
+    m8, p8, s8 = out[8]
+    for k in m1:
+      np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(p1) + jax.tree.leaves(s1), jax.tree.leaves(p8) + jax.tree.leaves(s8)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    print(json.dumps({k: float(v) for k, v in m1.items()}))
+''')
+
+
+def test_one_device_and_eight_devices_agree():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
+             '--xla_cpu_experimental_ynn_fusion_type=')
+  result = subprocess.run([sys.executable, '-c', ONE_VS_EIGHT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads(result.stdout.strip().splitlines()[-1])
+  assert np.isfinite(metrics['loss']) and 0 < metrics['gate_density'] <= 1
+
+
+@pytest.fixture(scope='module')
+def small_setup():
+  config = tiny_default('gated')
+  dataset = data_lib.load_dataset(config.data)
+  setup = train.build(config, dataset.info)
+  return config, dataset, setup
+
+
+def test_train_step_compiles_once(small_setup):
+  config, dataset, setup = small_setup
+  state = train.create_state(setup, 0)
+  step_fn, eval_fn, _ = train.compile_steps(setup)
+  get_batch = train.train_batches(dataset, setup, 0, config.seed)
+  key = jax.random.key(0)
+  for step in range(4):
+    state, _ = step_fn(state, get_batch(step), key)
+  assert step_fn._cache_size() == 1  # noqa: SLF001 - no retracing across steps
+  assert int(state.step) == 4
+
+
+def test_eval_counts_every_example_once(small_setup):
+  """297 test examples with eval batch 100: 3 padded batches, every example counted once."""
+  config, dataset, setup = small_setup
+  state = train.create_state(setup, 0)
+  _, eval_fn, _ = train.compile_steps(setup)
+  metrics = train.evaluate(state, dataset, 'test', setup, eval_fn)
+  assert metrics['examples'] == dataset.info.split_size('test') == 297
+  # Reference: the same model on all 297 examples at once, no padding.
+  images, labels = dataset.eval_arrays('test')
+  x = train.preprocess(config, dataset.info, jnp.asarray(images), None)
+  logits, _ = setup.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
+                                train=False)
+  error = 100 * (1 - np.mean(np.argmax(np.asarray(logits), -1) == labels))
+  np.testing.assert_allclose(metrics['top1_error'], error, atol=1e-3)
+
+
+def test_resident_batches_are_deterministic_and_cover_the_epoch(small_setup):
+  config, dataset, setup = small_setup
+  images, labels = dataset.train_arrays()
+  resident = train.ResidentTrainData(images, labels, setup, seed=0)
+  seen = np.concatenate([np.asarray(resident.batch(s)['label']) for s in
+                         range(resident.steps_per_epoch)])
+  assert len(seen) == resident.steps_per_epoch * config.batch_size
+  np.testing.assert_array_equal(resident.batch(3)['image'], resident.batch(3)['image'])
+  assert not np.array_equal(resident.batch(0)['image'],
+                            resident.batch(resident.steps_per_epoch)['image'])  # reshuffled
+  # One epoch draws each example at most once.
+  counts = np.bincount(seen, minlength=10)
+  np.testing.assert_array_less(counts, np.bincount(labels, minlength=10) + 1)
+
+
+def test_plain_run_end_to_end(tmp_path):
+  workdir = str(tmp_path / 'plain')
+  results = train.train_and_evaluate(tiny_default('plain'), workdir)
+  assert results['step'] == 6 and results['eval']['examples'] == 297
+  assert results['params'] > 0 and results['gated_filters'] == 0
+  stored = json.load(open(os.path.join(workdir, 'results.json')))
+  assert stored['step'] == 6 and stored['name'] == 'default'
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert checkpoints.latest_step(workdir) == 6
+  assert checkpoints.load_config(workdir).variant == 'plain'
+  # Running again resumes at the end: nothing to train, same step.
+  again = train.train_and_evaluate(tiny_default('plain'), workdir)
+  assert again['step'] == 6
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'nan')
+  config = tiny_default('plain', max_steps=40, checkpoint_every_steps=1)
+  config.schedule.name = 'constant'
+  config.optimizer.learning_rate = 1e12
+  with pytest.raises(NonFiniteLossError, match=r'non-finite loss .* at step (\d+)') as info:
+    train.train_and_evaluate(config, workdir)
+  bad_step = int(info.value.args[0].split('at step ')[1].split(';')[0])
+  last = checkpoints.latest_step(workdir)
+  assert last is not None and last < bad_step
+  from gaternet_jax import procedure  # noqa: PLC0415
+
+  _, _, state, _ = procedure.load_state(workdir)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, cli):
+  workdir = str(tmp_path / 'killed')
+  flags = ['--config', 'experiments/default.py:plain', '--workdir', workdir,
+           '--config.max_steps=60', '--config.checkpoint_every_steps=10',
+           '--config.log_every_steps=10', '--config.eval_every_epochs=100']
+  env = dict(os.environ)
+  proc = subprocess.Popen([sys.executable, '-m', 'gaternet_jax.main', 'train', *flags], cwd=REPO,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    def finished_checkpoints():  # Orbax renames a checkpoint to its step only once complete
+      directory = os.path.join(workdir, 'checkpoints')
+      return [d for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not finished_checkpoints():
+      time.sleep(0.1)
+    assert finished_checkpoints(), 'no checkpoint appeared'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  first = checkpoints.latest_step(workdir)
+  assert first is not None and first < 60
+  result = cli('train', *flags)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f'Resumed {workdir} from step {first}' in result.stderr
+  final = json.loads(result.stdout.strip().splitlines()[-1])
+  assert final['step'] == final['total_steps'] == 60
+
+
+def _one_error_line(result):
+  errors = [l for l in result.stderr.splitlines() if l.startswith('gaternet: error:')]
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(errors) == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  return errors[0]
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--config.optimizer.nope=1'], 'unknown config field'),
+    (['--config.data.name=nope'], 'unknown dataset'),
+    (['--config.data.name=imagefolder', '--config.data.data_dir=/nonexistent/images'],
+     '/nonexistent/images'),
+    (['--config.data.name=cifar10', '--config.data.data_dir=/nonexistent/tfds'], 'cifar10'),
+])
+def test_bad_inputs_give_one_clear_line(tmp_path, cli, extra, message):
+  result = cli('train', '--config', 'experiments/default.py:plain', '--workdir',
+               str(tmp_path / 'w'), *TINY_FLAGS, *extra)
+  assert message in _one_error_line(result)
+
+
+def test_unwritable_workdir(tmp_path, cli):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  result = cli('train', '--config', 'experiments/default.py:plain', '--workdir',
+               str(blocker / 'w'), *TINY_FLAGS)
+  assert 'not writable' in _one_error_line(result)
+
+
+def test_resume_with_conflicting_config_fails_and_keeps_checkpoints(tmp_path, cli):
+  workdir = tmp_path / 'w'
+  base = ['--config', 'experiments/default.py:plain', '--workdir', str(workdir), *TINY_FLAGS]
+  assert cli('train', *base).returncode == 0
+  before = sorted(os.listdir(workdir / 'checkpoints'))
+  line = _one_error_line(cli('train', *base, '--config.optimizer.learning_rate=0.5'))
+  assert 'different config' in line and 'optimizer.learning_rate' in line
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before
+
+
+def test_evaluate_command(tmp_path, cli):
+  workdir = tmp_path / 'w'
+  assert cli('train', '--config', 'experiments/default.py:plain', '--workdir', str(workdir),
+             *TINY_FLAGS).returncode == 0
+  result = cli('evaluate', '--workdir', str(workdir), '--json')
+  assert result.returncode == 0, result.stderr[-2000:]
+  data = json.loads(result.stdout.strip().splitlines()[-1])
+  assert data['examples'] == 297 and data['step'] == 6 and data['gated_filters'] == 0
+  stored = json.load(open(workdir / 'results.json'))
+  np.testing.assert_allclose(data['top1_error'], stored['eval']['top1_error'])
+  assert 'no checkpoint' in _one_error_line(cli('evaluate', '--workdir', str(tmp_path)))
+
+
+def test_tfds_mock_data_drives_training(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = tiny_default('plain', max_steps=2, batch_size=8, eval_batch_size=8)
+  config.data.name = 'cifar10'
+  with tfds.testing.mock_data(num_examples=24):
+    results = train.train_and_evaluate(config, str(tmp_path / 'mock'))
+  assert results['step'] == 2 and results['eval']['examples'] > 0
+
+
+def test_sweep_parses_grid():
+  from gaternet_jax.cli import parse_sweep  # noqa: PLC0415
+
+  assert parse_sweep(['a.b=1,2', 'c=x']) == [{'a.b': '1', 'c': 'x'}, {'a.b': '2', 'c': 'x'}]

@@ -104,8 +104,9 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
 
 def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  # A single, standard pytree item: lets `item_metadata` describe the tree without a restore.
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options)
+                               options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
 def latest_step(workdir: str) -> int | None:
@@ -144,11 +145,14 @@ def _path_str(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
 
 
-def check_compatible(found: Any, expected: Any, where: str) -> None:
-  """Compares two pytrees of arrays/metadata by path and shape; raises on the first mismatch."""
-  found_leaves = {_path_str(p): getattr(v, 'shape', None)
+def check_compatible(found: Any, expected: Any, where: str, prefix: str = '') -> None:
+  """Compares two pytrees of arrays/metadata by path and shape; raises on the first mismatch.
+
+  `prefix` is prepended to parameter names in messages (when comparing subtrees).
+  """
+  found_leaves = {prefix + _path_str(p): getattr(v, 'shape', None)
                   for p, v in jax.tree_util.tree_flatten_with_path(found)[0]}
-  expected_leaves = {_path_str(p): getattr(v, 'shape', None)
+  expected_leaves = {prefix + _path_str(p): getattr(v, 'shape', None)
                      for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
   for name, shape in expected_leaves.items():
     if name not in found_leaves:

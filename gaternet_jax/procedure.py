@@ -156,13 +156,15 @@ def init_from_pretrained(state: train.TrainState, setup: train.Setup, backbone_d
   _, _, backbone_state, _ = load_state(backbone_dir, info=setup.info, mesh=setup.mesh)
   _, _, gater_state, _ = load_state(gater_dir, info=setup.info, mesh=setup.mesh)
 
-  checkpoints.check_compatible(backbone_state.params['backbone'], params['backbone'], backbone_dir)
+  checkpoints.check_compatible(backbone_state.params['backbone'], params['backbone'], backbone_dir,
+                               prefix='backbone/')
   params['backbone'] = backbone_state.params['backbone']
   stats['backbone'] = backbone_state.batch_stats['backbone']
 
   extractor_params = {k: v for k, v in gater_state.params['backbone'].items() if k != 'head'}
   gater_params, gater_stats = dict(params['gater']), dict(stats['gater'])
-  checkpoints.check_compatible(extractor_params, gater_params['extractor'], gater_dir)
+  checkpoints.check_compatible(extractor_params, gater_params['extractor'], gater_dir,
+                               prefix='gater/extractor/')
   gater_params['extractor'] = extractor_params
   gater_stats['extractor'] = gater_state.batch_stats['backbone']
   params['gater'], stats['gater'] = gater_params, gater_stats

@@ -67,7 +67,7 @@ def make_table(workdirs: list[str]) -> str:
   rows = []
   for workdir in workdirs:
     r = load_results(workdir)
-    depth = _depth(r.get('name', ''))
+    depth = _depth(r.get('backbone', r.get('name', '')))
     dataset = r.get('dataset', '')
     paper = PAPER.get((dataset, depth, r.get('variant')))
     model = f'ResNet-{depth}{VARIANT_SUFFIX.get(r.get("variant"), "")}' if depth else r.get('name')

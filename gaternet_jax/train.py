@@ -453,6 +453,7 @@ def train_single(config: ml_collections.ConfigDict, workdir: str, *, stage: str 
       'name': config.name,
       'variant': config.variant,
       'dataset': config.data.name,
+      'backbone': config.model.backbone,
       'params': int(sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))),
       'gated_filters': sum(layer.filters for layer in layout),
       'stage': stage,

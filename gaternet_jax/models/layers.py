@@ -102,3 +102,44 @@ class GateSlicer:
           ' filters'
       )
 
+
+
+class BasicUnit(nn.Module):
+  """Post-activation basic block (two 3x3 convolutions), gated on its second conv's output.
+
+  Attributes:
+    mid, out: channels of the first and second convolution.
+    stride: of the first convolution.
+    se_reduction: squeeze-and-excitation ratio; 0 disables SE.
+    projection: where the shape changes, a 1x1 conv + BN shortcut (option B, ImageNet ResNets);
+      otherwise subsample and zero-pad channels (option A, the parameter-free shortcut of the
+      CIFAR ResNets).
+  """
+
+  mid: int
+  out: int
+  stride: int
+  se_reduction: int
+  projection: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, gate, *, train):
+    y = conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv1')(x)
+    y = nn.relu(batch_norm(train, dtype=self.dtype, name='bn1')(y))
+    y = conv(self.out, 3, dtype=self.dtype, name='conv2')(y)
+    y = batch_norm(train, dtype=self.dtype, name='bn2')(y)
+    if self.se_reduction:
+      y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
+    y = apply_gate(y, gate)
+    return nn.relu(y + self._shortcut(x, train))
+
+  def _shortcut(self, x, train):
+    if self.stride == 1 and x.shape[-1] == self.out:
+      return x
+    if self.projection:
+      x = conv(self.out, 1, self.stride, dtype=self.dtype, name='proj_conv')(x)
+      return batch_norm(train, dtype=self.dtype, name='proj_bn')(x)
+    x = x[:, :: self.stride, :: self.stride, :]
+    extra = self.out - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))

@@ -88,43 +88,19 @@ class ResNet(nn.Module):
     x = layers.conv(stem, 7, 2, dtype=self.dtype, name='stem_conv')(x)
     x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
-    block = BottleneckUnit if self.bottleneck else BasicUnit
     for spec in specs:
-      x = block(spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction,
-                dtype=self.dtype, name=spec.name.replace('/', '_'))(
-                    x, slicer.next(spec.out_channels), train=train)
+      name = spec.name.replace('/', '_')
+      args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
+      if self.bottleneck:
+        block = BottleneckUnit(*args, dtype=self.dtype, name=name)
+      else:
+        block = layers.BasicUnit(*args, projection=True, dtype=self.dtype, name=name)
+      x = block(x, slicer.next(spec.out_channels), train=train)
     slicer.check_consumed()
     x = jnp.mean(x, axis=(1, 2))
     if not self.include_head:
       return x
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
-
-
-def _projection(x, out, stride, train, dtype):
-  """Option-B shortcut: identity, or a strided 1x1 conv + BN when the shape changes."""
-  if stride == 1 and x.shape[-1] == out:
-    return x
-  x = layers.conv(out, 1, stride, dtype=dtype, name='proj_conv')(x)
-  return layers.batch_norm(train, dtype=dtype, name='proj_bn')(x)
-
-
-class BasicUnit(nn.Module):
-  mid: int
-  out: int
-  stride: int
-  se_reduction: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x, gate, *, train):
-    y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv1')(x)
-    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
-    y = layers.conv(self.out, 3, dtype=self.dtype, name='conv2')(y)
-    y = layers.batch_norm(train, dtype=self.dtype, name='bn2')(y)
-    if self.se_reduction:
-      y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = layers.apply_gate(y, gate)
-    return nn.relu(y + _projection(x, self.out, self.stride, train, self.dtype))
 
 
 class BottleneckUnit(nn.Module):
@@ -145,4 +121,7 @@ class BottleneckUnit(nn.Module):
     if self.se_reduction:
       y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
     y = layers.apply_gate(y, gate)
-    return nn.relu(y + _projection(x, self.out, self.stride, train, self.dtype))
+    if self.stride == 1 and x.shape[-1] == self.out:
+      return nn.relu(y + x)
+    shortcut = layers.conv(self.out, 1, self.stride, dtype=self.dtype, name='proj_conv')(x)
+    return nn.relu(y + layers.batch_norm(train, dtype=self.dtype, name='proj_bn')(shortcut))

@@ -107,10 +107,13 @@ class CifarResNet(nn.Module):
     if not self.bottleneck:  # pre-activation nets normalize at the start of each unit instead
       x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
     for spec in specs:
-      block = PreActBottleneckUnit if self.bottleneck else BasicUnit
-      gate = slicer.next(spec.out_channels)
-      x = block(spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction,
-                dtype=self.dtype, name=spec.name.replace('/', '_'))(x, gate, train=train)
+      name = spec.name.replace('/', '_')
+      args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
+      if self.bottleneck:
+        block = PreActBottleneckUnit(*args, dtype=self.dtype, name=name)
+      else:
+        block = layers.BasicUnit(*args, projection=False, dtype=self.dtype, name=name)
+      x = block(x, slicer.next(spec.out_channels), train=train)
     slicer.check_consumed()
     if self.bottleneck:
       x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='final_bn')(x))
@@ -118,33 +121,6 @@ class CifarResNet(nn.Module):
     if not self.include_head:
       return x
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
-
-
-class BasicUnit(nn.Module):
-  """Post-activation basic block; option-A (parameter-free) shortcut when the shape changes."""
-
-  mid: int
-  out: int
-  stride: int
-  se_reduction: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x, gate, *, train):
-    y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv1')(x)
-    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
-    y = layers.conv(self.out, 3, dtype=self.dtype, name='conv2')(y)
-    y = layers.batch_norm(train, dtype=self.dtype, name='bn2')(y)
-    if self.se_reduction:
-      y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = layers.apply_gate(y, gate)
-    shortcut = x
-    if self.stride > 1:
-      shortcut = shortcut[:, :: self.stride, :: self.stride, :]
-    if shortcut.shape[-1] != self.out:
-      extra = self.out - shortcut.shape[-1]
-      shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    return nn.relu(y + shortcut)
 
 
 class PreActBottleneckUnit(nn.Module):

@@ -13,7 +13,9 @@ its latest checkpoint. `init.backbone` / `init.gater` name existing runs that re
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -70,6 +72,7 @@ def pretrained_dir(path: str, stage: str) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the three stages in `workdir`; returns the joint stage's results."""
+  started = time.time()
   checkpoints.ensure_writable(workdir)
   checkpoints.check_resume_config(config, workdir)
   checkpoints.save_config(config, workdir)
@@ -96,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   gater_dir = pretrain(STAGE_GATER, gater_config, config.init.gater)
   joint_dir = os.path.join(workdir, STAGE_JOINT)
   if is_finished(joint_dir):
-    results = checkpoints_results(joint_dir)
+    results = stored_results(joint_dir)
   else:
     p = config.procedure
     results = train.train_single(
@@ -105,15 +108,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         learning_rate=p.joint_learning_rate,
         initialize=lambda state, setup: init_from_pretrained(state, setup, backbone_dir,
                                                              gater_dir))
+  # wall_time_s stays the joint stage's; this is the whole command's (stages run by it).
   results = dict(results, stages={STAGE_BACKBONE: backbone_dir, STAGE_GATER: gater_dir,
-                                  STAGE_JOINT: joint_dir})
+                                  STAGE_JOINT: joint_dir},
+                 procedure_wall_time_s=round(time.time() - started, 2))
   train.write_results(workdir, results)
   return results
 
 
-def checkpoints_results(workdir: str) -> dict[str, Any]:
-  import json  # noqa: PLC0415
-
+def stored_results(workdir: str) -> dict[str, Any]:
   with open(os.path.join(workdir, checkpoints.RESULTS_FILE)) as f:
     return json.load(f)
 

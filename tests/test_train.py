@@ -238,3 +238,17 @@ def test_sweep_parses_grid():
   from gaternet_jax.cli import parse_sweep  # noqa: PLC0415
 
   assert parse_sweep(['a.b=1,2', 'c=x']) == [{'a.b': '1', 'c': 'x'}, {'a.b': '2', 'c': 'x'}]
+
+
+def test_sweep_command_runs_each_point(tmp_path, cli):
+  result = cli('sweep', '--config', 'experiments/default.py:plain', '--workdir', str(tmp_path),
+               '--sweep', 'optimizer.learning_rate=0.05,0.1', *TINY_FLAGS)
+  assert result.returncode == 0, result.stderr[-2000:]
+  points = [json.loads(l)['point'] for l in result.stdout.strip().splitlines()]
+  assert points == [{'optimizer.learning_rate': '0.05'}, {'optimizer.learning_rate': '0.1'}]
+  for lr in ('0.05', '0.1'):
+    stored = checkpoints.load_config(str(tmp_path / f'optimizer.learning_rate={lr}'))
+    assert stored.optimizer.learning_rate == float(lr)
+  bad = cli('sweep', '--config', 'experiments/default.py:plain', '--workdir', str(tmp_path),
+            '--sweep', 'nope=1')
+  assert 'unknown config field' in _one_error_line(bad)

@@ -120,7 +120,7 @@ def cifar_config(dataset: str, depth: int, arg: str | None, *, wider_width: floa
                  se_reduction: int) -> ml_collections.ConfigDict:
   """A Table 1 row: ResNet-`depth` on CIFAR-10/100 with a ResNet-20 gater (b = 8)."""
   variant = parse_variant(arg)
-  return base_config(
+  c = base_config(
       name=f'{dataset}_resnet{depth}',
       variant=variant,
       dataset=dataset,
@@ -130,6 +130,11 @@ def cifar_config(dataset: str, depth: int, arg: str | None, *, wider_width: floa
       wider_width=wider_width,
       se_reduction=se_reduction,
   )
+  if depth >= 110:
+    # He et al. warm up ResNet-110/164 at a lower learning rate for ~400 iterations before 0.1;
+    # a linear ramp over the first epoch (~350 steps at batch 128) plays that role here.
+    c.schedule.warmup_epochs = 1.0
+  return c
 
 
 def imagenet_config(depth: int, arg: str | None, *, wider_width: float, bottleneck: int = 256

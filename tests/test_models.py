@@ -195,3 +195,14 @@ def test_cross_entropy_and_topk():
   np.testing.assert_array_equal(losses.topk_correct(logits, labels, 2), [1.0, 1.0])
   masked = losses.cross_entropy(logits, labels, jnp.array([1.0, 0.0]))
   np.testing.assert_allclose(masked, -np.log(np.exp(2) / np.exp([2, 1, 0]).sum()), rtol=1e-6)
+
+
+def test_model_and_training_code_import_without_tensorflow():
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  code = ('import sys, gaternet_jax.models, gaternet_jax.train, gaternet_jax.procedure, '
+          'gaternet_jax.semhash, gaternet_jax.describe, gaternet_jax.gate_analysis; '
+          'assert "tensorflow" not in sys.modules, "tensorflow was imported"')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]

@@ -30,7 +30,7 @@ from gaternet_jax import describe, train  # noqa: E402
 from gaternet_jax.data.base import DatasetInfo  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'experiments/cifar10_resnet20.py', 'Experiment config.')
-flags.DEFINE_integer('batch_size', None, 'Global batch (default: the config\'s).')
+flags.DEFINE_integer('batch_size', None, "Global batch (default: the config's).")
 flags.DEFINE_integer('steps', 20, 'Timed steps per measurement.')
 flags.DEFINE_list('variants', ['plain', 'gated'], 'Variants to measure.')
 flags.DEFINE_bool('half_precision', None, 'Override config.half_precision.')
@@ -46,16 +46,25 @@ def measure(config, variant: str) -> dict:
   if FLAGS.half_precision is not None:
     config.half_precision = FLAGS.half_precision
   num_classes, shape = describe.dataset_spec(config.data)
-  info = DatasetInfo(name='synthetic', num_classes=num_classes, image_shape=tuple(shape),
-                     mean=(127.0,) * shape[-1], std=(64.0,) * shape[-1], num_train=10**6,
-                     split_sizes={}, in_memory=config.data.name != 'imagenet2012', )
+  info = DatasetInfo(
+    name='synthetic',
+    num_classes=num_classes,
+    image_shape=tuple(shape),
+    mean=(127.0,) * shape[-1],
+    std=(64.0,) * shape[-1],
+    num_train=10**6,
+    split_sizes={},
+    in_memory=config.data.name != 'imagenet2012',
+  )
   setup = train.build(config, info)
   state = train.create_state(setup, 0)
   train_fn, eval_fn, _ = train.compile_steps(setup)
   rng = np.random.default_rng(0)
   b = config.batch_size
-  batch = {'image': rng.integers(0, 255, (b, *shape), dtype=np.uint8),
-           'label': rng.integers(0, num_classes, (b,), dtype=np.int32)}
+  batch = {
+    'image': rng.integers(0, 255, (b, *shape), dtype=np.uint8),
+    'label': rng.integers(0, num_classes, (b,), dtype=np.int32),
+  }
   batch = train.to_global(batch, setup.data_sharding)
   eval_batch = dict(batch, mask=jax.device_put(jnp.ones((b,), jnp.float32), setup.data_sharding))
   key = jax.random.key(0)
@@ -82,16 +91,24 @@ def measure(config, variant: str) -> dict:
 
   train_ips = timed(compiled_train, batch, key, donate=True)
   infer_ips = timed(compiled_eval, state, eval_batch)
-  return {'train_images_per_s': round(train_ips, 1), 'inference_images_per_s': round(infer_ips, 1),
-          'compile_s': round(compile_s, 2), 'batch_size': b,
-          'half_precision': bool(config.half_precision)}
+  return {
+    'train_images_per_s': round(train_ips, 1),
+    'inference_images_per_s': round(infer_ips, 1),
+    'compile_s': round(compile_s, 2),
+    'batch_size': b,
+    'half_precision': bool(config.half_precision),
+  }
 
 
 def main(argv):
   del argv
   config = FLAGS.config
-  result = {'config': config.name, 'device_kind': jax.devices()[0].device_kind,
-            'devices': jax.device_count(), 'backend': jax.default_backend()}
+  result = {
+    'config': config.name,
+    'device_kind': jax.devices()[0].device_kind,
+    'devices': jax.device_count(),
+    'backend': jax.default_backend(),
+  }
   for variant in FLAGS.variants:
     result[variant] = measure(config, variant)
   print(json.dumps(result))

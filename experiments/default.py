@@ -14,8 +14,15 @@ from gaternet_jax import configs
 def get_config(arg=None):
   variant = configs.parse_variant(arg)
   c = configs.base_config(
-      name='default', variant=variant, dataset='default', backbone='cifar_resnet8',
-      extractor='cifar_resnet8', bottleneck=8, wider_width=1.4375, se_reduction=4)
+    name='default',
+    variant=variant,
+    dataset='default',
+    backbone='cifar_resnet8',
+    extractor='cifar_resnet8',
+    bottleneck=8,
+    wider_width=1.4375,
+    se_reduction=4,
+  )
   c.data.crop_padding = 2
   c.batch_size = 100
   c.eval_batch_size = 100

@@ -61,8 +61,14 @@ FIRING_HISTOGRAM_PNG = 'firing_histogram.png'
 GATES_PER_EXAMPLE_PNG = 'gates_per_example.png'
 TSNE_PNG = 'tsne.png'
 CLASS_LAYER_USAGE_PNG = 'class_layer_usage.png'
-FIGURE_FILES = (CENSUS_PERCENT_PNG, CENSUS_COUNTS_PNG, FIRING_HISTOGRAM_PNG, GATES_PER_EXAMPLE_PNG,
-                TSNE_PNG, CLASS_LAYER_USAGE_PNG)
+FIGURE_FILES = (
+  CENSUS_PERCENT_PNG,
+  CENSUS_COUNTS_PNG,
+  FIRING_HISTOGRAM_PNG,
+  GATES_PER_EXAMPLE_PNG,
+  TSNE_PNG,
+  CLASS_LAYER_USAGE_PNG,
+)
 
 # The paper reduces the 7,200-d gate vectors to 400 dimensions with PCA before t-SNE.
 PCA_DIMS = 400
@@ -107,8 +113,9 @@ def _as_bool_gates(gates: np.ndarray, layout: Layout | None = None) -> np.ndarra
   if layout is not None:
     _check_layout(layout)
     if gates.shape[1] != _offsets(layout)[-1]:
-      raise errors.UserError(f'gates have {gates.shape[1]} columns but the layout gates '
-                             f'{_offsets(layout)[-1]} filters')
+      raise errors.UserError(
+        f'gates have {gates.shape[1]} columns but the layout gates {_offsets(layout)[-1]} filters'
+      )
   return gates
 
 
@@ -123,7 +130,8 @@ def _check_layout(layout: Layout) -> None:
   for layer in layout:
     if int(layer.filters) < 1:
       raise errors.UserError(
-          f'gated layer {layer.name!r} has {layer.filters} filters; need at least 1')
+        f'gated layer {layer.name!r} has {layer.filters} filters; need at least 1'
+      )
     if int(layer.macs_per_filter) < 0:
       raise errors.UserError(f'gated layer {layer.name!r} has negative macs_per_filter')
 
@@ -172,14 +180,15 @@ def save_gates(path: PathLike, gates: np.ndarray, labels: np.ndarray, layout: La
   labels = _as_labels(labels, gates.shape[0])
   path = pathlib.Path(path)
   arrays = {
-      'format_version': np.int64(GATES_FORMAT_VERSION),
-      'num_gates': np.int64(gates.shape[1]),
-      'packed_gates': np.packbits(gates, axis=1),
-      'labels': labels,
-      'layer_names': np.array([str(layer.name) for layer in layout], dtype=np.str_),
-      'layer_filters': np.array([int(layer.filters) for layer in layout], dtype=np.int64),
-      'layer_macs_per_filter': np.array([int(layer.macs_per_filter) for layer in layout],
-                                        dtype=np.int64),
+    'format_version': np.int64(GATES_FORMAT_VERSION),
+    'num_gates': np.int64(gates.shape[1]),
+    'packed_gates': np.packbits(gates, axis=1),
+    'labels': labels,
+    'layer_names': np.array([str(layer.name) for layer in layout], dtype=np.str_),
+    'layer_filters': np.array([int(layer.filters) for layer in layout], dtype=np.int64),
+    'layer_macs_per_filter': np.array(
+      [int(layer.macs_per_filter) for layer in layout], dtype=np.int64
+    ),
   }
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,8 +223,10 @@ def load_gates(path: PathLike) -> tuple[np.ndarray, np.ndarray, list[layout_lib.
     with np.load(path, allow_pickle=False) as data:
       version = int(data['format_version'])
       if version != GATES_FORMAT_VERSION:
-        raise errors.UserError(f'{path}: gates format version {version} is not supported '
-                               f'(expected {GATES_FORMAT_VERSION})')
+        raise errors.UserError(
+          f'{path}: gates format version {version} is not supported '
+          f'(expected {GATES_FORMAT_VERSION})'
+        )
       num_gates = int(data['num_gates'])
       packed = data['packed_gates']
       labels = data['labels'].astype(np.int64)
@@ -228,15 +239,18 @@ def load_gates(path: PathLike) -> tuple[np.ndarray, np.ndarray, list[layout_lib.
     raise errors.UserError(f'{path} is not a readable gates file: {e}') from e
   if packed.ndim != 2 or packed.shape[1] != (num_gates + 7) // 8:
     raise errors.UserError(
-        f'{path}: packed gates of shape {packed.shape} do not hold {num_gates} gates')
+      f'{path}: packed gates of shape {packed.shape} do not hold {num_gates} gates'
+    )
   if labels.shape != (packed.shape[0],) or not len(names) == len(filters) == len(macs):
     raise errors.UserError(f'{path}: labels or layout arrays have inconsistent lengths')
   layout = [
-      layout_lib.GatedLayer(str(name), int(f), int(m)) for name, f, m in zip(names, filters, macs)
+    layout_lib.GatedLayer(str(name), int(f), int(m)) for name, f, m in zip(names, filters, macs)
   ]
   if layout_lib.total_filters(layout) != num_gates:
-    raise errors.UserError(f'{path}: the layout gates {layout_lib.total_filters(layout)} filters '
-                           f'but the file holds {num_gates} gates')
+    raise errors.UserError(
+      f'{path}: the layout gates {layout_lib.total_filters(layout)} filters '
+      f'but the file holds {num_gates} gates'
+    )
   # unpackbits yields 0/1 uint8; viewing it as bool avoids a second 1-byte-per-gate copy.
   gates = np.unpackbits(packed, axis=1, count=num_gates).view(np.bool_)
   return gates, labels, layout
@@ -273,17 +287,19 @@ def gate_census(gates: np.ndarray, layout: Layout) -> list[dict[str, Any]]:
   offsets = _offsets(layout)
   census = []
   for i, layer in enumerate(layout):
-    layer_counts = counts[offsets[i]:offsets[i + 1]]
+    layer_counts = counts[offsets[i] : offsets[i + 1]]
     always_on = int(np.count_nonzero(layer_counts == n))
     always_off = int(np.count_nonzero(layer_counts == 0))
-    census.append({
+    census.append(
+      {
         'index': i + 1,
         'name': str(layer.name),
         'filters': int(layer.filters),
         'always_on': always_on,
         'always_off': always_off,
         'input_dependent': int(layer.filters) - always_on - always_off,
-    })
+      }
+    )
   return census
 
 
@@ -293,8 +309,9 @@ def census_totals(census: Sequence[Mapping[str, Any]]) -> dict[str, int]:
   return {key: int(sum(layer[key] for layer in census)) for key in keys}
 
 
-def input_dependent_firing(gates: np.ndarray, low: float = 0.01,
-                           high: float = 0.99) -> dict[str, Any]:
+def input_dependent_firing(
+  gates: np.ndarray, low: float = 0.01, high: float = 0.99
+) -> dict[str, Any]:
   """Firing counts of the input-dependent gates and how many fire "often" (Figure 3).
 
   The paper notes that a gate on for a single example is technically input-dependent, and counts
@@ -325,14 +342,14 @@ def input_dependent_firing(gates: np.ndarray, low: float = 0.01,
   high_count = math.floor(high * n + 1e-9)
   num_between = int(np.count_nonzero((dependent >= low_count) & (dependent <= high_count)))
   return {
-      'indices': indices,
-      'counts': dependent,
-      'num_input_dependent': int(indices.size),
-      'low': float(low),
-      'high': float(high),
-      'low_count': int(low_count),
-      'high_count': int(high_count),
-      'num_between': num_between,
+    'indices': indices,
+    'counts': dependent,
+    'num_input_dependent': int(indices.size),
+    'low': float(low),
+    'high': float(high),
+    'low_count': int(low_count),
+    'high_count': int(high_count),
+    'num_between': num_between,
   }
 
 
@@ -351,17 +368,18 @@ def summarize(values: np.ndarray) -> dict[str, float | int | None]:
   if values.size == 0:
     return {'count': 0, 'min': None, 'max': None, 'mean': None, 'std': None, 'median': None}
   return {
-      'count': int(values.size),
-      'min': values.min().item(),
-      'max': values.max().item(),
-      'mean': float(values.mean()),
-      'std': float(values.std()),
-      'median': float(np.median(values)),
+    'count': int(values.size),
+    'min': values.min().item(),
+    'max': values.max().item(),
+    'mean': float(values.mean()),
+    'std': float(values.std()),
+    'median': float(np.median(values)),
   }
 
 
-def _class_gate_sums(gates: np.ndarray, class_index: np.ndarray,
-                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _class_gate_sums(
+  gates: np.ndarray, class_index: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Per class: how many of its examples have each gate on (K, c), and its size (K,)."""
   sums = np.zeros((num_classes, gates.shape[1]), dtype=np.int64)
   sizes = np.bincount(class_index, minlength=num_classes).astype(np.int64)
@@ -372,8 +390,9 @@ def _class_gate_sums(gates: np.ndarray, class_index: np.ndarray,
   return sums, sizes
 
 
-def per_class_usage(gates: np.ndarray, labels: np.ndarray, layout: Layout,
-                    num_classes: int) -> np.ndarray:
+def per_class_usage(
+  gates: np.ndarray, labels: np.ndarray, layout: Layout, num_classes: int
+) -> np.ndarray:
   """Mean gate value per class and gated layer.
 
   Entry ``[k, l]`` is the fraction of layer l's gates that are on, averaged over the examples of
@@ -440,22 +459,25 @@ def class_similarity(gates: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
   between_pairs = all_pairs - within_pairs
   per_class = []
   for label, count, diff, pairs in zip(classes, sizes, per_class_diff, per_class_pairs):
-    per_class.append({
+    per_class.append(
+      {
         'label': int(label),
         'count': int(count),
         'within': float(diff) / (int(pairs) * c) if pairs else None,
-    })
+      }
+    )
   return {
-      'within': within_diff / (within_pairs * c) if within_pairs else None,
-      'between': between_diff / (between_pairs * c) if between_pairs else None,
-      'within_pairs': within_pairs,
-      'between_pairs': between_pairs,
-      'per_class': per_class,
+    'within': within_diff / (within_pairs * c) if within_pairs else None,
+    'between': between_diff / (between_pairs * c) if between_pairs else None,
+    'within_pairs': within_pairs,
+    'between_pairs': between_pairs,
+    'per_class': per_class,
   }
 
 
-def macs_per_example(gates: np.ndarray, layout: Layout, *, backbone_macs: int,
-                     gater_macs: int) -> np.ndarray:
+def macs_per_example(
+  gates: np.ndarray, layout: Layout, *, backbone_macs: int, gater_macs: int
+) -> np.ndarray:
   """MACs each example uses when off filters are skipped, shape (n,), int64.
 
   ``backbone_macs - sum(macs_per_filter of the gated filters that are off) + gater_macs``: the
@@ -476,19 +498,23 @@ def macs_per_example(gates: np.ndarray, layout: Layout, *, backbone_macs: int,
   filters = np.array([layer.filters for layer in layout], dtype=np.int64)
   gated_macs = int((macs * filters).sum())
   if backbone_macs <= 0 or gater_macs < 0:
-    raise errors.UserError(f'need backbone_macs > 0 and gater_macs >= 0, got {backbone_macs} and '
-                           f'{gater_macs}')
+    raise errors.UserError(
+      f'need backbone_macs > 0 and gater_macs >= 0, got {backbone_macs} and {gater_macs}'
+    )
   if gated_macs > backbone_macs:
-    raise errors.UserError(f'the gated filters cost {gated_macs} MACs, more than the whole '
-                           f'backbone ({backbone_macs}); the layout or backbone_macs is wrong')
+    raise errors.UserError(
+      f'the gated filters cost {gated_macs} MACs, more than the whole '
+      f'backbone ({backbone_macs}); the layout or backbone_macs is wrong'
+    )
   # macs_per_filter is constant within a layer, so only per-layer on-counts are needed: an
   # (n, L) integer product instead of an (n, c) one.
   on_macs = _layer_sums(gates, layout) @ macs
   return backbone_macs - (gated_macs - on_macs) + gater_macs
 
 
-def compute_used(gates: np.ndarray, layout: Layout, *, backbone_macs: int,
-                 gater_macs: int) -> dict[str, Any]:
+def compute_used(
+  gates: np.ndarray, layout: Layout, *, backbone_macs: int, gater_macs: int
+) -> dict[str, Any]:
   """Summarizes `macs_per_example` against the plain backbone.
 
   Args:
@@ -507,17 +533,17 @@ def compute_used(gates: np.ndarray, layout: Layout, *, backbone_macs: int,
   backbone_macs, gater_macs = int(backbone_macs), int(gater_macs)
   stats = summarize(used)
   return {
-      'backbone_macs': backbone_macs,
-      'gater_macs': gater_macs,
-      'gated_macs': int(sum(layer.filters * layer.macs_per_filter for layer in layout)),
-      'mean': stats['mean'],
-      'std': stats['std'],
-      'min': stats['min'],
-      'max': stats['max'],
-      'mean_backbone_part': stats['mean'] - gater_macs,
-      'fraction': stats['mean'] / backbone_macs,
-      'min_fraction': stats['min'] / backbone_macs,
-      'max_fraction': stats['max'] / backbone_macs,
+    'backbone_macs': backbone_macs,
+    'gater_macs': gater_macs,
+    'gated_macs': int(sum(layer.filters * layer.macs_per_filter for layer in layout)),
+    'mean': stats['mean'],
+    'std': stats['std'],
+    'min': stats['min'],
+    'max': stats['max'],
+    'mean_backbone_part': stats['mean'] - gater_macs,
+    'fraction': stats['mean'] / backbone_macs,
+    'min_fraction': stats['min'] / backbone_macs,
+    'max_fraction': stats['max'] / backbone_macs,
   }
 
 
@@ -553,13 +579,14 @@ def embedding_params(m: int, c: int) -> dict[str, float | int]:
   kept when possible and shrunk to (m - 1) / 3 (but not below 1) so that tiny inputs still work.
   """
   return {
-      'pca_dims': int(max(1, min(PCA_DIMS, c, m - 1))),
-      'perplexity': float(max(1.0, min(MAX_PERPLEXITY, (m - 1) / 3.0))),
+    'pca_dims': int(max(1, min(PCA_DIMS, c, m - 1))),
+    'perplexity': float(max(1.0, min(MAX_PERPLEXITY, (m - 1) / 3.0))),
   }
 
 
-def embed_gates(gates: np.ndarray, seed: int = 0,
-                max_examples: int | None = None) -> np.ndarray | None:
+def embed_gates(
+  gates: np.ndarray, seed: int = 0, max_examples: int | None = None
+) -> np.ndarray | None:
   """Embeds gate vectors in 2-D with PCA then t-SNE, as for the paper's Figure 5.
 
   Deterministic for a given seed (it seeds the subset, PCA and t-SNE).
@@ -594,8 +621,13 @@ def embed_gates(gates: np.ndarray, seed: int = 0,
   x = PCA(n_components=params['pca_dims'], random_state=seed).fit_transform(x)
   # t-SNE's PCA initialisation needs at least two input dimensions.
   init = 'pca' if x.shape[1] >= 2 else 'random'
-  tsne = TSNE(n_components=2, perplexity=params['perplexity'], init=init, learning_rate='auto',
-              random_state=seed)
+  tsne = TSNE(
+    n_components=2,
+    perplexity=params['perplexity'],
+    init=init,
+    learning_rate='auto',
+    random_state=seed,
+  )
   return tsne.fit_transform(x).astype(np.float64)
 
 
@@ -621,15 +653,25 @@ def _layer_axis(ax, num_layers: int) -> None:
     ax.set_xticks(np.arange(1, num_layers + 1))
   else:
     # A round step (5, 10, 20, 50, ...) plus layer 1, so the shallowest layer is always labelled.
-    step = next(s for s in itertools.chain.from_iterable((2 * 10**e, 5 * 10**e, 10 * 10**e)
-                                                         for e in itertools.count())
-                if num_layers / s <= 20)
+    step = next(
+      s
+      for s in itertools.chain.from_iterable(
+        (2 * 10**e, 5 * 10**e, 10 * 10**e) for e in itertools.count()
+      )
+      if num_layers / s <= 20
+    )
     ax.set_xticks([1, *range(step, num_layers + 1, step)])
   ax.set_xlabel('gated layer (1 = shallowest)')
 
 
-def census_figure(census: Sequence[Mapping[str, Any]], *, percent: bool, model_name: str,
-                  split: str, num_examples: int) -> mpl_figure.Figure:
+def census_figure(
+  census: Sequence[Mapping[str, Any]],
+  *,
+  percent: bool,
+  model_name: str,
+  split: str,
+  num_examples: int,
+) -> mpl_figure.Figure:
   """Stacked bars of always-on / input-dependent / always-off gates per layer (Figs. 2 and 6)."""
   num_layers = len(census)
   fig = _new_figure(max(7.0, min(18.0, 3.0 + 0.22 * num_layers)), 4.8)
@@ -638,16 +680,18 @@ def census_figure(census: Sequence[Mapping[str, Any]], *, percent: bool, model_n
   filters = np.array([layer['filters'] for layer in census], dtype=np.float64)
   scale = 100.0 / filters if percent else np.ones_like(filters)
   bottom = np.zeros(num_layers)
-  for key, label, color in (('always_on', 'always on', _COLOR_ON),
-                            ('input_dependent', 'input-dependent', _COLOR_DEPENDENT),
-                            ('always_off', 'always off', _COLOR_OFF)):
+  for key, label, color in (
+    ('always_on', 'always on', _COLOR_ON),
+    ('input_dependent', 'input-dependent', _COLOR_DEPENDENT),
+    ('always_off', 'always off', _COLOR_OFF),
+  ):
     heights = np.array([layer[key] for layer in census], dtype=np.float64) * scale
     ax.bar(x, heights, bottom=bottom, width=0.8, color=color, label=label, linewidth=0)
     bottom += heights
   _layer_axis(ax, num_layers)
   if percent:
     ax.set_ylim(0, 100)
-    ax.set_ylabel('% of the layer\'s gates')
+    ax.set_ylabel("% of the layer's gates")
     what = 'Gate types per layer (%)'
   else:
     ax.set_ylim(0, filters.max() * 1.02)
@@ -660,8 +704,9 @@ def census_figure(census: Sequence[Mapping[str, Any]], *, percent: bool, model_n
   return fig
 
 
-def firing_histogram_figure(firing: Mapping[str, Any], *, model_name: str, split: str,
-                            num_examples: int) -> mpl_figure.Figure:
+def firing_histogram_figure(
+  firing: Mapping[str, Any], *, model_name: str, split: str, num_examples: int
+) -> mpl_figure.Figure:
   """Histogram of how many examples each input-dependent gate is on for (Figure 3)."""
   fig = _new_figure(8.0, 4.8)
   ax = fig.add_subplot()
@@ -673,18 +718,33 @@ def firing_histogram_figure(firing: Mapping[str, Any], *, model_name: str, split
   ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   if counts.size == 0:
-    ax.text(0.5, 0.5, 'no input-dependent gates', ha='center', va='center',
-            transform=ax.transAxes, fontsize=12)
+    ax.text(
+      0.5,
+      0.5,
+      'no input-dependent gates',
+      ha='center',
+      va='center',
+      transform=ax.transAxes,
+      fontsize=12,
+    )
     return fig
   # One bin per possible count for small splits, so that bins and integer counts line up.
   if num_examples <= 100:
     bins = np.arange(0.5, num_examples, 1.0)
   else:
     bins = np.linspace(0, num_examples, 51)
-  ax.hist(counts, bins=bins, color=_COLOR_DEPENDENT, edgecolor='white', linewidth=0.5,
-          label=f'{counts.size:,} input-dependent gates')
-  band = (f'{firing["low"]:.0%}-{firing["high"]:.0%} of examples '
-          f'({firing["low_count"]:,}-{firing["high_count"]:,}): {firing["num_between"]:,} gates')
+  ax.hist(
+    counts,
+    bins=bins,
+    color=_COLOR_DEPENDENT,
+    edgecolor='white',
+    linewidth=0.5,
+    label=f'{counts.size:,} input-dependent gates',
+  )
+  band = (
+    f'{firing["low"]:.0%}-{firing["high"]:.0%} of examples '
+    f'({firing["low_count"]:,}-{firing["high_count"]:,}): {firing["num_between"]:,} gates'
+  )
   for i, bound in enumerate((firing['low_count'], firing['high_count'])):
     ax.axvline(bound, color='black', linestyle='--', linewidth=1, label=band if i == 0 else None)
   # Headroom above the tallest bar keeps the legend from covering it.
@@ -693,8 +753,9 @@ def firing_histogram_figure(firing: Mapping[str, Any], *, model_name: str, split
   return fig
 
 
-def gates_per_example_figure(on_counts: np.ndarray, num_gates: int, *, model_name: str,
-                             split: str) -> mpl_figure.Figure:
+def gates_per_example_figure(
+  on_counts: np.ndarray, num_gates: int, *, model_name: str, split: str
+) -> mpl_figure.Figure:
   """Histogram of the number of gates on per example, with its statistics (Figure 4)."""
   fig = _new_figure(8.0, 4.8)
   ax = fig.add_subplot()
@@ -707,9 +768,13 @@ def gates_per_example_figure(on_counts: np.ndarray, num_gates: int, *, model_nam
     bins = np.linspace(lo - 0.5, hi + 0.5, 41)
   ax.hist(on_counts, bins=bins, color=_COLOR_ON, edgecolor='white', linewidth=0.5)
   mean, std = float(on_counts.mean()), float(on_counts.std())
-  ax.axvline(mean, color='black', linestyle='--', linewidth=1,
-             label=(f'min {lo:,}   max {hi:,}\nmean {mean:,.1f}   std {std:,.1f}\n'
-                    f'(of {num_gates:,} gates)'))
+  ax.axvline(
+    mean,
+    color='black',
+    linestyle='--',
+    linewidth=1,
+    label=(f'min {lo:,}   max {hi:,}\nmean {mean:,.1f}   std {std:,.1f}\n(of {num_gates:,} gates)'),
+  )
   if hi - lo < 6:
     # Widen a narrow range, else the integer tick locator falls back to fractional ticks.
     ax.set_xlim(max(-0.5, lo - 3.5), hi + 3.5)
@@ -727,23 +792,41 @@ def _class_label(k: int, class_names: Sequence[str] | None) -> str:
   return str(class_names[k]) if class_names is not None and k < len(class_names) else str(k)
 
 
-def tsne_figure(points: np.ndarray | None, labels: np.ndarray, *, model_name: str, split: str,
-                num_examples: int, class_names: Sequence[str] | None = None,
-                skip_reason: str | None = None) -> mpl_figure.Figure:
+def tsne_figure(
+  points: np.ndarray | None,
+  labels: np.ndarray,
+  *,
+  model_name: str,
+  split: str,
+  num_examples: int,
+  class_names: Sequence[str] | None = None,
+  skip_reason: str | None = None,
+) -> mpl_figure.Figure:
   """Scatter of the 2-D gate embedding coloured by label (Figure 5), or why it was skipped."""
   # A message needs far less room than a scatter.
   fig = _new_figure(8.5, 6.5) if points is not None else _new_figure(7.0, 3.0)
   ax = fig.add_subplot()
   if points is None:
     ax.set_title(_title('t-SNE of gate vectors', model_name, split, num_examples))
-    ax.text(0.5, 0.5, f'embedding skipped:\n{skip_reason or "unknown reason"}', ha='center',
-            va='center', transform=ax.transAxes, fontsize=11, wrap=True)
+    ax.text(
+      0.5,
+      0.5,
+      f'embedding skipped:\n{skip_reason or "unknown reason"}',
+      ha='center',
+      va='center',
+      transform=ax.transAxes,
+      fontsize=11,
+      wrap=True,
+    )
     ax.set_axis_off()
     return fig
   labels = np.asarray(labels)
   classes = np.unique(labels)
-  what = (f't-SNE of gate vectors (PCA first; {len(points):,} of {num_examples:,} embedded)'
-          if len(points) < num_examples else 't-SNE of gate vectors (PCA first)')
+  what = (
+    f't-SNE of gate vectors (PCA first; {len(points):,} of {num_examples:,} embedded)'
+    if len(points) < num_examples
+    else 't-SNE of gate vectors (PCA first)'
+  )
   ax.set_title(_title(what, model_name, split, num_examples))
   # t-SNE coordinates carry no units, so ticks would only be clutter.
   ax.set_xticks([])
@@ -755,28 +838,51 @@ def tsne_figure(points: np.ndarray | None, labels: np.ndarray, *, model_name: st
     cmap = colormaps['tab10' if len(classes) <= 10 else 'tab20']
     for i, k in enumerate(classes):
       mask = labels == k
-      ax.scatter(points[mask, 0], points[mask, 1], s=size, color=cmap(i), alpha=0.8,
-                 linewidths=0, label=_class_label(int(k), class_names))
-    ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False, markerscale=2.5,
-              title='label')
+      ax.scatter(
+        points[mask, 0],
+        points[mask, 1],
+        s=size,
+        color=cmap(i),
+        alpha=0.8,
+        linewidths=0,
+        label=_class_label(int(k), class_names),
+      )
+    ax.legend(
+      loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False, markerscale=2.5, title='label'
+    )
   else:
     # Too many classes for a legend: a continuous colour scale indexed by label instead.
-    sc = ax.scatter(points[:, 0], points[:, 1], s=size, c=labels, cmap='turbo', alpha=0.8,
-                    linewidths=0)
+    sc = ax.scatter(
+      points[:, 0], points[:, 1], s=size, c=labels, cmap='turbo', alpha=0.8, linewidths=0
+    )
     fig.colorbar(sc, ax=ax, label='label (class index)')
   return fig
 
 
-def class_layer_usage_figure(usage: np.ndarray, *, model_name: str, split: str, num_examples: int,
-                             class_names: Sequence[str] | None = None) -> mpl_figure.Figure:
+def class_layer_usage_figure(
+  usage: np.ndarray,
+  *,
+  model_name: str,
+  split: str,
+  num_examples: int,
+  class_names: Sequence[str] | None = None,
+) -> mpl_figure.Figure:
   """Heatmap of the mean gate value per class (rows) and gated layer (columns)."""
   num_classes, num_layers = usage.shape
-  fig = _new_figure(max(7.0, min(18.0, 3.5 + 0.22 * num_layers)),
-                    max(4.5, min(9.0, 2.2 + 0.28 * num_classes)))
+  fig = _new_figure(
+    max(7.0, min(18.0, 3.5 + 0.22 * num_layers)), max(4.5, min(9.0, 2.2 + 0.28 * num_classes))
+  )
   ax = fig.add_subplot()
   cmap = colormaps['viridis'].with_extremes(bad='#dddddd')
-  im = ax.imshow(np.ma.masked_invalid(usage), aspect='auto', cmap=cmap, vmin=0.0, vmax=1.0,
-                 interpolation='nearest', extent=(0.5, num_layers + 0.5, num_classes - 0.5, -0.5))
+  im = ax.imshow(
+    np.ma.masked_invalid(usage),
+    aspect='auto',
+    cmap=cmap,
+    vmin=0.0,
+    vmax=1.0,
+    interpolation='nearest',
+    extent=(0.5, num_layers + 0.5, num_classes - 0.5, -0.5),
+  )
   _layer_axis(ax, num_layers)
   ax.set_xlim(0.5, num_layers + 0.5)
   if num_classes <= _MAX_CLASS_TICKS:
@@ -809,10 +915,20 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
-def analyze(gates: np.ndarray, labels: np.ndarray, layout: Layout, *,
-            out_dir: PathLike, model_name: str, split: str, backbone_macs: int, gater_macs: int,
-            class_names: Sequence[str] | None = None, max_embed_examples: int | None = 2000,
-            seed: int = 0) -> dict[str, Any]:
+def analyze(
+  gates: np.ndarray,
+  labels: np.ndarray,
+  layout: Layout,
+  *,
+  out_dir: PathLike,
+  model_name: str,
+  split: str,
+  backbone_macs: int,
+  gater_macs: int,
+  class_names: Sequence[str] | None = None,
+  max_embed_examples: int | None = 2000,
+  seed: int = 0,
+) -> dict[str, Any]:
   """Runs the whole gate analysis and writes its figures, numbers and gates to `out_dir`.
 
   Writes `FIGURE_FILES` (PNG), ``analysis.json`` (the returned dict) and ``gates.npz`` (see
@@ -865,59 +981,65 @@ def analyze(gates: np.ndarray, labels: np.ndarray, layout: Layout, *,
   else:
     subset = embedding_subset(n, max_embed_examples, seed)
     skip_reason = embedding_skip_reason(gates[subset])
-    points = None if skip_reason else embed_gates(gates, seed=seed,
-                                                  max_examples=max_embed_examples)
+    points = None if skip_reason else embed_gates(gates, seed=seed, max_examples=max_embed_examples)
   embedding = {
-      'status': 'skipped' if points is None else 'ok',
-      'reason': skip_reason,
-      'num_points': 0 if points is None else int(len(points)),
-      'max_examples': max_embed_examples,
-      'seed': seed,
-      'method': f'PCA to at most {PCA_DIMS} dims, then t-SNE to 2-D',
+    'status': 'skipped' if points is None else 'ok',
+    'reason': skip_reason,
+    'num_points': 0 if points is None else int(len(points)),
+    'max_examples': max_embed_examples,
+    'seed': seed,
+    'method': f'PCA to at most {PCA_DIMS} dims, then t-SNE to 2-D',
   }
   if points is not None:
     embedding.update(embedding_params(len(subset), c))
 
   result = {
-      'model_name': model_name,
-      'split': split,
-      'num_examples': n,
-      'num_gates': c,
-      'num_layers': len(layout),
-      'num_classes': num_classes,
-      'class_names': list(class_names) if class_names is not None else None,
-      'census': {'layers': census, 'totals': census_totals(census)},
-      'firing': {
-          'num_input_dependent': firing['num_input_dependent'],
-          'low': firing['low'],
-          'high': firing['high'],
-          'low_count': firing['low_count'],
-          'high_count': firing['high_count'],
-          'num_between': firing['num_between'],
-          'input_dependent_counts': summarize(firing['counts']),
-      },
-      'gates_per_example': summarize(on_counts),
-      'class_similarity': similarity,
-      'per_class_usage': {
-          'layer_names': [layer['name'] for layer in census],
-          'matrix': usage,
-      },
-      'compute': compute,
-      'embedding': embedding,
-      'files': [GATES_FILE, JSON_FILE, *FIGURE_FILES],
+    'model_name': model_name,
+    'split': split,
+    'num_examples': n,
+    'num_gates': c,
+    'num_layers': len(layout),
+    'num_classes': num_classes,
+    'class_names': list(class_names) if class_names is not None else None,
+    'census': {'layers': census, 'totals': census_totals(census)},
+    'firing': {
+      'num_input_dependent': firing['num_input_dependent'],
+      'low': firing['low'],
+      'high': firing['high'],
+      'low_count': firing['low_count'],
+      'high_count': firing['high_count'],
+      'num_between': firing['num_between'],
+      'input_dependent_counts': summarize(firing['counts']),
+    },
+    'gates_per_example': summarize(on_counts),
+    'class_similarity': similarity,
+    'per_class_usage': {
+      'layer_names': [layer['name'] for layer in census],
+      'matrix': usage,
+    },
+    'compute': compute,
+    'embedding': embedding,
+    'files': [GATES_FILE, JSON_FILE, *FIGURE_FILES],
   }
   result = _jsonable(result)
 
   common = {'model_name': model_name, 'split': split}
   figures = {
-      CENSUS_PERCENT_PNG: census_figure(census, percent=True, num_examples=n, **common),
-      CENSUS_COUNTS_PNG: census_figure(census, percent=False, num_examples=n, **common),
-      FIRING_HISTOGRAM_PNG: firing_histogram_figure(firing, num_examples=n, **common),
-      GATES_PER_EXAMPLE_PNG: gates_per_example_figure(on_counts, c, **common),
-      TSNE_PNG: tsne_figure(points, labels[subset], num_examples=n, class_names=class_names,
-                            skip_reason=skip_reason, **common),
-      CLASS_LAYER_USAGE_PNG: class_layer_usage_figure(usage, num_examples=n,
-                                                      class_names=class_names, **common),
+    CENSUS_PERCENT_PNG: census_figure(census, percent=True, num_examples=n, **common),
+    CENSUS_COUNTS_PNG: census_figure(census, percent=False, num_examples=n, **common),
+    FIRING_HISTOGRAM_PNG: firing_histogram_figure(firing, num_examples=n, **common),
+    GATES_PER_EXAMPLE_PNG: gates_per_example_figure(on_counts, c, **common),
+    TSNE_PNG: tsne_figure(
+      points,
+      labels[subset],
+      num_examples=n,
+      class_names=class_names,
+      skip_reason=skip_reason,
+      **common,
+    ),
+    CLASS_LAYER_USAGE_PNG: class_layer_usage_figure(
+      usage, num_examples=n, class_names=class_names, **common
+    ),
   }
   try:
     for name, fig in figures.items():

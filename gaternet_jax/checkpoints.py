@@ -23,10 +23,18 @@ RESULTS_FILE = 'results.json'
 
 # Fields a resumed run may change without conflicting with the stored config: they affect
 # logging, cadence and where data is read from, not what is trained.
-RESUMABLE_FIELDS = frozenset({
-    'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
-    'data.data_dir', 'eval_batch_size', 'init.backbone', 'init.gater',
-})
+RESUMABLE_FIELDS = frozenset(
+  {
+    'log_every_steps',
+    'eval_every_epochs',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'data.data_dir',
+    'eval_batch_size',
+    'init.backbone',
+    'init.gater',
+  }
+)
 
 
 def ensure_writable(workdir: str) -> None:
@@ -90,23 +98,27 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
   stored = flatten(load_config(workdir))
   new = flatten(config)
   conflicts = sorted(
-      key for key in set(stored) | set(new)
-      if key not in RESUMABLE_FIELDS and stored.get(key) != new.get(key)
+    key
+    for key in set(stored) | set(new)
+    if key not in RESUMABLE_FIELDS and stored.get(key) != new.get(key)
   )
   if conflicts:
     shown = ', '.join(f'{k} (stored {stored.get(k)!r}, now {new.get(k)!r})' for k in conflicts[:4])
     more = f' and {len(conflicts) - 4} more' if len(conflicts) > 4 else ''
     raise UserError(
-        f'workdir {workdir!r} holds a run with a different config: {shown}{more}; '
-        'use a new --workdir or the same config to resume'
+      f'workdir {workdir!r} holds a run with a different config: {shown}{more}; '
+      'use a new --workdir or the same config to resume'
     )
 
 
 def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
   # A single, standard pytree item: lets `item_metadata` describe the tree without a restore.
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options, item_handlers=ocp.StandardCheckpointHandler())
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+    options=options,
+    item_handlers=ocp.StandardCheckpointHandler(),
+  )
 
 
 def latest_step(workdir: str) -> int | None:
@@ -132,8 +144,9 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, wher
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f'checkpoint {step} in {where!r} cannot be restored: {_one_line(e)}'
-                          ) from None
+    raise CheckpointError(
+      f'checkpoint {step} in {where!r} cannot be restored: {_one_line(e)}'
+    ) from None
 
 
 def _one_line(error: Exception) -> str:
@@ -150,20 +163,31 @@ def check_compatible(found: Any, expected: Any, where: str, prefix: str = '') ->
 
   `prefix` is prepended to parameter names in messages (when comparing subtrees).
   """
-  found_leaves = {prefix + _path_str(p): getattr(v, 'shape', None)
-                  for p, v in jax.tree_util.tree_flatten_with_path(found)[0]}
-  expected_leaves = {prefix + _path_str(p): getattr(v, 'shape', None)
-                     for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  found_leaves = {
+    prefix + _path_str(p): getattr(v, 'shape', None)
+    for p, v in jax.tree_util.tree_flatten_with_path(found)[0]
+  }
+  expected_leaves = {
+    prefix + _path_str(p): getattr(v, 'shape', None)
+    for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]
+  }
   for name, shape in expected_leaves.items():
     if name not in found_leaves:
-      raise CheckpointError(f'checkpoint in {where!r} does not match the model: parameter {name} '
-                            'is missing from it')
-    if found_leaves[name] is not None and shape is not None and tuple(found_leaves[name]) != tuple(
-        shape):
       raise CheckpointError(
-          f'checkpoint in {where!r} does not match the model: parameter {name} has shape '
-          f'{tuple(found_leaves[name])} in the checkpoint but {tuple(shape)} in the model')
+        f'checkpoint in {where!r} does not match the model: parameter {name} is missing from it'
+      )
+    if (
+      found_leaves[name] is not None
+      and shape is not None
+      and tuple(found_leaves[name]) != tuple(shape)
+    ):
+      raise CheckpointError(
+        f'checkpoint in {where!r} does not match the model: parameter {name} has shape '
+        f'{tuple(found_leaves[name])} in the checkpoint but {tuple(shape)} in the model'
+      )
   extra = sorted(set(found_leaves) - set(expected_leaves))
   if extra:
-    raise CheckpointError(f'checkpoint in {where!r} does not match the model: it has parameter '
-                          f'{extra[0]} that the model lacks')
+    raise CheckpointError(
+      f'checkpoint in {where!r} does not match the model: it has parameter '
+      f'{extra[0]} that the model lacks'
+    )

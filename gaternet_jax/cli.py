@@ -21,20 +21,25 @@ FLAGS = flags.FLAGS
 
 
 def _define_common():
-  flags.DEFINE_enum('distributed', 'auto', ['auto', 'true', 'false'],
-                    'Call jax.distributed.initialize(): auto = when a multi-process environment '
-                    '(a TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS) is detected.')
+  flags.DEFINE_enum(
+    'distributed',
+    'auto',
+    ['auto', 'true', 'false'],
+    'Call jax.distributed.initialize(): auto = when a multi-process environment '
+    '(a TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS) is detected.',
+  )
 
 
 def _define(command: str) -> None:
   _define_common()
   if command in ('train', 'describe', 'sweep'):
     config_flags.DEFINE_config_file(
-        'config', None, 'Experiment config file, optionally with :variant.', lock_config=True)
+      'config', None, 'Experiment config file, optionally with :variant.', lock_config=True
+    )
   if command in ('train', 'evaluate', 'analyze', 'sweep'):
     flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, events, results).')
   if command in ('evaluate', 'analyze'):
-    flags.DEFINE_string('split', None, 'Split to evaluate (default: the config\'s eval_split).')
+    flags.DEFINE_string('split', None, "Split to evaluate (default: the config's eval_split).")
   if command in ('evaluate', 'describe'):
     flags.DEFINE_bool('json', False, 'Print one JSON object.')
   if command == 'analyze':
@@ -69,8 +74,9 @@ def run(command: str, argv: list[str], fail: Callable[[str], None]) -> None:
     except UserError as e:
       fail(_first_line(e))
     except OSError as e:  # config_flags reports an unloadable config file lazily, as IOError
-      fail(_config_load_error(e) if 'config' in FLAGS and 'config file' in str(e) else
-           _first_line(e))
+      fail(
+        _config_load_error(e) if 'config' in FLAGS and 'config file' in str(e) else _first_line(e)
+      )
 
   # JAX logs at INFO that it found no TPU; that is noise for CPU and GPU users.
   std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
@@ -106,9 +112,9 @@ def _maybe_initialize_distributed() -> None:
     return
   env = os.environ
   detected = (
-      'JAX_COORDINATOR_ADDRESS' in env
-      or int(env.get('SLURM_NTASKS', '1')) > 1
-      or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+    'JAX_COORDINATOR_ADDRESS' in env
+    or int(env.get('SLURM_NTASKS', '1')) > 1
+    or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
   )
   if mode == 'true' or detected:
     jax.distributed.initialize()
@@ -118,8 +124,10 @@ def _enable_compilation_cache() -> None:
   import jax  # noqa: PLC0415
 
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    jax.config.update('jax_compilation_cache_dir',
-                      os.path.join(os.path.expanduser('~'), '.cache', 'gaternet_jax', 'xla'))
+    jax.config.update(
+      'jax_compilation_cache_dir',
+      os.path.join(os.path.expanduser('~'), '.cache', 'gaternet_jax', 'xla'),
+    )
 
 
 def _require(name: str):
@@ -160,20 +168,28 @@ def cmd_evaluate(argv) -> None:
   dataset.info.split_size(split)  # a clear error for an unknown split
   _, eval_fn, _ = train.compile_steps(setup)
   metrics = train.evaluate(state, dataset, split, setup, eval_fn)
-  stats = describe.describe(config, num_classes=dataset.info.num_classes,
-                            image_shape=dataset.info.image_shape)
+  stats = describe.describe(
+    config, num_classes=dataset.info.num_classes, image_shape=dataset.info.image_shape
+  )
   result = {
-      'workdir': workdir, 'name': config.name, 'variant': config.variant, 'split': split,
-      'step': int(jax.device_get(state.step)), **metrics,
-      'params': stats['total_params'], 'gated_filters': stats['gated_filters'],
+    'workdir': workdir,
+    'name': config.name,
+    'variant': config.variant,
+    'split': split,
+    'step': int(jax.device_get(state.step)),
+    **metrics,
+    'params': stats['total_params'],
+    'gated_filters': stats['gated_filters'],
   }
   if jax.process_index() != 0:
     return
   if FLAGS.json:
     print(json.dumps(result, sort_keys=True))
     return
-  print(f'{config.name} ({config.variant}) step {result["step"]}, {split}: '
-        f'{metrics["examples"]} examples')
+  print(
+    f'{config.name} ({config.variant}) step {result["step"]}, {split}: '
+    f'{metrics["examples"]} examples'
+  )
   print(f'  top-1 error   {metrics["top1_error"]:.2f}%')
   print(f'  top-5 error   {metrics["top5_error"]:.2f}%')
   print(f'  loss          {metrics["loss"]:.4f}')
@@ -190,19 +206,29 @@ def cmd_describe(argv) -> None:
   config = _config()
   num_classes, image_shape = describe.dataset_spec(config.data)
   stats = describe.describe(config, num_classes=num_classes, image_shape=image_shape)
-  keys = ('backbone_params', 'gater_params', 'total_params', 'gated_filters', 'backbone_macs',
-          'gater_macs')
+  keys = (
+    'backbone_params',
+    'gater_params',
+    'total_params',
+    'gated_filters',
+    'backbone_macs',
+    'gater_macs',
+  )
   if FLAGS.json:
     print(json.dumps({k: stats[k] for k in keys}))
     return
-  print(f'{config.name} ({config.variant}): backbone {config.model.backbone}, '
-        f'{num_classes} classes, input {"x".join(map(str, image_shape))}')
+  print(
+    f'{config.name} ({config.variant}): backbone {config.model.backbone}, '
+    f'{num_classes} classes, input {"x".join(map(str, image_shape))}'
+  )
   print(f'  backbone parameters {stats["backbone_params"]:>14,}')
   print(f'  gater parameters    {stats["gater_params"]:>14,}')
-  print(f'  total parameters    {stats["total_params"]:>14,}  ({stats["total_params"]/1e6:.2f}M)')
+  print(f'  total parameters    {stats["total_params"]:>14,}  ({stats["total_params"] / 1e6:.2f}M)')
   print(f'  gated filters       {stats["gated_filters"]:>14,}')
-  print(f'  backbone MACs/image {stats["backbone_macs"]:>14,}  ({stats["backbone_macs"]/1e6:.1f}M)')
-  print(f'  gater MACs/image    {stats["gater_macs"]:>14,}  ({stats["gater_macs"]/1e6:.1f}M)')
+  print(
+    f'  backbone MACs/image {stats["backbone_macs"]:>14,}  ({stats["backbone_macs"] / 1e6:.1f}M)'
+  )
+  print(f'  gater MACs/image    {stats["gater_macs"]:>14,}  ({stats["gater_macs"] / 1e6:.1f}M)')
 
 
 def cmd_analyze(argv) -> None:
@@ -210,8 +236,13 @@ def cmd_analyze(argv) -> None:
   from gaternet_jax import gate_analysis  # noqa: PLC0415
 
   workdir = _require('workdir')
-  gate_analysis.run(workdir, split=FLAGS.split, max_examples=FLAGS['max-examples'].value,
-                    out_dir=FLAGS.out, max_embed_examples=FLAGS['max-embed-examples'].value)
+  gate_analysis.run(
+    workdir,
+    split=FLAGS.split,
+    max_examples=FLAGS['max-examples'].value,
+    out_dir=FLAGS.out,
+    max_embed_examples=FLAGS['max-embed-examples'].value,
+  )
 
 
 def cmd_report(argv) -> None:
@@ -289,12 +320,12 @@ def _parse_value(text: str, kind):
 
 
 COMMAND_FUNCTIONS = {
-    'train': cmd_train,
-    'evaluate': cmd_evaluate,
-    'describe': cmd_describe,
-    'analyze': cmd_analyze,
-    'report': cmd_report,
-    'sweep': cmd_sweep,
+  'train': cmd_train,
+  'evaluate': cmd_evaluate,
+  'describe': cmd_describe,
+  'analyze': cmd_analyze,
+  'report': cmd_report,
+  'sweep': cmd_sweep,
 }
 
 

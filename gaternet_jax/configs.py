@@ -26,15 +26,15 @@ def parse_variant(arg: str | None, default: str = 'gated') -> str:
 
 
 def base_config(
-    *,
-    name: str,
-    variant: str,
-    dataset: str,
-    backbone: str,
-    extractor: str,
-    bottleneck: int,
-    wider_width: float,
-    se_reduction: int,
+  *,
+  name: str,
+  variant: str,
+  dataset: str,
+  backbone: str,
+  extractor: str,
+  bottleneck: int,
+  wider_width: float,
+  se_reduction: int,
 ) -> ml_collections.ConfigDict:
   """A complete config with the model fields for `variant`; training fields get CIFAR defaults.
 
@@ -116,19 +116,20 @@ def base_config(
   return c
 
 
-def cifar_config(dataset: str, depth: int, arg: str | None, *, wider_width: float,
-                 se_reduction: int) -> ml_collections.ConfigDict:
+def cifar_config(
+  dataset: str, depth: int, arg: str | None, *, wider_width: float, se_reduction: int
+) -> ml_collections.ConfigDict:
   """A Table 1 row: ResNet-`depth` on CIFAR-10/100 with a ResNet-20 gater (b = 8)."""
   variant = parse_variant(arg)
   c = base_config(
-      name=f'{dataset}_resnet{depth}',
-      variant=variant,
-      dataset=dataset,
-      backbone=f'cifar_resnet{depth}',
-      extractor='cifar_resnet20',
-      bottleneck=8,
-      wider_width=wider_width,
-      se_reduction=se_reduction,
+    name=f'{dataset}_resnet{depth}',
+    variant=variant,
+    dataset=dataset,
+    backbone=f'cifar_resnet{depth}',
+    extractor='cifar_resnet20',
+    bottleneck=8,
+    wider_width=wider_width,
+    se_reduction=se_reduction,
   )
   if depth >= 110:
     # He et al. warm up ResNet-110/164 at a lower learning rate for ~400 iterations before 0.1;
@@ -137,19 +138,20 @@ def cifar_config(dataset: str, depth: int, arg: str | None, *, wider_width: floa
   return c
 
 
-def imagenet_config(depth: int, arg: str | None, *, wider_width: float, bottleneck: int = 256
-                    ) -> ml_collections.ConfigDict:
+def imagenet_config(
+  depth: int, arg: str | None, *, wider_width: float, bottleneck: int = 256
+) -> ml_collections.ConfigDict:
   """A Table 3 row: ResNet-`depth` on ImageNet with a ResNet-18 gater."""
   variant = parse_variant(arg)
   c = base_config(
-      name=f'imagenet_resnet{depth}',
-      variant=variant,
-      dataset='imagenet2012',
-      backbone=f'resnet{depth}',
-      extractor='resnet18',
-      bottleneck=bottleneck,
-      wider_width=wider_width,
-      se_reduction=16,  # the SE paper's ratio; reproduces Table 3's SE rows
+    name=f'imagenet_resnet{depth}',
+    variant=variant,
+    dataset='imagenet2012',
+    backbone=f'resnet{depth}',
+    extractor='resnet18',
+    bottleneck=bottleneck,
+    wider_width=wider_width,
+    se_reduction=16,  # the SE paper's ratio; reproduces Table 3's SE rows
   )
   c.data.eval_split = 'validation'
   # ImageNet recipe: batch 256 at learning rate 0.1, scaled linearly with the global batch;

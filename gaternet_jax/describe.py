@@ -72,13 +72,13 @@ def describe(config, *, num_classes: int, image_shape) -> dict[str, Any]:
   macs = count_macs(model, variables, image_shape)
   layout = models.gate_layout(config, image_shape) if config.model.gated else []
   return {
-      'backbone_params': count_params(params['backbone']),
-      'gater_params': count_params(params.get('gater', {})),
-      'total_params': count_params(params),
-      'gated_filters': total_filters(layout),
-      'backbone_macs': macs.get('backbone', 0),
-      'gater_macs': macs.get('gater', 0),
-      'gate_layout': [[layer.name, layer.filters] for layer in layout],
+    'backbone_params': count_params(params['backbone']),
+    'gater_params': count_params(params.get('gater', {})),
+    'total_params': count_params(params),
+    'gated_filters': total_filters(layout),
+    'backbone_macs': macs.get('backbone', 0),
+    'gater_macs': macs.get('gater', 0),
+    'gate_layout': [[layer.name, layer.filters] for layer in layout],
   }
 
 
@@ -90,9 +90,9 @@ def gated_macs_per_filter(config, image_shape) -> np.ndarray:
 
 # Shapes and class counts of the datasets whose layout is known without reading them.
 KNOWN_DATASETS = {
-    'default': (10, (16, 16, 1)),
-    'cifar10': (10, (32, 32, 3)),
-    'cifar100': (100, (32, 32, 3)),
+  'default': (10, (16, 16, 1)),
+  'cifar10': (10, (32, 32, 3)),
+  'cifar100': (100, (32, 32, 3)),
 }
 
 

@@ -20,8 +20,9 @@ from gaternet_jax import analysis, describe, models, procedure, train
 from gaternet_jax.errors import UserError
 
 
-def collect_gates(state, dataset, split: str, setup, predict_fn, max_examples: int | None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def collect_gates(
+  state, dataset, split: str, setup, predict_fn, max_examples: int | None
+) -> tuple[np.ndarray, np.ndarray]:
   """Binary gates (n, c) and labels (n,) of the first `max_examples` examples of `split`."""
   info = dataset.info
   total = info.split_size(split)
@@ -30,15 +31,18 @@ def collect_gates(state, dataset, split: str, setup, predict_fn, max_examples: i
   local_batch = setup.config.eval_batch_size // jax.process_count()
   gates, labels = [], []
   collected = 0
-  with tqdm.tqdm(total=total, desc=f'gates on {split}', unit='img',
-                 disable=jax.process_index() > 0) as bar:
+  with tqdm.tqdm(
+    total=total, desc=f'gates on {split}', unit='img', disable=jax.process_index() > 0
+  ) as bar:
     for batch in dataset.eval_iterator(split, local_batch):
       out = predict_fn(state, train.to_global(batch, setup.data_sharding))
       batch_gates = multihost_utils.process_allgather(out['gates'], tiled=True)
       batch_labels = multihost_utils.process_allgather(
-          jax.make_array_from_process_local_data(setup.data_sharding, batch['label']), tiled=True)
+        jax.make_array_from_process_local_data(setup.data_sharding, batch['label']), tiled=True
+      )
       batch_mask = multihost_utils.process_allgather(
-          jax.make_array_from_process_local_data(setup.data_sharding, batch['mask']), tiled=True)
+        jax.make_array_from_process_local_data(setup.data_sharding, batch['mask']), tiled=True
+      )
       keep = np.asarray(batch_mask) > 0
       gates.append(np.asarray(batch_gates)[keep])
       labels.append(np.asarray(batch_labels)[keep])
@@ -49,8 +53,14 @@ def collect_gates(state, dataset, split: str, setup, predict_fn, max_examples: i
   return np.concatenate(gates)[:total], np.concatenate(labels)[:total]
 
 
-def run(workdir: str, *, split: str | None = None, max_examples: int | None = None,
-        out_dir: str | None = None, max_embed_examples: int = 2000) -> dict[str, Any]:
+def run(
+  workdir: str,
+  *,
+  split: str | None = None,
+  max_examples: int | None = None,
+  out_dir: str | None = None,
+  max_embed_examples: int = 2000,
+) -> dict[str, Any]:
   """Analyses the gates of the run in `workdir`; returns the analysis dict."""
   run_dir = procedure.require_checkpoint(workdir)
   config, setup, state, dataset = procedure.load_state(run_dir)
@@ -67,15 +77,26 @@ def run(workdir: str, *, split: str | None = None, max_examples: int | None = No
   if jax.process_index() != 0:
     return {}
   result = analysis.analyze(
-      gates, labels, layout, out_dir=out_dir, model_name=f'{config.name} ({config.variant})',
-      split=split, backbone_macs=stats['backbone_macs'], gater_macs=stats['gater_macs'],
-      class_names=list(info.class_names) if info.class_names else None,
-      max_embed_examples=max_embed_examples, seed=config.seed)
+    gates,
+    labels,
+    layout,
+    out_dir=out_dir,
+    model_name=f'{config.name} ({config.variant})',
+    split=split,
+    backbone_macs=stats['backbone_macs'],
+    gater_macs=stats['gater_macs'],
+    class_names=list(info.class_names) if info.class_names else None,
+    max_embed_examples=max_embed_examples,
+    seed=config.seed,
+  )
   totals = result['census']['totals']
-  print(f'Analysed {len(gates)} examples of {split!r}; wrote figures and analysis.json to '
-        f'{out_dir}')
+  print(
+    f'Analysed {len(gates)} examples of {split!r}; wrote figures and analysis.json to {out_dir}'
+  )
   print('  gates: ' + ', '.join(f'{k} {v}' for k, v in totals.items()))
   per_example = result['gates_per_example']
-  print(f'  gates on per example: min {per_example["min"]}, mean {per_example["mean"]:.1f}, '
-        f'max {per_example["max"]}')
+  print(
+    f'  gates on per example: min {per_example["min"]}, mean {per_example["mean"]:.1f}, '
+    f'max {per_example["max"]}'
+  )
   return result

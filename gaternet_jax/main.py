@@ -23,8 +23,14 @@ COMMANDS = ('train', 'evaluate', 'describe', 'analyze', 'report', 'sweep')
 # only on CPU-only installs (an experimental flag another XLA build may not know), only when the
 # user has not set XLA flags of their own, and before JAX starts.
 _CPU_XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type='
-_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
-                        'jax_rocm7_plugin', 'libtpu', 'jax_plugins')
+_ACCELERATOR_PLUGINS = (
+  'jax_cuda12_plugin',
+  'jax_cuda13_plugin',
+  'jax_rocm60_plugin',
+  'jax_rocm7_plugin',
+  'libtpu',
+  'jax_plugins',
+)
 
 
 def cpu_only_install() -> bool:
@@ -32,8 +38,11 @@ def cpu_only_install() -> bool:
 
 
 def _prepare_environment() -> None:
-  if ('XLA_FLAGS' not in os.environ and os.environ.get('GATERNET_CPU_FLAGS', '1') != '0'
-      and cpu_only_install()):
+  if (
+    'XLA_FLAGS' not in os.environ
+    and os.environ.get('GATERNET_CPU_FLAGS', '1') != '0'
+    and cpu_only_install()
+  ):
     os.environ['XLA_FLAGS'] = _CPU_XLA_FLAG
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -49,8 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) >= 2 and argv[1] in ('-h', '--help', 'help'):
       print(__doc__)
       return
-    _fail(f'usage: gaternet {{{",".join(COMMANDS)}}} [flags]; '
-          f'got {argv[1] if len(argv) > 1 else "no command"!r}')
+    _fail(
+      f'usage: gaternet {{{",".join(COMMANDS)}}} [flags]; '
+      f'got {argv[1] if len(argv) > 1 else "no command"!r}'
+    )
   _prepare_environment()
   from gaternet_jax import cli  # noqa: PLC0415 - JAX must start after the environment is set
 

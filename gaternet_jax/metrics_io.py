@@ -51,10 +51,14 @@ class _FallbackWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
     if self._events is not None:
-      values = [self._summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                for k, v in scalars.items()]
-      self._events.add_event(self._event_pb2.Event(
-          wall_time=time.time(), step=int(step), summary=self._summary_pb2.Summary(value=values)))
+      values = [
+        self._summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()
+      ]
+      self._events.add_event(
+        self._event_pb2.Event(
+          wall_time=time.time(), step=int(step), summary=self._summary_pb2.Summary(value=values)
+        )
+      )
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     logging.info('Hyperparameters: %s', dict(hparams))
@@ -86,8 +90,14 @@ class _FallbackProgress:
     elapsed = now - self._last_time - self._excluded
     rate = (step - self._last_step) / max(elapsed, 1e-9)
     eta = (self._total - step) / max(rate, 1e-9)
-    logging.info('%.1f steps/s, %.1f%% (%d/%d), ETA: %dm', rate, 100 * step / self._total, step,
-                 self._total, eta // 60)
+    logging.info(
+      '%.1f steps/s, %.1f%% (%d/%d), ETA: %dm',
+      rate,
+      100 * step / self._total,
+      step,
+      self._total,
+      eta // 60,
+    )
     self._writer.write_scalars(step, {'steps_per_sec': rate})
     self._last_time, self._last_step, self._excluded = now, step, 0.0
 

@@ -103,15 +103,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     p = config.procedure
     results = train.train_single(
-        config, joint_dir, stage=STAGE_JOINT,
-        num_epochs=config.schedule.num_epochs + p.joint_extra_epochs,
-        learning_rate=p.joint_learning_rate,
-        initialize=lambda state, setup: init_from_pretrained(state, setup, backbone_dir,
-                                                             gater_dir))
+      config,
+      joint_dir,
+      stage=STAGE_JOINT,
+      num_epochs=config.schedule.num_epochs + p.joint_extra_epochs,
+      learning_rate=p.joint_learning_rate,
+      initialize=lambda state, setup: init_from_pretrained(state, setup, backbone_dir, gater_dir),
+    )
   # wall_time_s stays the joint stage's; this is the whole command's (stages run by it).
-  results = dict(results, stages={STAGE_BACKBONE: backbone_dir, STAGE_GATER: gater_dir,
-                                  STAGE_JOINT: joint_dir},
-                 procedure_wall_time_s=round(time.time() - started, 2))
+  results = dict(
+    results,
+    stages={STAGE_BACKBONE: backbone_dir, STAGE_GATER: gater_dir, STAGE_JOINT: joint_dir},
+    procedure_wall_time_s=round(time.time() - started, 2),
+  )
   train.write_results(workdir, results)
   return results
 
@@ -134,8 +138,9 @@ def load_state(workdir: str, *, info=None, mesh=None):
     raise CheckpointError(f'no checkpoint in {workdir!r}: train there first')
   dataset = None
   if info is None:
-    dataset = data_lib.load_dataset(config.data, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+    dataset = data_lib.load_dataset(
+      config.data, process_index=jax.process_index(), process_count=jax.process_count()
+    )
     info = dataset.info
   setup = train.build(config, info, mesh=mesh)
   manager = checkpoints.make_manager(workdir, keep=config.keep_checkpoints, create=False)
@@ -146,8 +151,9 @@ def load_state(workdir: str, *, info=None, mesh=None):
   return config, setup, state, dataset
 
 
-def init_from_pretrained(state: train.TrainState, setup: train.Setup, backbone_dir: str,
-                         gater_dir: str) -> train.TrainState:
+def init_from_pretrained(
+  state: train.TrainState, setup: train.Setup, backbone_dir: str, gater_dir: str
+) -> train.TrainState:
   """Stage 3's starting point: stage 1's backbone, stage 2's extractor, fresh gater FC layers.
 
   Parameters and batch statistics are copied exactly; the optimizer state starts fresh.
@@ -159,22 +165,25 @@ def init_from_pretrained(state: train.TrainState, setup: train.Setup, backbone_d
   _, _, backbone_state, _ = load_state(backbone_dir, info=setup.info, mesh=setup.mesh)
   _, _, gater_state, _ = load_state(gater_dir, info=setup.info, mesh=setup.mesh)
 
-  checkpoints.check_compatible(backbone_state.params['backbone'], params['backbone'], backbone_dir,
-                               prefix='backbone/')
+  checkpoints.check_compatible(
+    backbone_state.params['backbone'], params['backbone'], backbone_dir, prefix='backbone/'
+  )
   params['backbone'] = backbone_state.params['backbone']
   stats['backbone'] = backbone_state.batch_stats['backbone']
 
   extractor_params = {k: v for k, v in gater_state.params['backbone'].items() if k != 'head'}
   gater_params, gater_stats = dict(params['gater']), dict(stats['gater'])
-  checkpoints.check_compatible(extractor_params, gater_params['extractor'], gater_dir,
-                               prefix='gater/extractor/')
+  checkpoints.check_compatible(
+    extractor_params, gater_params['extractor'], gater_dir, prefix='gater/extractor/'
+  )
   gater_params['extractor'] = extractor_params
   gater_stats['extractor'] = gater_state.batch_stats['backbone']
   params['gater'], stats['gater'] = gater_params, gater_stats
 
   shardings = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
-  fresh = train.TrainState(step=state.step, params=params, batch_stats=stats,
-                           opt_state=setup.tx.init(params))
+  fresh = train.TrainState(
+    step=state.step, params=params, batch_stats=stats, opt_state=setup.tx.init(params)
+  )
   return jax.device_put(fresh, shardings)
 
 

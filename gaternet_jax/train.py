@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from absl import logging
 import flax
@@ -54,12 +54,14 @@ class Plan:
   learning_rate: float  # peak, after linear batch scaling
 
 
-def make_plan(config: ml_collections.ConfigDict, num_train: int, num_epochs: float,
-              learning_rate: float) -> Plan:
+def make_plan(
+  config: ml_collections.ConfigDict, num_train: int, num_epochs: float, learning_rate: float
+) -> Plan:
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch < 1:
-    raise UserError(f'batch_size {config.batch_size} is larger than the {num_train} training '
-                    'examples')
+    raise UserError(
+      f'batch_size {config.batch_size} is larger than the {num_train} training examples'
+    )
   total = max(1, math.ceil(num_epochs * steps_per_epoch))
   if config.max_steps is not None:
     total = min(total, config.max_steps)
@@ -80,8 +82,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, plan: Plan) -> opt
   if s.name == 'cosine':
     main = optax.cosine_decay_schedule(plan.learning_rate, decay_steps)
   elif s.name == 'step':
-    boundaries = {max(1, round(b * plan.total_steps) - warmup): s.decay_factor
-                  for b in s.boundaries}
+    boundaries = {
+      max(1, round(b * plan.total_steps) - warmup): s.decay_factor for b in s.boundaries
+    }
     main = optax.piecewise_constant_schedule(plan.learning_rate, boundaries)
   elif s.name == 'constant':
     main = optax.constant_schedule(plan.learning_rate)
@@ -96,9 +99,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, plan: Plan) -> opt
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule):
   o = config.optimizer
   return optax.chain(
-      # Coupled weight decay, i.e. an L2 term on every parameter, as in the ResNet recipes.
-      optax.add_decayed_weights(o.weight_decay),
-      optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov),
+    # Coupled weight decay, i.e. an L2 term on every parameter, as in the ResNet recipes.
+    optax.add_decayed_weights(o.weight_decay),
+    optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov),
   )
 
 
@@ -122,28 +125,52 @@ class Setup:
   data_sharding: NamedSharding
 
 
-def build(config: ml_collections.ConfigDict, info, *, num_epochs: float | None = None,
-          learning_rate: float | None = None, mesh: Mesh | None = None) -> Setup:
+def build(
+  config: ml_collections.ConfigDict,
+  info,
+  *,
+  num_epochs: float | None = None,
+  learning_rate: float | None = None,
+  mesh: Mesh | None = None,
+) -> Setup:
   """Model, optimizer and abstract state for `config` on dataset `info`."""
   mesh = mesh or make_mesh()
   if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
-    raise UserError(f'batch_size {config.batch_size} and eval_batch_size '
-                    f'{config.eval_batch_size} must be multiples of the {mesh.size} devices')
-  model = models.create_model(config, num_classes=info.num_classes, image_shape=info.image_shape,
-                              dtype=compute_dtype(config))
-  plan = make_plan(config, info.num_train,
-                   config.schedule.num_epochs if num_epochs is None else num_epochs,
-                   config.optimizer.learning_rate if learning_rate is None else learning_rate)
+    raise UserError(
+      f'batch_size {config.batch_size} and eval_batch_size '
+      f'{config.eval_batch_size} must be multiples of the {mesh.size} devices'
+    )
+  model = models.create_model(
+    config, num_classes=info.num_classes, image_shape=info.image_shape, dtype=compute_dtype(config)
+  )
+  plan = make_plan(
+    config,
+    info.num_train,
+    config.schedule.num_epochs if num_epochs is None else num_epochs,
+    config.optimizer.learning_rate if learning_rate is None else learning_rate,
+  )
   schedule = learning_rate_schedule(config, plan)
   tx = make_optimizer(config, schedule)
   replicated = NamedSharding(mesh, P())
   abstract_state = jax.eval_shape(
-      functools.partial(init_state, model=model, tx=tx, image_shape=info.image_shape),
-      jax.random.key(0))
+    functools.partial(init_state, model=model, tx=tx, image_shape=info.image_shape),
+    jax.random.key(0),
+  )
   abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
-  return Setup(config, info, model, mesh, plan, tx, schedule, abstract_state, replicated,
-               NamedSharding(mesh, P('data')))
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state
+  )
+  return Setup(
+    config,
+    info,
+    model,
+    mesh,
+    plan,
+    tx,
+    schedule,
+    abstract_state,
+    replicated,
+    NamedSharding(mesh, P('data')),
+  )
 
 
 def init_state(key: jax.Array, *, model, tx, image_shape) -> TrainState:
@@ -151,14 +178,19 @@ def init_state(key: jax.Array, *, model, tx, image_shape) -> TrainState:
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init({'params': params_key, 'gates': gates_key}, dummy, train=False)
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(params),
+  )
 
 
 def create_state(setup: Setup, seed: int) -> TrainState:
   """Initialises the state directly into its (replicated) shardings."""
-  init = functools.partial(init_state, model=setup.model, tx=setup.tx,
-                           image_shape=setup.info.image_shape)
+  init = functools.partial(
+    init_state, model=setup.model, tx=setup.tx, image_shape=setup.info.image_shape
+  )
   shardings = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
@@ -170,8 +202,9 @@ def preprocess(config, info, images: jax.Array, key: jax.Array | None) -> jax.Ar
   return augment.normalize(images, info.mean, info.std, compute_dtype(config))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, setup: Setup
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, setup: Setup
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; a pure function of (state, batch, key)."""
   config = setup.config
   step_key = jax.random.fold_in(key, state.step)
@@ -184,8 +217,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
 
   def loss_fn(params):
     (logits, aux), new_vars = setup.model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        gate_dropout_rate=gate_dropout_rate, rngs={'gates': gates_key}, mutable=['batch_stats'])
+      {'params': params, 'batch_stats': state.batch_stats},
+      x,
+      train=True,
+      gate_dropout_rate=gate_dropout_rate,
+      rngs={'gates': gates_key},
+      mutable=['batch_stats'],
+    )
     ce = losses.cross_entropy(logits, labels)
     if 'gates' in aux:
       sparsity = losses.gate_l1(aux['gates'], config.gater.l1_weight)
@@ -197,44 +235,52 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   grads, (new_vars, logits, ce, sparsity, density) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = TrainState(step=state.step + 1, params=params,
-                         batch_stats=new_vars.get('batch_stats', {}), opt_state=opt_state)
+  new_state = TrainState(
+    step=state.step + 1,
+    params=params,
+    batch_stats=new_vars.get('batch_stats', {}),
+    opt_state=opt_state,
+  )
   metrics = {
-      'loss': ce + sparsity,
-      'cross_entropy': ce,
-      'sparsity': sparsity,
-      'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-      'gate_density': density,
-      'learning_rate': setup.schedule(state.step),
+    'loss': ce + sparsity,
+    'cross_entropy': ce,
+    'sparsity': sparsity,
+    'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+    'gate_density': density,
+    'learning_rate': setup.schedule(state.step),
   }
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
-              ) -> dict[str, jax.Array]:
+def eval_step(
+  state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
+) -> dict[str, jax.Array]:
   """Sums over the masked-in examples of one eval batch (padding rows have mask 0)."""
   x = preprocess(setup.config, setup.info, batch['image'], None)
-  logits, aux = setup.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                                  train=False)
+  logits, aux = setup.model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
+  )
   labels, mask = batch['label'], batch['mask']
   per_example_ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   sums = {
-      'count': jnp.sum(mask),
-      'loss': jnp.sum(per_example_ce * mask),
-      'top1_correct': jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
-      'top5_correct': jnp.sum(losses.topk_correct(logits, labels, 5) * mask),
+    'count': jnp.sum(mask),
+    'loss': jnp.sum(per_example_ce * mask),
+    'top1_correct': jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
+    'top5_correct': jnp.sum(losses.topk_correct(logits, labels, 5) * mask),
   }
   if 'gates' in aux:
     sums['gates_on'] = jnp.sum(jnp.mean(aux['gates'], axis=-1) * mask)
   return sums
 
 
-def predict_step(state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
-                 ) -> dict[str, jax.Array]:
+def predict_step(
+  state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
+) -> dict[str, jax.Array]:
   """Evaluation-mode logits and binary gates of one batch (for analysis)."""
   x = preprocess(setup.config, setup.info, batch['image'], None)
-  logits, aux = setup.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                                  train=False)
+  logits, aux = setup.model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
+  )
   out = {'logits': logits}
   if 'gates' in aux:
     out['gates'] = aux['gates'] > 0.5
@@ -245,13 +291,20 @@ def compile_steps(setup: Setup):
   """The jitted train/eval/predict steps with explicit shardings (state donated in training)."""
   state_sh = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
   data_sh, rep = setup.data_sharding, setup.replicated
-  train = jax.jit(functools.partial(train_step, setup=setup),
-                  in_shardings=(state_sh, data_sh, rep), out_shardings=(state_sh, rep),
-                  donate_argnums=(0,))
-  evaluate = jax.jit(functools.partial(eval_step, setup=setup), in_shardings=(state_sh, data_sh),
-                     out_shardings=rep)
-  predict = jax.jit(functools.partial(predict_step, setup=setup), in_shardings=(state_sh, data_sh),
-                    out_shardings=data_sh)
+  train = jax.jit(
+    functools.partial(train_step, setup=setup),
+    in_shardings=(state_sh, data_sh, rep),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
+  )
+  evaluate = jax.jit(
+    functools.partial(eval_step, setup=setup), in_shardings=(state_sh, data_sh), out_shardings=rep
+  )
+  predict = jax.jit(
+    functools.partial(predict_step, setup=setup),
+    in_shardings=(state_sh, data_sh),
+    out_shardings=data_sh,
+  )
   return train, evaluate, predict
 
 
@@ -276,8 +329,10 @@ class ResidentTrainData:
     self.per_device = setup.info.num_train // num_devices
     self.device_batch = setup.config.batch_size // num_devices
     if self.per_device < self.device_batch:
-      raise UserError(f'{setup.info.num_train} training examples are too few for batch_size '
-                      f'{setup.config.batch_size} on {num_devices} devices')
+      raise UserError(
+        f'{setup.info.num_train} training examples are too few for batch_size '
+        f'{setup.config.batch_size} on {num_devices} devices'
+      )
     self.steps_per_epoch = self.per_device // self.device_batch
     keep = local_devices * self.per_device
     shape = images.shape[1:]
@@ -285,12 +340,14 @@ class ResidentTrainData:
     local_labels = labels[:keep].reshape(local_devices, self.per_device)
     sharding = setup.data_sharding
     self.images = jax.make_array_from_process_local_data(
-        sharding, local_images, (num_devices, self.per_device, *shape))
+      sharding, local_images, (num_devices, self.per_device, *shape)
+    )
     self.labels = jax.make_array_from_process_local_data(
-        sharding, local_labels, (num_devices, self.per_device))
+      sharding, local_labels, (num_devices, self.per_device)
+    )
     self.shard_ids = jax.make_array_from_process_local_data(
-        sharding, np.arange(local_devices, dtype=np.int32) + _first_local_shard(mesh),
-        (num_devices,))
+      sharding, np.arange(local_devices, dtype=np.int32) + _first_local_shard(mesh), (num_devices,)
+    )
     self.key = jax.random.key(seed)
     self._sample = jax.jit(self._sample_impl, out_shardings=setup.data_sharding)
 
@@ -305,8 +362,10 @@ class ResidentTrainData:
       return shard_images[idx], shard_labels[idx]
 
     batch_images, batch_labels = jax.vmap(take)(images, labels, shard_ids)
-    return {'image': batch_images.reshape(-1, *batch_images.shape[2:]),
-            'label': batch_labels.reshape(-1)}
+    return {
+      'image': batch_images.reshape(-1, *batch_images.shape[2:]),
+      'label': batch_labels.reshape(-1),
+    }
 
   def batch(self, step: int) -> dict[str, jax.Array]:
     return self._sample(self.images, self.labels, self.shard_ids, self.key, jnp.int32(step))
@@ -340,10 +399,10 @@ def evaluate(state: TrainState, dataset, split: str, setup: Setup, eval_fn) -> d
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
   count = max(totals.get('count', 0.0), 1.0)
   result = {
-      'top1_error': 100.0 * (1.0 - totals['top1_correct'] / count),
-      'top5_error': 100.0 * (1.0 - totals['top5_correct'] / count),
-      'loss': totals['loss'] / count,
-      'examples': int(totals['count']),
+    'top1_error': 100.0 * (1.0 - totals['top1_correct'] / count),
+    'top5_error': 100.0 * (1.0 - totals['top5_correct'] / count),
+    'loss': totals['loss'] / count,
+    'examples': int(totals['count']),
   }
   if 'gates_on' in totals:
     result['gate_density'] = totals['gates_on'] / count
@@ -371,10 +430,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return train_single(config, workdir)
 
 
-def train_single(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = None,
-                 num_epochs: float | None = None, learning_rate: float | None = None,
-                 initialize: Callable[[TrainState, Setup], TrainState] | None = None
-                 ) -> dict[str, Any]:
+def train_single(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stage: str | None = None,
+  num_epochs: float | None = None,
+  learning_rate: float | None = None,
+  initialize: Callable[[TrainState, Setup], TrainState] | None = None,
+) -> dict[str, Any]:
   """One run: resume or initialise, train with periodic eval and checkpoints, write results.
 
   Args:
@@ -388,8 +452,9 @@ def train_single(config: ml_collections.ConfigDict, workdir: str, *, stage: str 
   started = time.time()
   checkpoints.ensure_writable(workdir)
   checkpoints.check_resume_config(config, workdir)
-  dataset = data_lib.load_dataset(config.data, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+  dataset = data_lib.load_dataset(
+    config.data, process_index=jax.process_index(), process_count=jax.process_count()
+  )
   setup = build(config, dataset.info, num_epochs=num_epochs, learning_rate=learning_rate)
   plan = setup.plan
   checkpoints.save_config(config, workdir)
@@ -409,11 +474,22 @@ def train_single(config: ml_collections.ConfigDict, workdir: str, *, stage: str 
 
   writer = metrics_io.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in checkpoints.flatten(config).items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(
+      {
+        k: v
+        for k, v in checkpoints.flatten(config).items()
+        if isinstance(v, (int, float, str, bool))
+      }
+    )
   report = metrics_io.create_progress(plan.total_steps, writer)
-  logging.info('%s: %d steps (%d per epoch), global batch %d on %d devices.', stage or 'train',
-               plan.total_steps, plan.steps_per_epoch, config.batch_size, setup.mesh.size)
+  logging.info(
+    '%s: %d steps (%d per epoch), global batch %d on %d devices.',
+    stage or 'train',
+    plan.total_steps,
+    plan.steps_per_epoch,
+    config.batch_size,
+    setup.mesh.size,
+  )
 
   eval_metrics: dict[str, Any] = {}
   pending: list[dict[str, jax.Array]] = []
@@ -428,8 +504,9 @@ def train_single(config: ml_collections.ConfigDict, workdir: str, *, stage: str 
     pending.append(metrics)
     report(step)
     if step % config.log_every_steps == 0 or step == plan.total_steps:
-      summary = {f'train/{k}': float(np.mean(v))
-                 for k, v in jax.device_get(_stack(pending)).items()}
+      summary = {
+        f'train/{k}': float(np.mean(v)) for k, v in jax.device_get(_stack(pending)).items()
+      }
       writer.write_scalars(step, summary)
       pending = []
     is_last = step == plan.total_steps
@@ -450,18 +527,18 @@ def train_single(config: ml_collections.ConfigDict, workdir: str, *, stage: str 
   writer.close()
   layout = models.gate_layout(config, setup.info.image_shape) if config.model.gated else []
   results = {
-      'name': config.name,
-      'variant': config.variant,
-      'dataset': config.data.name,
-      'backbone': config.model.backbone,
-      'params': int(sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))),
-      'gated_filters': sum(layer.filters for layer in layout),
-      'stage': stage,
-      'step': int(step),
-      'total_steps': plan.total_steps,
-      'wall_time_s': round(time.time() - started, 2),
-      'split': config.data.eval_split,
-      'eval': eval_metrics,
+    'name': config.name,
+    'variant': config.variant,
+    'dataset': config.data.name,
+    'backbone': config.model.backbone,
+    'params': int(sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))),
+    'gated_filters': sum(layer.filters for layer in layout),
+    'stage': stage,
+    'step': int(step),
+    'total_steps': plan.total_steps,
+    'wall_time_s': round(time.time() - started, 2),
+    'split': config.data.eval_split,
+    'eval': eval_metrics,
   }
   write_results(workdir, results)
   return results
@@ -475,5 +552,6 @@ def _check_finite(step: int, loss: jax.Array) -> None:
   value = float(loss)
   if not math.isfinite(value):
     raise NonFiniteLossError(
-        f'non-finite loss ({value}) at step {step}; training stopped, the last checkpoint before it '
-        'is kept')
+      f'non-finite loss ({value}) at step {step}; training stopped, the last checkpoint before it '
+      'is kept'
+    )

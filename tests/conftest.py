@@ -10,8 +10,9 @@ os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # One persistent compilation cache for the whole test session, in-process and in subprocesses:
 # many tests compile the same tiny models.
-_CACHE = os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                               os.path.join(tempfile.gettempdir(), 'gaternet_test_xla_cache'))
+_CACHE = os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'gaternet_test_xla_cache')
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax  # noqa: E402
@@ -27,8 +28,14 @@ DEFAULT_CONFIG = os.path.join(REPO, 'experiments', 'default.py')
 def run_cli(*args, timeout=600, env=None):
   """Runs `gaternet ARGS` in a subprocess; returns CompletedProcess with text output."""
   full_env = dict(os.environ, **(env or {}))
-  return subprocess.run([sys.executable, '-m', 'gaternet_jax.main', *args], capture_output=True,
-                        text=True, timeout=timeout, cwd=REPO, env=full_env)
+  return subprocess.run(
+    [sys.executable, '-m', 'gaternet_jax.main', *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=REPO,
+    env=full_env,
+  )
 
 
 @pytest.fixture
@@ -63,8 +70,12 @@ def tiny_default(variant: str = 'gated', **overrides):
   return config
 
 
-TINY_FLAGS = ['--config.max_steps=6', '--config.checkpoint_every_steps=3',
-              '--config.log_every_steps=3', '--config.eval_every_epochs=100']
+TINY_FLAGS = [
+  '--config.max_steps=6',
+  '--config.checkpoint_every_steps=3',
+  '--config.log_every_steps=3',
+  '--config.eval_every_epochs=100',
+]
 
 
 @pytest.fixture(scope='session')

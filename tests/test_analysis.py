@@ -18,8 +18,11 @@ from gaternet_jax.errors import UserError
 from gaternet_jax.layout import GatedLayer
 
 # 8 + 5 + 6 = 19 gates: not a multiple of 8, so bit-packing has a ragged last byte.
-LAYOUT = (GatedLayer('stage1/unit1', 8, 10), GatedLayer('stage2/unit1', 5, 100),
-          GatedLayer('stage3/unit1', 6, 1000))
+LAYOUT = (
+  GatedLayer('stage1/unit1', 8, 10),
+  GatedLayer('stage2/unit1', 5, 100),
+  GatedLayer('stage3/unit1', 6, 1000),
+)
 # Per layer: (always on, always off, input-dependent), adding up to the layer's filters.
 KNOWN_CENSUS = ((3, 4, 1), (1, 0, 4), (0, 2, 4))
 
@@ -61,7 +64,11 @@ def test_census_is_exact_and_adds_up():
     assert layer['filters'] == spec.filters
     assert layer['always_on'] + layer['always_off'] + layer['input_dependent'] == spec.filters
   assert analysis.census_totals(census) == {
-      'filters': 19, 'always_on': 4, 'always_off': 6, 'input_dependent': 9}
+    'filters': 19,
+    'always_on': 4,
+    'always_off': 6,
+    'input_dependent': 9,
+  }
   # uint8 and float 0/1 input give the same census as bool.
   assert analysis.gate_census(gates.astype(np.uint8), LAYOUT) == census
   assert analysis.gate_census(gates.astype(np.float32), LAYOUT) == census
@@ -176,8 +183,9 @@ def test_class_similarity_matches_brute_force():
   for entry in result['per_class']:
     members = gates[labels == entry['label']]
     assert entry['count'] == len(members)
-    expected = np.mean([np.mean(members[i] != members[j])
-                        for i, j in itertools.combinations(range(len(members)), 2)])
+    expected = np.mean(
+      [np.mean(members[i] != members[j]) for i, j in itertools.combinations(range(len(members)), 2)]
+    )
     assert entry['within'] == pytest.approx(expected, rel=1e-12)
 
 
@@ -191,9 +199,7 @@ def test_class_similarity_without_pairs():
 
 def test_per_class_usage_is_exact():
   layout = (GatedLayer('a', 2, 1), GatedLayer('b', 4, 1))
-  gates = np.array([[1, 1, 0, 0, 0, 0],
-                    [1, 0, 1, 1, 1, 1],
-                    [0, 0, 1, 0, 0, 0]], np.uint8)
+  gates = np.array([[1, 1, 0, 0, 0, 0], [1, 0, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0]], np.uint8)
   usage = analysis.per_class_usage(gates, np.array([0, 0, 2]), layout, num_classes=3)
   np.testing.assert_allclose(usage[0], [3 / 4, 4 / 8])
   assert np.all(np.isnan(usage[1]))  # No examples of class 1.
@@ -208,8 +214,9 @@ def test_compute_used_is_exact():
   gates[1] = True
   gates[2, [0, 8, 13, 14]] = True  # One filter on in layer 1 and 2, two in layer 3.
   used = analysis.macs_per_example(gates, LAYOUT, backbone_macs=10_000, gater_macs=7)
-  np.testing.assert_array_equal(used, [10_000 - 6580 + 7, 10_007,
-                                       10_000 - 6580 + 10 + 100 + 2000 + 7])
+  np.testing.assert_array_equal(
+    used, [10_000 - 6580 + 7, 10_007, 10_000 - 6580 + 10 + 100 + 2000 + 7]
+  )
   result = analysis.compute_used(gates, LAYOUT, backbone_macs=10_000, gater_macs=7)
   assert result['backbone_macs'] == 10_000 and result['gater_macs'] == 7
   assert result['gated_macs'] == 6580
@@ -228,8 +235,9 @@ def test_embedding_is_deterministic_and_handles_tiny_inputs():
   second = analysis.embed_gates(gates, seed=1, max_examples=25)
   assert first.shape == (25, 2) and np.all(np.isfinite(first))
   np.testing.assert_array_equal(first, second)
-  np.testing.assert_array_equal(analysis.embedding_subset(40, 25, 1),
-                                analysis.embedding_subset(40, 25, 1))
+  np.testing.assert_array_equal(
+    analysis.embedding_subset(40, 25, 1), analysis.embedding_subset(40, 25, 1)
+  )
   assert analysis.embed_gates(gates[:3]).shape == (3, 2)
   assert analysis.embed_gates(gates[:2]) is None
   assert analysis.embed_gates(np.ones((10, 5), bool)) is None
@@ -253,9 +261,19 @@ def test_analyze_writes_everything(tmp_path):
   gates, labels = _structured_gates(90, 4, seed=2)
   names = ['cat', 'dog', 'ship', 'truck']
   out_dir = tmp_path / 'new' / 'analysis'
-  result = analysis.analyze(gates, labels, LAYOUT, out_dir=out_dir, model_name='ResNet-test',
-                            split='test', backbone_macs=10_000, gater_macs=50, class_names=names,
-                            max_embed_examples=60, seed=0)
+  result = analysis.analyze(
+    gates,
+    labels,
+    LAYOUT,
+    out_dir=out_dir,
+    model_name='ResNet-test',
+    split='test',
+    backbone_macs=10_000,
+    gater_macs=50,
+    class_names=names,
+    max_embed_examples=60,
+    seed=0,
+  )
   loaded = _check_outputs(out_dir, result)
   assert loaded['num_examples'] == 90 and loaded['num_gates'] == 19
   assert loaded['census']['totals']['filters'] == 19
@@ -274,8 +292,16 @@ def test_analyze_writes_everything(tmp_path):
 
 def test_analyze_degenerate_inputs_do_not_crash(tmp_path):
   gates = np.tile(_census_gates()[0], (20, 1))  # Every example has the same gate vector.
-  result = analysis.analyze(gates, np.zeros(20, int), LAYOUT, out_dir=tmp_path / 'same',
-                            model_name='m', split='test', backbone_macs=10_000, gater_macs=0)
+  result = analysis.analyze(
+    gates,
+    np.zeros(20, int),
+    LAYOUT,
+    out_dir=tmp_path / 'same',
+    model_name='m',
+    split='test',
+    backbone_macs=10_000,
+    gater_macs=0,
+  )
   loaded = _check_outputs(tmp_path / 'same', result)
   assert loaded['embedding']['status'] == 'skipped'
   assert 'identical' in loaded['embedding']['reason']
@@ -283,9 +309,17 @@ def test_analyze_degenerate_inputs_do_not_crash(tmp_path):
   assert loaded['firing']['num_input_dependent'] == 0
   assert loaded['class_similarity']['between'] is None
   # Two examples, an empty class (NaN usage row -> null) and the embedding switched off.
-  result = analysis.analyze(_census_gates()[:2], np.array([0, 2]), LAYOUT,
-                            out_dir=tmp_path / 'two', model_name='m', split='val',
-                            backbone_macs=10_000, gater_macs=0, max_embed_examples=0)
+  result = analysis.analyze(
+    _census_gates()[:2],
+    np.array([0, 2]),
+    LAYOUT,
+    out_dir=tmp_path / 'two',
+    model_name='m',
+    split='val',
+    backbone_macs=10_000,
+    gater_macs=0,
+    max_embed_examples=0,
+  )
   loaded = _check_outputs(tmp_path / 'two', result)
   assert loaded['per_class_usage']['matrix'][1] == [None, None, None]
   assert loaded['embedding']['status'] == 'skipped'
@@ -323,7 +357,13 @@ def test_analyze_runs_without_importing_a_framework(tmp_path):
       print(bad)
   """)
   root = pathlib.Path(__file__).resolve().parents[1]
-  out = subprocess.run([sys.executable, '-c', script], cwd=root, capture_output=True, text=True,
-                       check=True, timeout=120)
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=120,
+  )
   assert out.stdout.strip() == '[]', out.stdout
   assert (tmp_path / analysis.JSON_FILE).exists()

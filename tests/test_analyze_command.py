@@ -11,8 +11,17 @@ from gaternet_jax import analysis, report
 def test_analyze_a_trained_gaternet(gated_run, tmp_path, cli):
   workdir, _ = gated_run
   out = tmp_path / 'analysis'
-  result = cli('analyze', '--workdir', workdir, '--max-examples', '150', '--out', str(out),
-               '--max-embed-examples', '100')
+  result = cli(
+    'analyze',
+    '--workdir',
+    workdir,
+    '--max-examples',
+    '150',
+    '--out',
+    str(out),
+    '--max-embed-examples',
+    '100',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.load(open(out / 'analysis.json'))
   assert data['num_examples'] == 150 and data['num_gates'] == 112

@@ -32,15 +32,18 @@ def _config(**overrides) -> ml_collections.ConfigDict:
 
 def _rows(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
   """Each example as bytes, sorted: a multiset that compares splits regardless of order."""
-  return sorted(image.tobytes() + int(label).to_bytes(4, 'little')
-                for image, label in zip(images, labels))
+  return sorted(
+    image.tobytes() + int(label).to_bytes(4, 'little') for image, label in zip(images, labels)
+  )
 
 
 def _masked_in(batches: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
   """The rows of padded batches whose mask is 1, in order."""
   keep = np.concatenate([b['mask'] for b in batches]) == 1
-  return (np.concatenate([b['image'] for b in batches])[keep],
-          np.concatenate([b['label'] for b in batches])[keep])
+  return (
+    np.concatenate([b['image'] for b in batches])[keep],
+    np.concatenate([b['label'] for b in batches])[keep],
+  )
 
 
 # --- The embedded default dataset. ---------------------------------------------------------------
@@ -72,8 +75,10 @@ def test_default_shapes_and_splits(default_dataset):
 def test_default_is_deterministic(default_dataset):
   again = data.load_dataset(_config())
   assert again.info == default_dataset.info
-  for a, b in zip(again.train_arrays() + again.eval_arrays('test'),
-                  default_dataset.train_arrays() + default_dataset.eval_arrays('test')):
+  for a, b in zip(
+    again.train_arrays() + again.eval_arrays('test'),
+    default_dataset.train_arrays() + default_dataset.eval_arrays('test'),
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -82,8 +87,10 @@ def test_default_process_parts_are_disjoint_and_cover_train(default_dataset):
   assert parts[0].info == parts[1].info == default_dataset.info
   sizes = [len(part.train_arrays()[0]) for part in parts]
   assert sizes == [750, 750]
-  union = np.concatenate([p.train_arrays()[0] for p in parts]), np.concatenate(
-      [p.train_arrays()[1] for p in parts])
+  union = (
+    np.concatenate([p.train_arrays()[0] for p in parts]),
+    np.concatenate([p.train_arrays()[1] for p in parts]),
+  )
   assert _rows(*union) == _rows(*default_dataset.train_arrays())
 
 
@@ -225,13 +232,21 @@ def test_imagefolder(tmp_path):
   np.testing.assert_array_equal(test_labels, np.repeat([0, 1, 2], 2))
 
   held = data.load_dataset(
-      _config(name='imagefolder', data_dir=str(tmp_path), holdout=5, eval_split='holdout'))
+    _config(name='imagefolder', data_dir=str(tmp_path), holdout=5, eval_split='holdout')
+  )
   assert held.info.num_train == 16 and held.info.split_sizes == {'test': 6, 'holdout': 5}
-  joined = [np.concatenate([held.train_arrays()[i], held.eval_arrays('holdout')[i]])
-            for i in range(2)]
+  joined = [
+    np.concatenate([held.train_arrays()[i], held.eval_arrays('holdout')[i]]) for i in range(2)
+  ]
   assert _rows(*joined) == _rows(images, labels)
-  parts = [data.load_dataset(_config(name='imagefolder', data_dir=str(tmp_path), holdout=5),
-                             process_index=p, process_count=2) for p in range(2)]
+  parts = [
+    data.load_dataset(
+      _config(name='imagefolder', data_dir=str(tmp_path), holdout=5),
+      process_index=p,
+      process_count=2,
+    )
+    for p in range(2)
+  ]
   assert parts[0].info == parts[1].info == held.info
   assert [len(p.train_arrays()[0]) for p in parts] == [8, 8]
   union = [np.concatenate([p.eval_arrays('holdout')[i] for p in parts]) for i in range(2)]
@@ -264,7 +279,8 @@ def test_imagefolder_without_eval_folder_needs_holdout(tmp_path):
   with pytest.raises(UserError, match='test'):
     data.load_dataset(_config(name='imagefolder', data_dir=str(tmp_path)))
   dataset = data.load_dataset(
-      _config(name='imagefolder', data_dir=str(tmp_path), holdout=2, eval_split='holdout'))
+    _config(name='imagefolder', data_dir=str(tmp_path), holdout=2, eval_split='holdout')
+  )
   assert dataset.info.split_sizes == {'holdout': 2}
 
 
@@ -274,21 +290,28 @@ def test_imagefolder_without_eval_folder_needs_holdout(tmp_path):
 def test_in_memory_path_does_not_import_tensorflow(tmp_path):
   _write_folder(tmp_path, {'train': 2})
   code = (
-      'import sys\n'
-      'import gaternet_jax.data as data\n'
-      'import gaternet_jax.data.augment, gaternet_jax.data.embedded\n'
-      'import gaternet_jax.data.imagefolder\n'
-      'data.load_dataset(data.default_data_config())\n'
-      'config = data.default_data_config()\n'
-      f'config.update(name="imagefolder", data_dir={str(tmp_path)!r}, holdout=1,\n'
-      '              eval_split="holdout")\n'
-      'data.load_dataset(config)\n'
-      'leaked = [m for m in ("tensorflow", "tensorflow_datasets") if m in sys.modules]\n'
-      'assert not leaked, leaked\n'
+    'import sys\n'
+    'import gaternet_jax.data as data\n'
+    'import gaternet_jax.data.augment, gaternet_jax.data.embedded\n'
+    'import gaternet_jax.data.imagefolder\n'
+    'data.load_dataset(data.default_data_config())\n'
+    'config = data.default_data_config()\n'
+    f'config.update(name="imagefolder", data_dir={str(tmp_path)!r}, holdout=1,\n'
+    '              eval_split="holdout")\n'
+    'data.load_dataset(config)\n'
+    'leaked = [m for m in ("tensorflow", "tensorflow_datasets") if m in sys.modules]\n'
+    'assert not leaked, leaked\n'
   )
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+  result = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -304,8 +327,10 @@ def tfds():
 def test_cifar10_mocked(tfds):
   with tfds.testing.mock_data(num_examples=10):
     dataset = data.load_dataset(_config(name='cifar10', holdout=3, eval_split='holdout'))
-    parts = [data.load_dataset(_config(name='cifar10', holdout=3), process_index=p,
-                               process_count=2) for p in range(2)]
+    parts = [
+      data.load_dataset(_config(name='cifar10', holdout=3), process_index=p, process_count=2)
+      for p in range(2)
+    ]
   info = dataset.info
   assert info.in_memory and info.num_classes == 10 and info.image_shape == (32, 32, 3)
   assert info.num_train == 7 and info.split_sizes == {'test': 10, 'holdout': 3}
@@ -408,14 +433,19 @@ def test_random_crop_flip_without_padding_only_flips():
 def test_random_crop_offsets_differ_across_batch():
   padding, size = 3, 6
   images = _distinct_images(16, size)
-  out = np.asarray(augment.random_crop_flip(jax.random.key(3), jnp.asarray(images),
-                                            padding=padding))
+  out = np.asarray(
+    augment.random_crop_flip(jax.random.key(3), jnp.asarray(images), padding=padding)
+  )
   padded = np.pad(images, ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)))
   offsets = set()
   for o, p in zip(out, padded):
-    matches = [(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)
-               for window in [p[dy:dy + size, dx:dx + size]]
-               if np.array_equal(o, window) or np.array_equal(o, window[:, ::-1])]
+    matches = [
+      (dy, dx)
+      for dy in range(2 * padding + 1)
+      for dx in range(2 * padding + 1)
+      for window in [p[dy : dy + size, dx : dx + size]]
+      if np.array_equal(o, window) or np.array_equal(o, window[:, ::-1])
+    ]
     assert matches, 'output is not a (mirrored) crop of the padded image'
     offsets.add(matches[0])
   assert len(offsets) > 1

@@ -13,10 +13,10 @@ from gaternet_jax.models.resnet import ResNet
 from gaternet_jax.models.resnet_cifar import CifarResNet
 
 TINY_BACKBONES = [
-    CifarResNet(depth=8, num_classes=5),
-    CifarResNet(depth=11, num_classes=5, bottleneck=True),
-    CifarResNet(depth=8, num_classes=5, se_reduction=4),
-    ResNet(depth=18, num_classes=5, width=0.125),  # ImageNet layout at 32x32
+  CifarResNet(depth=8, num_classes=5),
+  CifarResNet(depth=11, num_classes=5, bottleneck=True),
+  CifarResNet(depth=8, num_classes=5, se_reduction=4),
+  ResNet(depth=18, num_classes=5, width=0.125),  # ImageNet layout at 32x32
 ]
 
 
@@ -78,8 +78,9 @@ def test_gates_none_equals_all_ones(model):
   c = total_filters(model.gate_layout((32, 32, 3)))
   for train in (False, True):
     plain = model.apply(variables, x, train=train, mutable=['batch_stats'] if train else False)
-    ones = model.apply(variables, x, gates=jnp.ones((2, c)), train=train,
-                       mutable=['batch_stats'] if train else False)
+    ones = model.apply(
+      variables, x, gates=jnp.ones((2, c)), train=train, mutable=['batch_stats'] if train else False
+    )
     np.testing.assert_allclose(jax.tree.leaves(plain)[0], jax.tree.leaves(ones)[0], rtol=1e-6)
 
 
@@ -91,9 +92,17 @@ def test_wrong_gate_length_is_rejected():
     model.apply(variables, x, gates=jnp.ones((1, 7)), train=False)
 
 
-@pytest.mark.parametrize('name,count', [
-    ('cifar_resnet20', 336), ('cifar_resnet56', 1008), ('cifar_resnet164', 7200),
-    ('resnet34', 3776), ('resnet101', 32512), ('resnet152', 47872)])
+@pytest.mark.parametrize(
+  'name,count',
+  [
+    ('cifar_resnet20', 336),
+    ('cifar_resnet56', 1008),
+    ('cifar_resnet164', 7200),
+    ('resnet34', 3776),
+    ('resnet101', 32512),
+    ('resnet152', 47872),
+  ],
+)
 def test_gate_layout_counts_match_paper(name, count):
   backbone = models.create_backbone(name, num_classes=10)
   layout = backbone.gate_layout()
@@ -134,13 +143,18 @@ def test_gaternet_outputs_and_init_behaviour():
   # FC2 starts at zero kernel and positive bias: every gate is open, so the GaterNet computes
   # exactly what its backbone alone computes.
   assert float(aux['density']) == 1.0
-  backbone_only = model.backbone.apply({'params': variables['params']['backbone'],
-                                        'batch_stats': variables['batch_stats']['backbone']},
-                                       x, train=False)
+  backbone_only = model.backbone.apply(
+    {
+      'params': variables['params']['backbone'],
+      'batch_stats': variables['batch_stats']['backbone'],
+    },
+    x,
+    train=False,
+  )
   np.testing.assert_allclose(logits, backbone_only, rtol=1e-6)
-  (train_logits, train_aux), _ = model.apply(variables, x, train=True,
-                                             rngs={'gates': jax.random.key(1)},
-                                             mutable=['batch_stats'])
+  (train_logits, train_aux), _ = model.apply(
+    variables, x, train=True, rngs={'gates': jax.random.key(1)}, mutable=['batch_stats']
+  )
   assert train_logits.shape == (5, 4) and 0.0 < float(train_aux['density']) <= 1.0
 
 
@@ -150,8 +164,14 @@ def test_gate_dropout_drops_gates():
   variables = model.init({'params': jax.random.key(0)}, x, train=False)
   densities = []
   for rate in (0.0, 0.5):
-    (_, aux), _ = model.apply(variables, x, train=True, gate_dropout_rate=rate,
-                              rngs={'gates': jax.random.key(3)}, mutable=['batch_stats'])
+    (_, aux), _ = model.apply(
+      variables,
+      x,
+      train=True,
+      gate_dropout_rate=rate,
+      rngs={'gates': jax.random.key(3)},
+      mutable=['batch_stats'],
+    )
     densities.append(float(aux['density']))
   assert densities[1] < 0.7 * densities[0]
 
@@ -161,13 +181,18 @@ def test_sparsity_term_gives_backbone_exactly_zero_gradient():
   x = jax.random.normal(jax.random.key(0), (6, 16, 16, 1))
   variables = model.init({'params': jax.random.key(0)}, x, train=False)
   # Make FC2 non-trivial so gradients flow everywhere in the gater.
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(9), p.shape),
-                        variables['params'])
+  params = jax.tree.map(
+    lambda p: p + 0.05 * jax.random.normal(jax.random.key(9), p.shape), variables['params']
+  )
 
   def sparsity(p):
-    (_, aux), _ = model.apply({'params': p, 'batch_stats': variables['batch_stats']}, x,
-                              train=True, rngs={'gates': jax.random.key(4)},
-                              mutable=['batch_stats'])
+    (_, aux), _ = model.apply(
+      {'params': p, 'batch_stats': variables['batch_stats']},
+      x,
+      train=True,
+      rngs={'gates': jax.random.key(4)},
+      mutable=['batch_stats'],
+    )
     return losses.gate_l1(aux['gates'], 0.7)
 
   grads = jax.grad(sparsity)(params)
@@ -188,8 +213,9 @@ def test_gate_l1_value_and_gradient():
 def test_cross_entropy_and_topk():
   logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
   labels = jnp.array([0, 2])
-  expected = -np.mean([np.log(np.exp(2) / np.exp([2, 1, 0]).sum()),
-                       np.log(np.exp(1) / np.exp([0, 3, 1]).sum())])
+  expected = -np.mean(
+    [np.log(np.exp(2) / np.exp([2, 1, 0]).sum()), np.log(np.exp(1) / np.exp([0, 3, 1]).sum())]
+  )
   np.testing.assert_allclose(losses.cross_entropy(logits, labels), expected, rtol=1e-6)
   np.testing.assert_array_equal(losses.topk_correct(logits, labels, 1), [1.0, 0.0])
   np.testing.assert_array_equal(losses.topk_correct(logits, labels, 2), [1.0, 1.0])
@@ -201,8 +227,10 @@ def test_model_and_training_code_import_without_tensorflow():
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
 
-  code = ('import sys, gaternet_jax.models, gaternet_jax.train, gaternet_jax.procedure, '
-          'gaternet_jax.semhash, gaternet_jax.describe, gaternet_jax.gate_analysis; '
-          'assert "tensorflow" not in sys.modules, "tensorflow was imported"')
+  code = (
+    'import sys, gaternet_jax.models, gaternet_jax.train, gaternet_jax.procedure, '
+    'gaternet_jax.semhash, gaternet_jax.describe, gaternet_jax.gate_analysis; '
+    'assert "tensorflow" not in sys.modules, "tensorflow was imported"'
+  )
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -11,30 +11,53 @@ from gaternet_jax import describe
 
 # (experiment, variant) -> paper's parameters in millions (Table 1: CIFAR-10 / CIFAR-100 columns).
 TABLE1 = {
-    ('cifar10_resnet20', 'plain'): 0.27, ('cifar10_resnet20', 'wider'): 0.56,
-    ('cifar10_resnet20', 'se'): 0.28, ('cifar10_resnet20', 'gated'): 0.55,
-    ('cifar10_resnet56', 'plain'): 0.86, ('cifar10_resnet56', 'wider'): 1.08,
-    ('cifar10_resnet56', 'se'): 0.88, ('cifar10_resnet56', 'gated'): 1.14,
-    ('cifar10_resnet164', 'plain'): 1.62, ('cifar10_resnet164', 'wider'): 2.04,
-    ('cifar10_resnet164', 'se'): 2.00, ('cifar10_resnet164', 'gated'): 1.96,
-    ('cifar100_resnet20', 'plain'): 0.28, ('cifar100_resnet20', 'wider'): 0.57,
-    ('cifar100_resnet20', 'se'): 0.29,
-    # ('cifar100_resnet20', 'gated'): 0.60 -- see test_cifar100_resnet20_gated_cell below.
-    ('cifar100_resnet56', 'plain'): 0.86, ('cifar100_resnet56', 'wider'): 1.09,
-    ('cifar100_resnet56', 'se'): 0.89, ('cifar100_resnet56', 'gated'): 1.14,
-    ('cifar100_resnet164', 'plain'): 1.64, ('cifar100_resnet164', 'wider'): 2.07,
-    ('cifar100_resnet164', 'se'): 2.02, ('cifar100_resnet164', 'gated'): 1.98,
+  ('cifar10_resnet20', 'plain'): 0.27,
+  ('cifar10_resnet20', 'wider'): 0.56,
+  ('cifar10_resnet20', 'se'): 0.28,
+  ('cifar10_resnet20', 'gated'): 0.55,
+  ('cifar10_resnet56', 'plain'): 0.86,
+  ('cifar10_resnet56', 'wider'): 1.08,
+  ('cifar10_resnet56', 'se'): 0.88,
+  ('cifar10_resnet56', 'gated'): 1.14,
+  ('cifar10_resnet164', 'plain'): 1.62,
+  ('cifar10_resnet164', 'wider'): 2.04,
+  ('cifar10_resnet164', 'se'): 2.00,
+  ('cifar10_resnet164', 'gated'): 1.96,
+  ('cifar100_resnet20', 'plain'): 0.28,
+  ('cifar100_resnet20', 'wider'): 0.57,
+  ('cifar100_resnet20', 'se'): 0.29,
+  # ('cifar100_resnet20', 'gated'): 0.60 -- see test_cifar100_resnet20_gated_cell below.
+  ('cifar100_resnet56', 'plain'): 0.86,
+  ('cifar100_resnet56', 'wider'): 1.09,
+  ('cifar100_resnet56', 'se'): 0.89,
+  ('cifar100_resnet56', 'gated'): 1.14,
+  ('cifar100_resnet164', 'plain'): 1.64,
+  ('cifar100_resnet164', 'wider'): 2.07,
+  ('cifar100_resnet164', 'se'): 2.02,
+  ('cifar100_resnet164', 'gated'): 1.98,
 }
 TABLE3 = {
-    ('imagenet_resnet34', 'plain'): 21.80, ('imagenet_resnet34', 'wider'): 33.89,
-    ('imagenet_resnet34', 'se'): 21.96, ('imagenet_resnet34', 'gated'): 34.08,
-    ('imagenet_resnet101', 'plain'): 44.55, ('imagenet_resnet101', 'wider'): 59.17,
-    ('imagenet_resnet101', 'se'): 49.33, ('imagenet_resnet101', 'gated'): 64.21,
-    ('imagenet_resnet152', 'plain'): 60.19, ('imagenet_resnet152', 'wider'): 81.37,
-    ('imagenet_resnet152', 'se'): 66.82, ('imagenet_resnet152', 'gated'): 83.80,
+  ('imagenet_resnet34', 'plain'): 21.80,
+  ('imagenet_resnet34', 'wider'): 33.89,
+  ('imagenet_resnet34', 'se'): 21.96,
+  ('imagenet_resnet34', 'gated'): 34.08,
+  ('imagenet_resnet101', 'plain'): 44.55,
+  ('imagenet_resnet101', 'wider'): 59.17,
+  ('imagenet_resnet101', 'se'): 49.33,
+  ('imagenet_resnet101', 'gated'): 64.21,
+  ('imagenet_resnet152', 'plain'): 60.19,
+  ('imagenet_resnet152', 'wider'): 81.37,
+  ('imagenet_resnet152', 'se'): 66.82,
+  ('imagenet_resnet152', 'gated'): 83.80,
 }
-GATED_FILTERS = {'resnet20': 336, 'resnet56': 1008, 'resnet164': 7200, 'resnet34': 3776,
-                 'resnet101': 32512, 'resnet152': 47872}
+GATED_FILTERS = {
+  'resnet20': 336,
+  'resnet56': 1008,
+  'resnet164': 7200,
+  'resnet34': 3776,
+  'resnet101': 32512,
+  'resnet152': 47872,
+}
 
 
 def load_config(experiment, variant):
@@ -91,8 +114,14 @@ def test_describe_command_json(cli):
   result = cli('describe', '--config', 'experiments/imagenet_resnet152.py', '--json')
   assert result.returncode == 0, result.stderr
   data = json.loads(result.stdout.strip().splitlines()[-1])
-  assert set(data) == {'backbone_params', 'gater_params', 'total_params', 'gated_filters',
-                       'backbone_macs', 'gater_macs'}
+  assert set(data) == {
+    'backbone_params',
+    'gater_params',
+    'total_params',
+    'gated_filters',
+    'backbone_macs',
+    'gater_macs',
+  }
   assert data['gated_filters'] == 47872 and data['total_params'] == 83_804_264
   assert data['backbone_params'] + data['gater_params'] == data['total_params']
   assert data['backbone_macs'] > 10e9  # ResNet-152: ~11.5 GMACs at 224x224
@@ -100,14 +129,21 @@ def test_describe_command_json(cli):
   assert text.returncode == 0 and 'gated filters' in text.stdout
 
 
-@pytest.mark.parametrize('args,message', [
+@pytest.mark.parametrize(
+  'args,message',
+  [
     (['--config', 'experiments/nope.py'], 'not found'),
     (['--config', 'experiments/cifar10_resnet20.py:bogus'], 'unknown variant'),
-    (['--config', 'experiments/cifar10_resnet20.py', '--config.model.backbone=resnet7'],
-     'unknown model name'),
-    (['--config', 'experiments/cifar10_resnet20.py', '--config.model.nope=1'],
-     'unknown config field'),
-])
+    (
+      ['--config', 'experiments/cifar10_resnet20.py', '--config.model.backbone=resnet7'],
+      'unknown model name',
+    ),
+    (
+      ['--config', 'experiments/cifar10_resnet20.py', '--config.model.nope=1'],
+      'unknown config field',
+    ),
+  ],
+)
 def test_describe_bad_input_one_line(cli, args, message):
   result = cli('describe', *args)
   assert result.returncode == 2

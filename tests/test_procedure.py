@@ -42,8 +42,10 @@ def test_joint_stage_starts_from_pretrained_parameters(gated_run):
   state = procedure.init_from_pretrained(fresh, setup, backbone_dir, gater_dir)
   _, _, stage1, _ = procedure.load_state(backbone_dir)
   _, _, stage2, _ = procedure.load_state(gater_dir)
-  same = lambda a, b: all(np.array_equal(x, y) for x, y in  # noqa: E731
-                          zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  same = lambda a, b: all(
+    np.array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)  # noqa: E731
+  )
   assert same(state.params['backbone'], stage1.params['backbone'])
   assert same(state.batch_stats['backbone'], stage1.batch_stats['backbone'])
   extractor = {k: v for k, v in stage2.params['backbone'].items() if k != 'head'}
@@ -64,36 +66,68 @@ def test_mismatched_pretrained_architecture_names_the_parameter(gated_run):
   dataset = data_lib.load_dataset(config.data)
   setup = train.build(config, dataset.info)
   with pytest.raises(CheckpointError, match=r'parameter backbone/\S+ has shape'):
-    procedure.init_from_pretrained(train.create_state(setup, 0), setup,
-                                   os.path.join(workdir, procedure.STAGE_BACKBONE),
-                                   os.path.join(workdir, procedure.STAGE_GATER))
+    procedure.init_from_pretrained(
+      train.create_state(setup, 0),
+      setup,
+      os.path.join(workdir, procedure.STAGE_BACKBONE),
+      os.path.join(workdir, procedure.STAGE_GATER),
+    )
 
 
 def test_init_fields_skip_pretraining_stages(gated_run, tmp_path, cli):
   workdir, _ = gated_run
   out = tmp_path / 'reuse'
-  result = cli('train', '--config', 'experiments/default.py', '--workdir', str(out), *TINY_FLAGS,
-               f'--config.init.backbone={workdir}', f'--config.init.gater={workdir}')
+  result = cli(
+    'train',
+    '--config',
+    'experiments/default.py',
+    '--workdir',
+    str(out),
+    *TINY_FLAGS,
+    f'--config.init.backbone={workdir}',
+    f'--config.init.gater={workdir}',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
-  assert not (out / procedure.STAGE_BACKBONE).exists() and not (out / procedure.STAGE_GATER).exists()
+  assert (
+    not (out / procedure.STAGE_BACKBONE).exists() and not (out / procedure.STAGE_GATER).exists()
+  )
   assert (out / procedure.STAGE_JOINT / 'results.json').exists()
-  bad = cli('train', '--config', 'experiments/default.py', '--workdir', str(tmp_path / 'bad'),
-            *TINY_FLAGS, f'--config.init.backbone={tmp_path / "missing"}')
+  bad = cli(
+    'train',
+    '--config',
+    'experiments/default.py',
+    '--workdir',
+    str(tmp_path / 'bad'),
+    *TINY_FLAGS,
+    f'--config.init.backbone={tmp_path / "missing"}',
+  )
   assert bad.returncode == 2 and 'holds no checkpoint' in bad.stderr
 
 
 def test_killed_during_joint_stage_does_not_rerun_pretraining(tmp_path, cli):
   workdir = tmp_path / 'proc'
-  flags = ['--config', 'experiments/default.py', '--workdir', str(workdir),
-           '--config.max_steps=40', '--config.checkpoint_every_steps=5',
-           '--config.log_every_steps=5', '--config.eval_every_epochs=100']
+  flags = [
+    '--config',
+    'experiments/default.py',
+    '--workdir',
+    str(workdir),
+    '--config.max_steps=40',
+    '--config.checkpoint_every_steps=5',
+    '--config.log_every_steps=5',
+    '--config.eval_every_epochs=100',
+  ]
   joint_ckpt = workdir / procedure.STAGE_JOINT / 'checkpoints'
-  proc = subprocess.Popen([sys.executable, '-m', 'gaternet_jax.main', 'train', *flags], cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'gaternet_jax.main', 'train', *flags],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     deadline = time.time() + 400
     while time.time() < deadline and not (
-        joint_ckpt.is_dir() and any(d.isdigit() for d in os.listdir(joint_ckpt))):
+      joint_ckpt.is_dir() and any(d.isdigit() for d in os.listdir(joint_ckpt))
+    ):
       time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -102,8 +136,10 @@ def test_killed_during_joint_stage_does_not_rerun_pretraining(tmp_path, cli):
       proc.kill()
   assert any(d.isdigit() for d in os.listdir(joint_ckpt)), 'joint stage never checkpointed'
   assert not (workdir / procedure.STAGE_JOINT / 'results.json').exists()
-  pretrained = {s: os.path.getmtime(workdir / s / 'results.json')
-                for s in (procedure.STAGE_BACKBONE, procedure.STAGE_GATER)}
+  pretrained = {
+    s: os.path.getmtime(workdir / s / 'results.json')
+    for s in (procedure.STAGE_BACKBONE, procedure.STAGE_GATER)
+  }
   result = cli('train', *flags)
   assert result.returncode == 0, result.stderr[-2000:]
   for stage, mtime in pretrained.items():

@@ -12,8 +12,9 @@ def test_saturating_sigmoid_known_values():
   x = jnp.array([-10.0, -np.log(11.0), 0.0, np.log(11.0), 10.0])
   # 1.2*sigmoid(x) - 0.1 is 0 at x = -ln 11 and 1 at x = ln 11; clipped outside.
   np.testing.assert_allclose(semhash.saturating_sigmoid(x), [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
-  np.testing.assert_allclose(semhash.saturating_sigmoid(jnp.array([1.0])),
-                             [1.2 / (1 + np.exp(-1.0)) - 0.1], rtol=1e-6)
+  np.testing.assert_allclose(
+    semhash.saturating_sigmoid(jnp.array([1.0])), [1.2 / (1 + np.exp(-1.0)) - 0.1], rtol=1e-6
+  )
 
 
 def test_eval_is_deterministic_hard_step():
@@ -38,8 +39,11 @@ def test_train_forward_uses_alpha_or_beta_per_sample():
   rng = jax.random.key(1)
   gates = semhash.improved_semhash(logits, train=True, rng=rng)
   noisy, use_alpha = _noisy_and_choice(logits, rng)
-  expected = np.where(np.asarray(use_alpha)[:, None], semhash.saturating_sigmoid(noisy),
-                      (np.asarray(noisy) > 0).astype(np.float32))
+  expected = np.where(
+    np.asarray(use_alpha)[:, None],
+    semhash.saturating_sigmoid(noisy),
+    (np.asarray(noisy) > 0).astype(np.float32),
+  )
   np.testing.assert_allclose(gates, expected, atol=1e-6)
   beta_rows = np.asarray(gates)[~np.asarray(use_alpha)]
   assert set(np.unique(beta_rows)) <= {0.0, 1.0}
@@ -50,7 +54,8 @@ def test_gradient_is_saturating_sigmoid_derivative_for_both_paths():
   rng = jax.random.key(7)
   weights = jax.random.normal(jax.random.key(3), logits.shape)
   grad = jax.grad(lambda l: jnp.sum(weights * semhash.improved_semhash(l, train=True, rng=rng)))(
-      logits)
+    logits
+  )
   noisy, use_alpha = _noisy_and_choice(logits, rng)
   s = jax.nn.sigmoid(noisy)
   raw = 1.2 * s - 0.1
@@ -83,12 +88,16 @@ def test_jit_grad_vmap_and_dtypes(dtype):
   f = jax.jit(lambda l, r: semhash.improved_semhash(l, train=True, rng=r))
   out = f(logits, rng)
   assert out.dtype == dtype and out.shape == logits.shape
-  g = jax.jit(jax.grad(lambda l: jnp.sum(semhash.improved_semhash(l, train=True, rng=rng)
-                                         .astype(jnp.float32))))(logits)
+  g = jax.jit(
+    jax.grad(
+      lambda l: jnp.sum(semhash.improved_semhash(l, train=True, rng=rng).astype(jnp.float32))
+    )
+  )(logits)
   assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
   keys = jax.random.split(rng, 3)
   batched = jax.vmap(lambda l, r: semhash.improved_semhash(l, train=True, rng=r))(
-      jnp.stack([logits] * 3), keys)
+    jnp.stack([logits] * 3), keys
+  )
   assert batched.shape == (3, 8, 16)
   evals = jax.vmap(lambda l: semhash.improved_semhash(l, train=False))(jnp.stack([logits] * 2))
   np.testing.assert_array_equal(evals[0], (logits > 0).astype(dtype))

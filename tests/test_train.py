@@ -19,7 +19,7 @@ from gaternet_jax import checkpoints, train
 from gaternet_jax import data as data_lib
 from gaternet_jax.errors import NonFiniteLossError
 
-ONE_VS_EIGHT = textwrap.dedent('''
+ONE_VS_EIGHT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, 'tests')
@@ -48,14 +48,22 @@ ONE_VS_EIGHT = textwrap.dedent('''
     for a, b in zip(jax.tree.leaves(p1) + jax.tree.leaves(s1), jax.tree.leaves(p8) + jax.tree.leaves(s8)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     print(json.dumps({k: float(v) for k, v in m1.items()}))
-''')
+""")
 
 
 def test_one_device_and_eight_devices_agree():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
-             '--xla_cpu_experimental_ynn_fusion_type=')
-  result = subprocess.run([sys.executable, '-c', ONE_VS_EIGHT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=',
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', ONE_VS_EIGHT],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads(result.stdout.strip().splitlines()[-1])
   assert np.isfinite(metrics['loss']) and 0 < metrics['gate_density'] <= 1
@@ -91,8 +99,9 @@ def test_eval_counts_every_example_once(small_setup):
   # Reference: the same model on all 297 examples at once, no padding.
   images, labels = dataset.eval_arrays('test')
   x = train.preprocess(config, dataset.info, jnp.asarray(images), None)
-  logits, _ = setup.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                                train=False)
+  logits, _ = setup.model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
+  )
   error = 100 * (1 - np.mean(np.argmax(np.asarray(logits), -1) == labels))
   np.testing.assert_allclose(metrics['top1_error'], error, atol=1e-3)
 
@@ -101,12 +110,14 @@ def test_resident_batches_are_deterministic_and_cover_the_epoch(small_setup):
   config, dataset, setup = small_setup
   images, labels = dataset.train_arrays()
   resident = train.ResidentTrainData(images, labels, setup, seed=0)
-  seen = np.concatenate([np.asarray(resident.batch(s)['label']) for s in
-                         range(resident.steps_per_epoch)])
+  seen = np.concatenate(
+    [np.asarray(resident.batch(s)['label']) for s in range(resident.steps_per_epoch)]
+  )
   assert len(seen) == resident.steps_per_epoch * config.batch_size
   np.testing.assert_array_equal(resident.batch(3)['image'], resident.batch(3)['image'])
-  assert not np.array_equal(resident.batch(0)['image'],
-                            resident.batch(resident.steps_per_epoch)['image'])  # reshuffled
+  assert not np.array_equal(
+    resident.batch(0)['image'], resident.batch(resident.steps_per_epoch)['image']
+  )  # reshuffled
   # One epoch draws each example at most once.
   counts = np.bincount(seen, minlength=10)
   np.testing.assert_array_less(counts, np.bincount(labels, minlength=10) + 1)
@@ -145,13 +156,26 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, cli):
   workdir = str(tmp_path / 'killed')
-  flags = ['--config', 'experiments/default.py:plain', '--workdir', workdir,
-           '--config.max_steps=60', '--config.checkpoint_every_steps=10',
-           '--config.log_every_steps=10', '--config.eval_every_epochs=100']
+  flags = [
+    '--config',
+    'experiments/default.py:plain',
+    '--workdir',
+    workdir,
+    '--config.max_steps=60',
+    '--config.checkpoint_every_steps=10',
+    '--config.log_every_steps=10',
+    '--config.eval_every_epochs=100',
+  ]
   env = dict(os.environ)
-  proc = subprocess.Popen([sys.executable, '-m', 'gaternet_jax.main', 'train', *flags], cwd=REPO,
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'gaternet_jax.main', 'train', *flags],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
+
     def finished_checkpoints():  # Orbax renames a checkpoint to its step only once complete
       directory = os.path.join(workdir, 'checkpoints')
       return [d for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
@@ -181,24 +205,42 @@ def _one_error_line(result):
   return errors[0]
 
 
-@pytest.mark.parametrize('extra,message', [
+@pytest.mark.parametrize(
+  'extra,message',
+  [
     (['--config.optimizer.nope=1'], 'unknown config field'),
     (['--config.data.name=nope'], 'unknown dataset'),
-    (['--config.data.name=imagefolder', '--config.data.data_dir=/nonexistent/images'],
-     '/nonexistent/images'),
+    (
+      ['--config.data.name=imagefolder', '--config.data.data_dir=/nonexistent/images'],
+      '/nonexistent/images',
+    ),
     (['--config.data.name=cifar10', '--config.data.data_dir=/nonexistent/tfds'], 'cifar10'),
-])
+  ],
+)
 def test_bad_inputs_give_one_clear_line(tmp_path, cli, extra, message):
-  result = cli('train', '--config', 'experiments/default.py:plain', '--workdir',
-               str(tmp_path / 'w'), *TINY_FLAGS, *extra)
+  result = cli(
+    'train',
+    '--config',
+    'experiments/default.py:plain',
+    '--workdir',
+    str(tmp_path / 'w'),
+    *TINY_FLAGS,
+    *extra,
+  )
   assert message in _one_error_line(result)
 
 
 def test_unwritable_workdir(tmp_path, cli):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
-  result = cli('train', '--config', 'experiments/default.py:plain', '--workdir',
-               str(blocker / 'w'), *TINY_FLAGS)
+  result = cli(
+    'train',
+    '--config',
+    'experiments/default.py:plain',
+    '--workdir',
+    str(blocker / 'w'),
+    *TINY_FLAGS,
+  )
   assert 'not writable' in _one_error_line(result)
 
 
@@ -214,8 +256,12 @@ def test_resume_with_conflicting_config_fails_and_keeps_checkpoints(tmp_path, cl
 
 def test_evaluate_command(tmp_path, cli):
   workdir = tmp_path / 'w'
-  assert cli('train', '--config', 'experiments/default.py:plain', '--workdir', str(workdir),
-             *TINY_FLAGS).returncode == 0
+  assert (
+    cli(
+      'train', '--config', 'experiments/default.py:plain', '--workdir', str(workdir), *TINY_FLAGS
+    ).returncode
+    == 0
+  )
   result = cli('evaluate', '--workdir', str(workdir), '--json')
   assert result.returncode == 0, result.stderr[-2000:]
   data = json.loads(result.stdout.strip().splitlines()[-1])
@@ -241,14 +287,29 @@ def test_sweep_parses_grid():
 
 
 def test_sweep_command_runs_each_point(tmp_path, cli):
-  result = cli('sweep', '--config', 'experiments/default.py:plain', '--workdir', str(tmp_path),
-               '--sweep', 'optimizer.learning_rate=0.05,0.1', *TINY_FLAGS)
+  result = cli(
+    'sweep',
+    '--config',
+    'experiments/default.py:plain',
+    '--workdir',
+    str(tmp_path),
+    '--sweep',
+    'optimizer.learning_rate=0.05,0.1',
+    *TINY_FLAGS,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   points = [json.loads(l)['point'] for l in result.stdout.strip().splitlines()]
   assert points == [{'optimizer.learning_rate': '0.05'}, {'optimizer.learning_rate': '0.1'}]
   for lr in ('0.05', '0.1'):
     stored = checkpoints.load_config(str(tmp_path / f'optimizer.learning_rate={lr}'))
     assert stored.optimizer.learning_rate == float(lr)
-  bad = cli('sweep', '--config', 'experiments/default.py:plain', '--workdir', str(tmp_path),
-            '--sweep', 'nope=1')
+  bad = cli(
+    'sweep',
+    '--config',
+    'experiments/default.py:plain',
+    '--workdir',
+    str(tmp_path),
+    '--sweep',
+    'nope=1',
+  )
   assert 'unknown config field' in _one_error_line(bad)

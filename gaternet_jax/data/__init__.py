@@ -27,26 +27,26 @@ from gaternet_jax.data.base import DatasetInfo
 from gaternet_jax.data.base import eval_batches
 
 __all__ = [
-    'Dataset',
-    'DatasetInfo',
-    'augment',
-    'default_data_config',
-    'eval_batches',
-    'load_dataset',
-    'NAMES',
+  'Dataset',
+  'DatasetInfo',
+  'augment',
+  'default_data_config',
+  'eval_batches',
+  'load_dataset',
+  'NAMES',
 ]
 
 NAMES = ('default', 'cifar10', 'cifar100', 'imagenet2012', 'imagefolder')
 
 # Every field `load_dataset` reads, with its default.
 _DEFAULTS: dict[str, Any] = {
-    'name': 'default',
-    'data_dir': None,
-    'eval_split': 'test',
-    'holdout': 0,
-    'holdout_seed': 0,
-    'image_size': 224,
-    'shuffle_buffer': 16_384,
+  'name': 'default',
+  'data_dir': None,
+  'eval_split': 'test',
+  'holdout': 0,
+  'holdout_seed': 0,
+  'image_size': 224,
+  'shuffle_buffer': 16_384,
 }
 
 
@@ -56,12 +56,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   `data_dir` is a placeholder that accepts a string later (`--config.data.data_dir=...`).
   """
   return ml_collections.ConfigDict(
-      {**_DEFAULTS, 'data_dir': ml_collections.config_dict.placeholder(str)}
+    {**_DEFAULTS, 'data_dir': ml_collections.config_dict.placeholder(str)}
   )
 
 
 def load_dataset(
-    data_config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
+  data_config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
 ) -> Dataset:
   """Loads the dataset `data_config` names, keeping this process's share of every split.
 
@@ -90,8 +90,10 @@ def load_dataset(
   if holdout < 0:
     raise errors.UserError(f'data.holdout must be >= 0, got {holdout}')
   in_memory_args = dict(
-      holdout=holdout, holdout_seed=holdout_seed, process_index=process_index,
-      process_count=process_count,
+    holdout=holdout,
+    holdout_seed=holdout_seed,
+    process_index=process_index,
+    process_count=process_count,
   )
 
   if name == 'default':
@@ -110,17 +112,17 @@ def load_dataset(
     from gaternet_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top
 
     dataset = tfds_sources.load_streamed(
-        name,
-        data_dir,
-        image_size=int(get('image_size')),
-        shuffle_buffer=int(get('shuffle_buffer')),
-        holdout=holdout,
-        process_index=process_index,
-        process_count=process_count,
+      name,
+      data_dir,
+      image_size=int(get('image_size')),
+      shuffle_buffer=int(get('shuffle_buffer')),
+      holdout=holdout,
+      process_index=process_index,
+      process_count=process_count,
     )
   else:
     raise errors.UserError(
-        f"unknown dataset data.name='{name}'; known datasets: {', '.join(NAMES)}"
+      f"unknown dataset data.name='{name}'; known datasets: {', '.join(NAMES)}"
     )
   base.validate_eval_split(dataset.info, get('eval_split'))
   return dataset

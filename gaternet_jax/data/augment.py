@@ -39,10 +39,10 @@ def random_crop_flip(key: jax.Array, images: jax.Array, *, padding: int) -> jax.
 
 
 def normalize(
-    images: jax.Array,
-    mean: Sequence[float] | jax.Array,
-    std: Sequence[float] | jax.Array,
-    dtype: jnp.dtype = jnp.float32,
+  images: jax.Array,
+  mean: Sequence[float] | jax.Array,
+  std: Sequence[float] | jax.Array,
+  dtype: jnp.dtype = jnp.float32,
 ) -> jax.Array:
   """(images - mean) / std per channel, computed in float32, returned as `dtype`.
 

@@ -59,8 +59,8 @@ class DatasetInfo:
     if split not in self.split_sizes:
       known = ', '.join([TRAIN, *sorted(self.split_sizes)])
       raise errors.UserError(
-          f"dataset '{self.name}' has no split '{split}'; its splits are: {known} "
-          "(set --config.data.eval_split to one of them)"
+        f"dataset '{self.name}' has no split '{split}'; its splits are: {known} "
+        '(set --config.data.eval_split to one of them)'
       )
     return self.split_sizes[split]
 
@@ -77,22 +77,22 @@ class Dataset:
   def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
     """This process's training images, uint8 (n, H, W, C), and labels, int32 (n,)."""
     raise TypeError(
-        f"dataset '{self.info.name}' is streamed (info.in_memory is False): use train_iterator"
+      f"dataset '{self.info.name}' is streamed (info.in_memory is False): use train_iterator"
     )
 
   def eval_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """This process's part of an evaluation split, as in `train_arrays`."""
     raise TypeError(
-        f"dataset '{self.info.name}' is streamed (info.in_memory is False): use eval_iterator"
+      f"dataset '{self.info.name}' is streamed (info.in_memory is False): use eval_iterator"
     )
 
   def train_iterator(
-      self, local_batch_size: int, *, seed: int, start_step: int
+    self, local_batch_size: int, *, seed: int, start_step: int
   ) -> Iterator[dict[str, np.ndarray]]:
     """Endless iterator of augmented training batches {'image', 'label'} (streamed only)."""
     raise TypeError(
-        f"dataset '{self.info.name}' is in memory (info.in_memory is True): use train_arrays "
-        "and augment on device"
+      f"dataset '{self.info.name}' is in memory (info.in_memory is True): use train_arrays "
+      'and augment on device'
     )
 
   def eval_iterator(self, split: str, local_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -107,12 +107,12 @@ class InMemoryDataset(Dataset):
   """A dataset whose (per-process) examples are uint8 numpy arrays."""
 
   def __init__(
-      self,
-      info: DatasetInfo,
-      train: tuple[np.ndarray, np.ndarray],
-      evals: dict[str, tuple[np.ndarray, np.ndarray]],
-      *,
-      process_count: int,
+    self,
+    info: DatasetInfo,
+    train: tuple[np.ndarray, np.ndarray],
+    evals: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    process_count: int,
   ):
     """Wraps arrays already sliced for this process.
 
@@ -138,7 +138,7 @@ class InMemoryDataset(Dataset):
   def eval_iterator(self, split: str, local_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     images, labels = self.eval_arrays(split)
     num_batches = lockstep_num_batches(
-        self.info.split_size(split), self._process_count, local_batch_size
+      self.info.split_size(split), self._process_count, local_batch_size
     )
     return eval_batches(images, labels, local_batch_size, num_batches)
 
@@ -155,10 +155,10 @@ def lockstep_num_batches(global_size: int, process_count: int, local_batch_size:
 
 
 def eval_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
-    local_batch_size: int,
-    num_batches: int | None = None,
+  images: np.ndarray,
+  labels: np.ndarray,
+  local_batch_size: int,
+  num_batches: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Cuts arrays into batches of exactly `local_batch_size`, padding with masked rows.
 
@@ -186,21 +186,21 @@ def eval_batches(
     num_batches = needed
   elif num_batches < needed:
     raise ValueError(
-        f'num_batches={num_batches} cannot hold {n} examples in batches of {local_batch_size}'
+      f'num_batches={num_batches} cannot hold {n} examples in batches of {local_batch_size}'
     )
 
   def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for start in range(0, n, local_batch_size):
-      yield images[start:start + local_batch_size], labels[start:start + local_batch_size]
+      yield images[start : start + local_batch_size], labels[start : start + local_batch_size]
 
   return pad_batches(chunks(), local_batch_size, num_batches, images.shape[1:])
 
 
 def pad_batches(
-    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
-    local_batch_size: int,
-    num_batches: int,
-    image_shape: Sequence[int],
+  chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+  local_batch_size: int,
+  num_batches: int,
+  image_shape: Sequence[int],
 ) -> Iterator[dict[str, np.ndarray]]:
   """Pads (images, labels) chunks into exactly `num_batches` full batches with a mask.
 
@@ -217,15 +217,17 @@ def pad_batches(
   if emitted < num_batches:
     # One all-masked batch, shared: consumers only read it.
     empty = _padded(
-        np.zeros((0, *image_shape), np.uint8), np.zeros((0,), np.int32), local_batch_size,
-        image_shape,
+      np.zeros((0, *image_shape), np.uint8),
+      np.zeros((0,), np.int32),
+      local_batch_size,
+      image_shape,
     )
     for _ in range(num_batches - emitted):
       yield empty
 
 
 def _padded(
-    images: np.ndarray, labels: np.ndarray, batch: int, image_shape: tuple[int, ...]
+  images: np.ndarray, labels: np.ndarray, batch: int, image_shape: tuple[int, ...]
 ) -> dict[str, np.ndarray]:
   n = len(images)
   mask = np.zeros((batch,), np.float32)
@@ -253,8 +255,8 @@ def holdout_indices(num_examples: int, holdout: int, seed: int) -> tuple[np.ndar
   """
   if holdout < 0 or holdout >= num_examples:
     raise errors.UserError(
-        f'data.holdout must be in [0, {num_examples}) for a training set of {num_examples} '
-        f'examples, got {holdout}'
+      f'data.holdout must be in [0, {num_examples}) for a training set of {num_examples} '
+      f'examples, got {holdout}'
     )
   permutation = np.random.default_rng(seed).permutation(num_examples)
   return np.sort(permutation[holdout:]), np.sort(permutation[:holdout])
@@ -294,25 +296,25 @@ def validate_eval_split(info: DatasetInfo, eval_split: str) -> None:
   """Fails at load time (not at the first evaluation) when the configured split is missing."""
   if eval_split == HOLDOUT and HOLDOUT not in info.split_sizes:
     raise errors.UserError(
-        "data.eval_split is 'holdout' but data.holdout is 0; set --config.data.holdout to the "
-        'number of training examples to hold out (the paper uses 5000)'
+      "data.eval_split is 'holdout' but data.holdout is 0; set --config.data.holdout to the "
+      'number of training examples to hold out (the paper uses 5000)'
     )
   info.split_size(eval_split)
 
 
 def from_global_arrays(
-    name: str,
-    *,
-    num_classes: int,
-    train: tuple[np.ndarray, np.ndarray],
-    evals: dict[str, tuple[np.ndarray, np.ndarray]],
-    holdout: int,
-    holdout_seed: int,
-    process_index: int,
-    process_count: int,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    class_names: Sequence[str] | None = None,
+  name: str,
+  *,
+  num_classes: int,
+  train: tuple[np.ndarray, np.ndarray],
+  evals: dict[str, tuple[np.ndarray, np.ndarray]],
+  holdout: int,
+  holdout_seed: int,
+  process_index: int,
+  process_count: int,
+  mean: Sequence[float] | None = None,
+  std: Sequence[float] | None = None,
+  class_names: Sequence[str] | None = None,
 ) -> InMemoryDataset:
   """Builds an in-memory dataset from whole splits that every process holds.
 
@@ -339,7 +341,7 @@ def from_global_arrays(
   if holdout:
     if HOLDOUT in evals:
       raise errors.UserError(
-          f"dataset '{name}' already has a split named 'holdout'; set --config.data.holdout=0"
+        f"dataset '{name}' already has a split named 'holdout'; set --config.data.holdout=0"
       )
     keep, held = holdout_indices(len(train_images), holdout, holdout_seed)
     evals[HOLDOUT] = (train_images[held], train_labels[held])
@@ -347,15 +349,15 @@ def from_global_arrays(
   if mean is None or std is None:
     mean, std = channel_stats(train_images[stats_sample(len(train_images))])
   info = DatasetInfo(
-      name=name,
-      num_classes=num_classes,
-      image_shape=tuple(int(d) for d in train_images.shape[1:]),
-      mean=tuple(float(m) for m in mean),
-      std=tuple(float(s) for s in std),
-      num_train=len(train_images),
-      split_sizes={split: len(arrays[0]) for split, arrays in evals.items()},
-      in_memory=True,
-      class_names=tuple(class_names) if class_names else None,
+    name=name,
+    num_classes=num_classes,
+    image_shape=tuple(int(d) for d in train_images.shape[1:]),
+    mean=tuple(float(m) for m in mean),
+    std=tuple(float(s) for s in std),
+    num_train=len(train_images),
+    split_sizes={split: len(arrays[0]) for split, arrays in evals.items()},
+    in_memory=True,
+    class_names=tuple(class_names) if class_names else None,
   )
 
   def share(arrays: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -363,8 +365,8 @@ def from_global_arrays(
     return arrays[0][idx], arrays[1][idx].astype(np.int32)
 
   return InMemoryDataset(
-      info,
-      share((train_images, train_labels)),
-      {split: share(arrays) for split, arrays in evals.items()},
-      process_count=process_count,
+    info,
+    share((train_images, train_labels)),
+    {split: share(arrays) for split, arrays in evals.items()},
+    process_count=process_count,
   )

@@ -27,8 +27,8 @@ def load_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise errors.UserError(
-        "data.name='default' needs scikit-learn (its bundled digits are the offline dataset): "
-        'pip install scikit-learn'
+      "data.name='default' needs scikit-learn (its bundled digits are the offline dataset): "
+      'pip install scikit-learn'
     ) from e
   digits = datasets.load_digits()
   # Values are integers 0..16; 255/16 maps them onto the full uint8 range.
@@ -42,18 +42,18 @@ def load_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def load(
-    *, holdout: int, holdout_seed: int, process_index: int, process_count: int
+  *, holdout: int, holdout_seed: int, process_index: int, process_count: int
 ) -> base.InMemoryDataset:
   """Builds the in-memory dataset; arguments as in `gaternet_jax.data.load_dataset`."""
   splits = load_arrays()
   return base.from_global_arrays(
-      NAME,
-      num_classes=10,
-      train=splits['train'],
-      evals={'test': splits['test']},
-      holdout=holdout,
-      holdout_seed=holdout_seed,
-      process_index=process_index,
-      process_count=process_count,
-      class_names=[str(d) for d in range(10)],
+    NAME,
+    num_classes=10,
+    train=splits['train'],
+    evals={'test': splits['test']},
+    holdout=holdout,
+    holdout_seed=holdout_seed,
+    process_index=process_index,
+    process_count=process_count,
+    class_names=[str(d) for d in range(10)],
   )

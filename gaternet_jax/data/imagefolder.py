@@ -30,12 +30,12 @@ _CHUNK = 256
 
 
 def load(
-    root: str | None,
-    *,
-    holdout: int,
-    holdout_seed: int,
-    process_index: int,
-    process_count: int,
+  root: str | None,
+  *,
+  holdout: int,
+  holdout_seed: int,
+  process_index: int,
+  process_count: int,
 ) -> base.InMemoryDataset:
   """Lists, holds out, shares out and decodes an image folder.
 
@@ -58,27 +58,25 @@ def load(
   """
   if not root:
     raise errors.UserError(
-        "data.name='imagefolder' needs --config.data.data_dir set to a folder laid out as "
-        f'{_LAYOUT}'
+      f"data.name='imagefolder' needs --config.data.data_dir set to a folder laid out as {_LAYOUT}"
     )
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
     raise errors.DatasetNotFoundError(
-        f'image folder root {root} does not exist; set --config.data.data_dir to a folder laid '
-        f'out as {_LAYOUT}'
+      f'image folder root {root} does not exist; set --config.data.data_dir to a folder laid '
+      f'out as {_LAYOUT}'
     )
   train_dir = os.path.join(root, base.TRAIN)
   if not os.path.isdir(train_dir):
     raise errors.DatasetNotFoundError(
-        f'training split folder {train_dir} does not exist; an image folder is laid out as '
-        f'{_LAYOUT} and needs a train split'
+      f'training split folder {train_dir} does not exist; an image folder is laid out as '
+      f'{_LAYOUT} and needs a train split'
     )
   classes = _subfolders(train_dir)
   train_files, train_labels = _list_split(train_dir, classes)
   if not train_files:
     raise errors.DatasetNotFoundError(
-        f'no {"/".join(IMAGE_EXTENSIONS)} images found under {train_dir}/<class>/ '
-        f'(layout {_LAYOUT})'
+      f'no {"/".join(IMAGE_EXTENSIONS)} images found under {train_dir}/<class>/ (layout {_LAYOUT})'
     )
 
   eval_files = {}
@@ -89,8 +87,8 @@ def load(
     unknown = sorted(set(_subfolders(split_dir)) - set(classes))
     if unknown:
       raise errors.UserError(
-          f'split folder {split_dir} has classes {unknown} that {train_dir} does not have; '
-          'labels come from the train class folders'
+        f'split folder {split_dir} has classes {unknown} that {train_dir} does not have; '
+        'labels come from the train class folders'
       )
     files, labels = _list_split(split_dir, classes)
     if files:
@@ -99,8 +97,8 @@ def load(
   if holdout:
     if base.HOLDOUT in eval_files:
       raise errors.UserError(
-          f"{root} already has a split folder named 'holdout'; set --config.data.holdout=0 or "
-          'rename the folder'
+        f"{root} already has a split folder named 'holdout'; set --config.data.holdout=0 or "
+        'rename the folder'
       )
     keep, held = base.holdout_indices(len(train_files), holdout, holdout_seed)
     eval_files[base.HOLDOUT] = (_take(train_files, held), train_labels[held])
@@ -128,22 +126,22 @@ def load(
   mean, std = base.channel_stats(stats_images)
 
   info = base.DatasetInfo(
-      name=NAME,
-      num_classes=len(classes),
-      image_shape=shape,
-      mean=mean,
-      std=std,
-      num_train=len(train_files),
-      split_sizes={split: len(files) for split, (files, _) in eval_files.items()},
-      in_memory=True,
-      class_names=tuple(classes),
+    name=NAME,
+    num_classes=len(classes),
+    image_shape=shape,
+    mean=mean,
+    std=std,
+    num_train=len(train_files),
+    split_sizes={split: len(files) for split, (files, _) in eval_files.items()},
+    in_memory=True,
+    class_names=tuple(classes),
   )
   return base.InMemoryDataset(info, train, evals, process_count=process_count)
 
 
 def _subfolders(path: str) -> list[str]:
   return sorted(
-      entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith('.')
+    entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith('.')
   )
 
 
@@ -155,8 +153,9 @@ def _list_split(split_dir: str, classes: Sequence[str]) -> tuple[list[str], np.n
     if not os.path.isdir(class_dir):
       continue
     names = sorted(
-        entry.name for entry in os.scandir(class_dir)
-        if entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith('.')
+      entry.name
+      for entry in os.scandir(class_dir)
+      if entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith('.')
     )
     files.extend(os.path.join(class_dir, n) for n in names)
     labels.extend([label] * len(names))
@@ -198,8 +197,8 @@ def _decode(paths: list[str], shape: tuple[int, int, int], mode: str) -> np.ndar
         with Image.open(path) as image:
           if image.size != (width, height):
             raise errors.UserError(
-                f'image {path} is {image.size[0]}x{image.size[1]} (WxH) but the dataset\'s '
-                f'images are {width}x{height}; an image folder needs images of one size'
+              f"image {path} is {image.size[0]}x{image.size[1]} (WxH) but the dataset's "
+              f'images are {width}x{height}; an image folder needs images of one size'
             )
           if image.mode != mode:
             image = image.convert(mode)

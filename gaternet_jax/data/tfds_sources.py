@@ -20,8 +20,8 @@ from gaternet_jax.data import base
 # Channel statistics of the training sets (0-255 scale), the usual published values; computed
 # over all pixels (not averaged per image, which gives the often-copied 0.2023 stds).
 CIFAR_STATS = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+  'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+  'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,9 +43,9 @@ def import_tf() -> tuple[Any, Any]:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise errors.UserError(
-        f'the tfds datasets (cifar10, cifar100, imagenet2012) need tensorflow and '
-        f'tensorflow-datasets, which cannot be imported here ({e}); install them, or use '
-        "data.name='default' or 'imagefolder'"
+      f'the tfds datasets (cifar10, cifar100, imagenet2012) need tensorflow and '
+      f'tensorflow-datasets, which cannot be imported here ({e}); install them, or use '
+      "data.name='default' or 'imagefolder'"
     ) from e
   try:
     tf.config.set_visible_devices([], 'GPU')
@@ -69,9 +69,9 @@ def _builder(name: str, data_dir: str | None):
   except (AssertionError, FileNotFoundError, tfds.core.DatasetNotFoundError) as e:
     where = data_dir or os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
     raise errors.DatasetNotFoundError(
-        f"dataset '{name}' was not found in {where}; this machine cannot download it: run "
-        f'`tfds build {name}` where there is network and copy the folder, or set '
-        '--config.data.data_dir'
+      f"dataset '{name}' was not found in {where}; this machine cannot download it: run "
+      f'`tfds build {name}` where there is network and copy the folder, or set '
+      '--config.data.data_dir'
     ) from e
   return builder
 
@@ -95,37 +95,37 @@ def _split_size(builder, split: str) -> int:
   cardinality = int(ds.cardinality())
   if cardinality < 0:
     raise errors.UserError(
-        f"dataset '{builder.name}' does not record the size of split '{split}'; rebuild it "
-        f'with `tfds build {builder.name}`'
+      f"dataset '{builder.name}' does not record the size of split '{split}'; rebuild it "
+      f'with `tfds build {builder.name}`'
     )
   return cardinality
 
 
 def load_cifar(
-    name: str,
-    data_dir: str | None,
-    *,
-    holdout: int,
-    holdout_seed: int,
-    process_index: int,
-    process_count: int,
+  name: str,
+  data_dir: str | None,
+  *,
+  holdout: int,
+  holdout_seed: int,
+  process_index: int,
+  process_count: int,
 ) -> base.InMemoryDataset:
   """CIFAR-10/100 from tfds, whole splits decoded to uint8 in memory, then shared out."""
   builder = _builder(name, data_dir)
   splits = {split: _read_whole_split(builder, split) for split in (base.TRAIN, 'test')}
   mean, std = CIFAR_STATS[name]
   return base.from_global_arrays(
-      name,
-      num_classes=builder.info.features['label'].num_classes,
-      train=splits[base.TRAIN],
-      evals={'test': splits['test']},
-      holdout=holdout,
-      holdout_seed=holdout_seed,
-      process_index=process_index,
-      process_count=process_count,
-      mean=[m * 255.0 for m in mean],
-      std=[s * 255.0 for s in std],
-      class_names=builder.info.features['label'].names,
+    name,
+    num_classes=builder.info.features['label'].num_classes,
+    train=splits[base.TRAIN],
+    evals={'test': splits['test']},
+    holdout=holdout,
+    holdout_seed=holdout_seed,
+    process_index=process_index,
+    process_count=process_count,
+    mean=[m * 255.0 for m in mean],
+    std=[s * 255.0 for s in std],
+    class_names=builder.info.features['label'].names,
   )
 
 
@@ -133,8 +133,9 @@ def _read_whole_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   """A whole split as (uint8 images, int32 labels), in the dataset's stored order."""
   tf, tfds = import_tf()
   ds = builder.as_dataset(split=split, shuffle_files=False)
-  ds = ds.map(lambda ex: (ex['image'], tf.cast(ex['label'], tf.int32)),
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(
+    lambda ex: (ex['image'], tf.cast(ex['label'], tf.int32)), num_parallel_calls=tf.data.AUTOTUNE
+  )
   # Chunks rather than `batch_size=-1`: one 50k-image tensor buys nothing, and the -1 path
   # crashes under `tfds.testing.mock_data`.
   chunks = list(tfds.as_numpy(ds.batch(8192).prefetch(1)))
@@ -147,14 +148,14 @@ class StreamedDataset(base.Dataset):
   """An image-classification tfds dataset streamed through tf.data (ImageNet)."""
 
   def __init__(
-      self,
-      builder,
-      *,
-      image_size: int,
-      shuffle_buffer: int,
-      process_index: int,
-      process_count: int,
-      eval_splits: tuple[str, ...],
+    self,
+    builder,
+    *,
+    image_size: int,
+    shuffle_buffer: int,
+    process_index: int,
+    process_count: int,
+    eval_splits: tuple[str, ...],
   ):
     self._builder = builder
     self._image_size = image_size
@@ -162,14 +163,14 @@ class StreamedDataset(base.Dataset):
     self._process_index = process_index
     self._process_count = process_count
     self.info = base.DatasetInfo(
-        name=builder.name,
-        num_classes=builder.info.features['label'].num_classes,
-        image_shape=(image_size, image_size, 3),
-        mean=tuple(m * 255.0 for m in IMAGENET_MEAN),
-        std=tuple(s * 255.0 for s in IMAGENET_STD),
-        num_train=_split_size(builder, base.TRAIN),
-        split_sizes={split: _split_size(builder, split) for split in eval_splits},
-        in_memory=False,
+      name=builder.name,
+      num_classes=builder.info.features['label'].num_classes,
+      image_shape=(image_size, image_size, 3),
+      mean=tuple(m * 255.0 for m in IMAGENET_MEAN),
+      std=tuple(s * 255.0 for s in IMAGENET_STD),
+      num_train=_split_size(builder, base.TRAIN),
+      split_sizes={split: _split_size(builder, split) for split in eval_splits},
+      in_memory=False,
     )
 
   def _local(self, split: str):
@@ -182,7 +183,7 @@ class StreamedDataset(base.Dataset):
     size = self.info.split_size(split)
     count = size // self._process_count + (self._process_index < size % self._process_count)
     local_split = tfds.split_for_jax_process(
-        split, process_index=self._process_index, process_count=self._process_count
+      split, process_index=self._process_index, process_count=self._process_count
     )
     return local_split, count
 
@@ -191,7 +192,7 @@ class StreamedDataset(base.Dataset):
     tf, tfds = import_tf()
     local_split, count = self._local(split)
     ds = self._builder.as_dataset(
-        split=local_split, shuffle_files=False, decoders=_skip_image_decoding(tfds)
+      split=local_split, shuffle_files=False, decoders=_skip_image_decoding(tfds)
     )
     # `take` is a no-op on real data; under mock_data every split yields the mock count.
     ds = ds.take(count)
@@ -199,7 +200,7 @@ class StreamedDataset(base.Dataset):
     return ds, count
 
   def train_iterator(
-      self, local_batch_size: int, *, seed: int, start_step: int
+    self, local_batch_size: int, *, seed: int, start_step: int
   ) -> Iterator[dict[str, np.ndarray]]:
     """Endless, deterministic, augmented training batches of this process's part of 'train'.
 
@@ -234,16 +235,23 @@ class StreamedDataset(base.Dataset):
       if buffer <= 1:
         return records
       epoch_seed = tf.random.stateless_uniform(
-          [], seed=tf.random.experimental.stateless_fold_in(shuffle_base, e),
-          minval=0, maxval=2**62, dtype=tf.int64)
+        [],
+        seed=tf.random.experimental.stateless_fold_in(shuffle_base, e),
+        minval=0,
+        maxval=2**62,
+        dtype=tf.int64,
+      )
       return records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
 
     image_size = self._image_size
 
     def augment(index, record):
       image_bytes, label = record
-      crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
-          tf.random.experimental.stateless_fold_in(augment_base, index), num=2))
+      crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(
+          tf.random.experimental.stateless_fold_in(augment_base, index), num=2
+        )
+      )
       image = _random_resized_crop(tf, image_bytes, image_size, crop_seed)
       flip = tf.random.stateless_uniform([], seed=flip_seed) < 0.5
       image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
@@ -259,41 +267,47 @@ class StreamedDataset(base.Dataset):
     tf, tfds = import_tf()
     records, _ = self._records(split)
     image_size = self._image_size
-    ds = records.map(lambda image_bytes, label: (_center_crop(tf, image_bytes, image_size), label),
-                     num_parallel_calls=tf.data.AUTOTUNE)
+    ds = records.map(
+      lambda image_bytes, label: (_center_crop(tf, image_bytes, image_size), label),
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
     ds = ds.batch(local_batch_size).prefetch(tf.data.AUTOTUNE)
     num_batches = base.lockstep_num_batches(
-        self.info.split_size(split), self._process_count, local_batch_size
+      self.info.split_size(split), self._process_count, local_batch_size
     )
-    return base.pad_batches(tfds.as_numpy(ds.with_options(_deterministic_options(tf))),
-                            local_batch_size, num_batches, self.info.image_shape)
+    return base.pad_batches(
+      tfds.as_numpy(ds.with_options(_deterministic_options(tf))),
+      local_batch_size,
+      num_batches,
+      self.info.image_shape,
+    )
 
 
 def load_streamed(
-    name: str,
-    data_dir: str | None,
-    *,
-    image_size: int,
-    shuffle_buffer: int,
-    holdout: int,
-    process_index: int,
-    process_count: int,
+  name: str,
+  data_dir: str | None,
+  *,
+  image_size: int,
+  shuffle_buffer: int,
+  holdout: int,
+  process_index: int,
+  process_count: int,
 ) -> StreamedDataset:
   """ImageNet (ILSVRC-2012) from tfds, streamed; evaluation split 'validation'."""
   if holdout:
     raise errors.UserError(
-        f"data.holdout is not supported for the streamed dataset '{name}'; set "
-        "--config.data.holdout=0 and evaluate on data.eval_split='validation'"
+      f"data.holdout is not supported for the streamed dataset '{name}'; set "
+      "--config.data.holdout=0 and evaluate on data.eval_split='validation'"
     )
   if image_size < 1:
     raise errors.UserError(f'data.image_size must be positive, got {image_size}')
   return StreamedDataset(
-      _builder(name, data_dir),
-      image_size=image_size,
-      shuffle_buffer=shuffle_buffer,
-      process_index=process_index,
-      process_count=process_count,
-      eval_splits=('validation',),
+    _builder(name, data_dir),
+    image_size=image_size,
+    shuffle_buffer=shuffle_buffer,
+    process_index=process_index,
+    process_count=process_count,
+    eval_splits=('validation',),
   )
 
 
@@ -322,8 +336,9 @@ def _center_crop(tf, image_bytes, image_size: int):
   """
   shape = tf.io.extract_jpeg_shape(image_bytes)
   height, width = shape[0], shape[1]
-  side = tf.cast(tf.round(_EVAL_CROP_FRACTION * tf.cast(tf.minimum(height, width), tf.float32)),
-                 tf.int32)
+  side = tf.cast(
+    tf.round(_EVAL_CROP_FRACTION * tf.cast(tf.minimum(height, width), tf.float32)), tf.int32
+  )
   side = tf.maximum(side, 1)
   window = tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
   image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
@@ -337,14 +352,14 @@ def _random_resized_crop(tf, image_bytes, image_size: int, seed):
   """
   shape = tf.io.extract_jpeg_shape(image_bytes)
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape,
-      bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4]),
-      seed=seed,
-      min_object_covered=_CROP_MIN_COVERED,
-      aspect_ratio_range=_CROP_ASPECT,
-      area_range=_CROP_AREA,
-      max_attempts=_CROP_ATTEMPTS,
-      use_image_if_no_bounding_boxes=True,
+    shape,
+    bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4]),
+    seed=seed,
+    min_object_covered=_CROP_MIN_COVERED,
+    aspect_ratio_range=_CROP_ASPECT,
+    area_range=_CROP_AREA,
+    max_attempts=_CROP_ATTEMPTS,
+    use_image_if_no_bounding_boxes=True,
   )
   offset_y, offset_x, _ = tf.unstack(begin)
   height, width, _ = tf.unstack(size)

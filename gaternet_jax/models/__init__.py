@@ -19,27 +19,39 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 for _depth in (8, 14, 20, 32, 44, 56, 110):
   BACKBONES[f'cifar_resnet{_depth}'] = functools.partial(CifarResNet, depth=_depth)
 for _depth in (164, 1001):
-  BACKBONES[f'cifar_resnet{_depth}'] = functools.partial(
-      CifarResNet, depth=_depth, bottleneck=True)
+  BACKBONES[f'cifar_resnet{_depth}'] = functools.partial(CifarResNet, depth=_depth, bottleneck=True)
 for _depth in (18, 34, 50, 101, 152):
   BACKBONES[f'resnet{_depth}'] = functools.partial(ResNet, depth=_depth)
 
 VARIANTS = ('plain', 'wider', 'se', 'gated')
 
 
-def create_backbone(name: str, *, num_classes: int, width: float = 1.0, se_reduction: int = 0,
-                    include_head: bool = True, dtype: Any = jnp.float32) -> nn.Module:
+def create_backbone(
+  name: str,
+  *,
+  num_classes: int,
+  width: float = 1.0,
+  se_reduction: int = 0,
+  include_head: bool = True,
+  dtype: Any = jnp.float32,
+) -> nn.Module:
   """A registered backbone by name; unknown names raise UserError listing the known ones."""
   if name not in BACKBONES:
     raise UserError(f'unknown model name {name!r}; known: {", ".join(sorted(BACKBONES))}')
-  return BACKBONES[name](num_classes=num_classes, width=width, se_reduction=se_reduction,
-                         include_head=include_head, dtype=dtype)
+  return BACKBONES[name](
+    num_classes=num_classes,
+    width=width,
+    se_reduction=se_reduction,
+    include_head=include_head,
+    dtype=dtype,
+  )
 
 
 def backbone_from_config(config, *, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
   m = config.model
-  return create_backbone(m.backbone, num_classes=num_classes, width=m.width,
-                         se_reduction=m.se_reduction, dtype=dtype)
+  return create_backbone(
+    m.backbone, num_classes=num_classes, width=m.width, se_reduction=m.se_reduction, dtype=dtype
+  )
 
 
 def gate_layout(config, image_shape) -> list[GatedLayer]:
@@ -61,8 +73,14 @@ def create_model(config, *, num_classes: int, image_shape, dtype: Any = jnp.floa
     return Classifier(backbone)
   layout = backbone.gate_layout(tuple(image_shape))
   g = config.gater
-  extractor = create_backbone(g.extractor, num_classes=num_classes, width=g.extractor_width,
-                              include_head=False, dtype=dtype)
-  gater = Gater(extractor, num_gates=total_filters(layout), bottleneck=g.bottleneck,
-                init_bias=g.init_bias, dtype=dtype)
+  extractor = create_backbone(
+    g.extractor, num_classes=num_classes, width=g.extractor_width, include_head=False, dtype=dtype
+  )
+  gater = Gater(
+    extractor,
+    num_gates=total_filters(layout),
+    bottleneck=g.bottleneck,
+    init_bias=g.init_bias,
+    dtype=dtype,
+  )
   return GaterNet(backbone, gater)

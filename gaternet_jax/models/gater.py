@@ -43,10 +43,10 @@ class Gater(nn.Module):
     h = nn.Dense(self.bottleneck, dtype=self.dtype, name='fc1')(features)
     h = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn')(h))
     logits = nn.Dense(
-        self.num_gates,
-        dtype=self.dtype,
-        kernel_init=nn.initializers.zeros,
-        bias_init=nn.initializers.constant(self.init_bias),
-        name='fc2',
+      self.num_gates,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.zeros,
+      bias_init=nn.initializers.constant(self.init_bias),
+      name='fc2',
     )(h)
     return logits.astype(jnp.float32)

@@ -48,8 +48,8 @@ class GaterNet(nn.Module):
       gates = semhash.improved_semhash(gate_logits, train=False)
     logits = self.backbone(x, gates=gates, train=train)
     aux = {
-        'gates': gates,
-        'gate_logits': gate_logits,
-        'density': jnp.mean(gates.astype(jnp.float32)),
+      'gates': gates,
+      'gate_logits': gate_logits,
+      'density': jnp.mean(gates.astype(jnp.float32)),
     }
     return logits, aux

@@ -17,27 +17,27 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str | None = None):
   """A bias-free 'SAME' convolution (every conv here is followed by batch norm)."""
   return nn.Conv(
-      features,
-      (kernel, kernel),
-      strides=(stride, stride),
-      padding='SAME' if kernel > 1 else 'VALID',
-      use_bias=False,
-      kernel_init=conv_kernel_init,
-      dtype=dtype,
-      name=name,
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding='SAME' if kernel > 1 else 'VALID',
+    use_bias=False,
+    kernel_init=conv_kernel_init,
+    dtype=dtype,
+    name=name,
   )
 
 
 def batch_norm(train: bool, *, dtype: Dtype, scale_init=nn.initializers.ones, name=None):
   """Batch norm with the usual ResNet settings; statistics and parameters stay float32."""
   return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      scale_init=scale_init,
-      name=name,
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    scale_init=scale_init,
+    name=name,
   )
 
 
@@ -83,8 +83,9 @@ class GateSlicer:
 
   def __init__(self, gates: jax.Array | None, expected: int):
     if gates is not None and gates.shape[-1] != expected:
-      raise ValueError(f'gate vector has {gates.shape[-1]} entries but the backbone gates '
-                       f'{expected} filters')
+      raise ValueError(
+        f'gate vector has {gates.shape[-1]} entries but the backbone gates {expected} filters'
+      )
     self._gates = gates
     self._offset = 0
 
@@ -98,10 +99,9 @@ class GateSlicer:
   def check_consumed(self) -> None:
     if self._gates is not None and self._offset != self._gates.shape[-1]:
       raise ValueError(
-          f'gate vector has {self._gates.shape[-1]} entries but the backbone gates {self._offset}'
-          ' filters'
+        f'gate vector has {self._gates.shape[-1]} entries but the backbone gates {self._offset}'
+        ' filters'
       )
-
 
 
 class BasicUnit(nn.Module):

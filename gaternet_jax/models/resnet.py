@@ -19,11 +19,11 @@ from gaternet_jax.layout import GatedLayer
 from gaternet_jax.models.resnet_cifar import UnitSpec, _ceil_div
 
 STAGE_SIZES = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
+  18: (2, 2, 2, 2),
+  34: (3, 4, 6, 3),
+  50: (3, 4, 6, 3),
+  101: (3, 4, 23, 3),
+  152: (3, 8, 36, 3),
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
 STEM_CHANNELS = 64
@@ -65,8 +65,9 @@ class ResNet(nn.Module):
       for u in range(units):
         stride = 2 if (s > 0 and u == 0) else 1
         height, width = _ceil_div(height, stride), _ceil_div(width, stride)
-        specs.append(UnitSpec(f'stage{s + 1}/unit{u + 1}', in_channels, mid, out, stride,
-                              (height, width)))
+        specs.append(
+          UnitSpec(f'stage{s + 1}/unit{u + 1}', in_channels, mid, out, stride, (height, width))
+        )
         in_channels = out
     return specs
 
@@ -74,9 +75,10 @@ class ResNet(nn.Module):
     """The gated layers (last conv of every unit), from the configuration alone."""
     kernel_area = 1 if self.bottleneck else 9
     return [
-        GatedLayer(s.name, s.out_channels,
-                   kernel_area * s.mid_channels * s.out_size[0] * s.out_size[1])
-        for s in self.unit_specs(image_shape[:2])
+      GatedLayer(
+        s.name, s.out_channels, kernel_area * s.mid_channels * s.out_size[0] * s.out_size[1]
+      )
+      for s in self.unit_specs(image_shape[:2])
     ]
 
   @nn.compact

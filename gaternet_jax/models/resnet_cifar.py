@@ -82,8 +82,9 @@ class CifarResNet(nn.Module):
       for u in range(self.units_per_stage()):
         stride = 2 if (s > 0 and u == 0) else 1
         height, width = _ceil_div(height, stride), _ceil_div(width, stride)
-        specs.append(UnitSpec(f'stage{s + 1}/unit{u + 1}', in_channels, mid, out, stride,
-                              (height, width)))
+        specs.append(
+          UnitSpec(f'stage{s + 1}/unit{u + 1}', in_channels, mid, out, stride, (height, width))
+        )
         in_channels = out
     return specs
 
@@ -93,8 +94,9 @@ class CifarResNet(nn.Module):
     for spec in self.unit_specs(image_shape[:2]):
       kernel_area = 1 if self.bottleneck else 9
       positions = spec.out_size[0] * spec.out_size[1]
-      result.append(GatedLayer(spec.name, spec.out_channels,
-                               kernel_area * spec.mid_channels * positions))
+      result.append(
+        GatedLayer(spec.name, spec.out_channels, kernel_area * spec.mid_channels * positions)
+      )
     return result
 
   @nn.compact

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -37,16 +38,52 @@ RESUMABLE_FIELDS = frozenset(
 )
 
 
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """A workdir as an `epath.Path`: a local folder (made absolute) or a URL such as gs://bucket/x.
+
+  All workdir I/O goes through epath, so a cloud-storage workdir shared by every host of a pod
+  works like a local folder.
+  """
+  text = os.fspath(workdir)
+  return epath.Path(text) if '://' in text else epath.Path(os.path.abspath(text))
+
+
 def ensure_writable(workdir: str) -> None:
   """Creates `workdir` and checks a file can be written there, or raises one clear UserError."""
+  path = workdir_path(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_probe_{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from None
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_probe_{jax.process_index()}'
+    probe.write_text('ok')
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001 - local and remote file systems raise different types
+    reason = getattr(e, 'strerror', None) or str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f'workdir {workdir!r} is not writable: {reason}') from None
+
+
+def write_json(workdir: str, name: str, obj: Any) -> None:
+  """Writes `workdir/name` atomically (temporary file, then rename), from process 0 only."""
+  if jax.process_index() != 0:
+    return
+  path = workdir_path(workdir)
+  tmp = path / (name + '.tmp')
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+  tmp.replace(path / name)
+
+
+def read_json(workdir: str, name: str) -> Any:
+  """Reads `workdir/name`; raises CheckpointError with one line if it is missing or corrupt."""
+  path = workdir_path(workdir) / name
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise CheckpointError(f'no {name} in {workdir!r}') from None
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'cannot read {os.fspath(path)!r}: {str(e).splitlines()[0]}') from None
+
+
+def exists(workdir: str, name: str = '') -> bool:
+  return (workdir_path(workdir) / name).exists() if name else workdir_path(workdir).exists()
 
 
 def flatten(config: Any, prefix: str = '') -> dict[str, Any]:
@@ -63,24 +100,25 @@ def flatten(config: Any, prefix: str = '') -> dict[str, Any]:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    tmp = os.path.join(workdir, CONFIG_FILE + '.tmp')
-    with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  write_json(workdir, CONFIG_FILE, json.loads(config.to_json_best_effort()))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config stored beside a run's checkpoints."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  try:
-    with open(path) as f:
-      stored = json.load(f)
-  except FileNotFoundError:
-    raise CheckpointError(f'no {CONFIG_FILE} in {workdir!r}: not a gaternet workdir') from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f'cannot read {path!r}: {e}') from None
-  return ml_collections.ConfigDict(_lists_to_tuples(stored))
+  if not exists(workdir, CONFIG_FILE):
+    raise CheckpointError(f'no {CONFIG_FILE} in {workdir!r}: not a gaternet workdir')
+  return ml_collections.ConfigDict(_lists_to_tuples(read_json(workdir, CONFIG_FILE)))
+
+
+def holds_training_state(workdir: str, stages: tuple[str, ...] = ()) -> bool:
+  """Whether `workdir` (or one of its `stages` sub-directories) has a checkpoint or results.
+
+  A config stored by an attempt that failed before its first checkpoint protects nothing, so
+  it does not block a corrected command from starting over in the same workdir.
+  """
+  if exists(workdir, RESULTS_FILE) or latest_step(workdir) is not None:
+    return True
+  return any(holds_training_state(os.path.join(workdir, s)) for s in stages)
 
 
 def _lists_to_tuples(tree):
@@ -91,9 +129,11 @@ def _lists_to_tuples(tree):
   return tree
 
 
-def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises UserError if `workdir` holds a run started with a conflicting config."""
-  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+def check_resume_config(
+  config: ml_collections.ConfigDict, workdir: str, stages: tuple[str, ...] = ()
+) -> None:
+  """Raises UserError if `workdir` holds training state of a run with a conflicting config."""
+  if not exists(workdir, CONFIG_FILE) or not holds_training_state(workdir, stages):
     return
   stored = flatten(load_config(workdir))
   new = flatten(config)
@@ -115,17 +155,17 @@ def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.Checkpo
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
   # A single, standard pytree item: lets `item_metadata` describe the tree without a restore.
   return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+    workdir_path(workdir) / CHECKPOINT_DIR,
     options=options,
     item_handlers=ocp.StandardCheckpointHandler(),
   )
 
 
 def latest_step(workdir: str) -> int | None:
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  directory = workdir_path(workdir) / CHECKPOINT_DIR
+  if not directory.is_dir():
     return None
-  with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
+  with ocp.CheckpointManager(directory) as manager:
     return manager.latest_step()
 
 
@@ -151,7 +191,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, wher
 
 def _one_line(error: Exception) -> str:
   text = str(error).strip().splitlines()
-  return (text[0] if text else type(error).__name__)[:300]
+  line = text[0] if text else type(error).__name__
+  return line.split('See full TensorStore details')[0].strip()[:300]
 
 
 def _path_str(path) -> str:

@@ -113,11 +113,15 @@ def _maybe_initialize_distributed() -> None:
   env = os.environ
   detected = (
     'JAX_COORDINATOR_ADDRESS' in env
-    or int(env.get('SLURM_NTASKS', '1')) > 1
+    # Inside an `srun` step only: an `salloc` shell has SLURM_NTASKS but no peers running.
+    or ('SLURM_STEP_ID' in env and int(env.get('SLURM_NTASKS', '1')) > 1)
     or len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
   )
   if mode == 'true' or detected:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      raise UserError(f'jax.distributed.initialize() failed: {_first_line(e)}') from None
 
 
 def _enable_compilation_cache() -> None:

@@ -62,6 +62,8 @@ def run(
   max_embed_examples: int = 2000,
 ) -> dict[str, Any]:
   """Analyses the gates of the run in `workdir`; returns the analysis dict."""
+  if max_examples is not None and max_examples < 1:
+    raise UserError(f'--max-examples must be at least 1, got {max_examples}')
   run_dir = procedure.require_checkpoint(workdir)
   config, setup, state, dataset = procedure.load_state(run_dir)
   if not config.model.gated:
@@ -73,7 +75,10 @@ def run(
   gates, labels = collect_gates(state, dataset, split, setup, predict_fn, max_examples)
   layout = models.gate_layout(config, info.image_shape)
   stats = describe.describe(config, num_classes=info.num_classes, image_shape=info.image_shape)
-  out_dir = out_dir or os.path.join(workdir, 'analysis')
+  if out_dir is None:
+    if '://' in workdir:
+      raise UserError('give --out (a local folder) to analyse a run in remote storage')
+    out_dir = os.path.join(workdir, 'analysis')
   if jax.process_index() != 0:
     return {}
   result = analysis.analyze(

@@ -13,7 +13,6 @@ its latest checkpoint. `init.backbone` / `init.gater` name existing runs that re
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -28,6 +27,7 @@ from gaternet_jax.errors import CheckpointError, UserError
 STAGE_BACKBONE = 'stage1_backbone'
 STAGE_GATER = 'stage2_gater'
 STAGE_JOINT = 'stage3_joint'
+STAGES = (STAGE_BACKBONE, STAGE_GATER, STAGE_JOINT)
 
 
 def backbone_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -50,22 +50,22 @@ def gater_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 
 def is_finished(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, checkpoints.RESULTS_FILE))
+  return checkpoints.exists(workdir, checkpoints.RESULTS_FILE)
 
 
 def run_dir(workdir: str) -> str:
   """The run a workdir stands for: itself, or the joint stage of a procedure workdir."""
-  if os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)):
+  if checkpoints.exists(workdir, checkpoints.CHECKPOINT_DIR):
     return workdir
   joint = os.path.join(workdir, STAGE_JOINT)
-  if os.path.isdir(joint):
+  if checkpoints.exists(joint):
     return joint
   return workdir
 
 
 def pretrained_dir(path: str, stage: str) -> str:
   """A run given by `init.*`: a plain run's workdir, or a procedure workdir holding `stage`."""
-  if os.path.isdir(os.path.join(path, stage)):
+  if checkpoints.exists(path, stage):
     return os.path.join(path, stage)
   return path
 
@@ -74,7 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the three stages in `workdir`; returns the joint stage's results."""
   started = time.time()
   checkpoints.ensure_writable(workdir)
-  checkpoints.check_resume_config(config, workdir)
+  checkpoints.check_resume_config(config, workdir, STAGES)
   checkpoints.save_config(config, workdir)
   pretrain_epochs = config.procedure.pretrain_epochs
   if pretrain_epochs is None:
@@ -121,8 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def stored_results(workdir: str) -> dict[str, Any]:
-  with open(os.path.join(workdir, checkpoints.RESULTS_FILE)) as f:
-    return json.load(f)
+  return checkpoints.read_json(workdir, checkpoints.RESULTS_FILE)
 
 
 def load_state(workdir: str, *, info=None, mesh=None):
@@ -190,8 +189,11 @@ def init_from_pretrained(
 def require_checkpoint(workdir: str) -> str:
   """The run directory of `workdir`, or a UserError if it holds no run."""
   directory = run_dir(workdir)
-  if not os.path.isdir(workdir):
+  path = checkpoints.workdir_path(workdir)
+  if not path.exists():
     raise UserError(f'workdir {workdir!r} does not exist')
+  if not path.is_dir():
+    raise UserError(f'workdir {workdir!r} is a file, not a run directory')
   if checkpoints.latest_step(directory) is None:
     raise CheckpointError(f'no checkpoint in {workdir!r}: train there first')
   return directory

@@ -6,11 +6,11 @@ and error; the paper's numbers for the same row stand beside them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
 
+from gaternet_jax import checkpoints
 from gaternet_jax.errors import UserError
 
 VARIANT_SUFFIX = {'plain': '', 'wider': '-Wider', 'se': '-SE', 'gated': '-Gated'}
@@ -58,14 +58,9 @@ PAPER = {
 
 
 def load_results(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, 'results.json')
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise UserError(f'{workdir!r} has no results.json (unfinished or not a gaternet run)') from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f'cannot read {path!r}: {e}') from None
+  if not checkpoints.exists(workdir, checkpoints.RESULTS_FILE):
+    raise UserError(f'{workdir!r} has no results.json (unfinished or not a gaternet run)')
+  return checkpoints.read_json(workdir, checkpoints.RESULTS_FILE)
 
 
 def _depth(name: str) -> int | None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -135,6 +133,15 @@ def build(
 ) -> Setup:
   """Model, optimizer and abstract state for `config` on dataset `info`."""
   mesh = mesh or make_mesh()
+  for field in (
+    'batch_size',
+    'eval_batch_size',
+    'log_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+  ):
+    if config[field] < 1:
+      raise UserError(f'{field} must be at least 1, got {config[field]}')
   if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
     raise UserError(
       f'batch_size {config.batch_size} and eval_batch_size '
@@ -241,7 +248,11 @@ def train_step(
     batch_stats=new_vars.get('batch_stats', {}),
     opt_state=opt_state,
   )
+  # Checked on the host before any checkpoint is written: a finite loss with non-finite updates
+  # (possible in bfloat16) must not slip a diverged state into a checkpoint either.
+  finite = jnp.isfinite(ce + sparsity) & jnp.isfinite(optax.global_norm(updates))
   metrics = {
+    'finite': finite,
     'loss': ce + sparsity,
     'cross_entropy': ce,
     'sparsity': sparsity,
@@ -318,11 +329,11 @@ class ResidentTrainData:
 
   The set is split into one equal shard per device (each process provides its own devices' part,
   so each host holds only its share). Every epoch each shard is permuted with a key derived from
-  (seed, epoch, shard), and step `s` takes the `s % steps_per_epoch`-th slice of each shard's
+  (key, epoch, shard), and step `s` takes the `s % steps_per_epoch`-th slice of each shard's
   permutation: the batch is a pure function of the step, so resuming needs only the step.
   """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, setup: Setup, seed: int):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, setup: Setup, key: jax.Array):
     mesh = setup.mesh
     num_devices = mesh.size
     local_devices = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
@@ -345,13 +356,10 @@ class ResidentTrainData:
     self.labels = jax.make_array_from_process_local_data(
       sharding, local_labels, (num_devices, self.per_device)
     )
-    self.shard_ids = jax.make_array_from_process_local_data(
-      sharding, np.arange(local_devices, dtype=np.int32) + _first_local_shard(mesh), (num_devices,)
-    )
-    self.key = jax.random.key(seed)
+    self.key = jax.device_put(key, setup.replicated)
     self._sample = jax.jit(self._sample_impl, out_shardings=setup.data_sharding)
 
-  def _sample_impl(self, images, labels, shard_ids, key, step):
+  def _sample_impl(self, images, labels, key, step):
     epoch = step // self.steps_per_epoch
     offset = (step % self.steps_per_epoch) * self.device_batch
     epoch_key = jax.random.fold_in(key, epoch)
@@ -361,6 +369,9 @@ class ResidentTrainData:
       idx = jax.lax.dynamic_slice_in_dim(perm, offset, self.device_batch)
       return shard_images[idx], shard_labels[idx]
 
+    # The shard index is a global iota: each device gets its own shard's id, wherever its
+    # process's devices sit in the mesh.
+    shard_ids = jnp.arange(images.shape[0], dtype=jnp.int32)
     batch_images, batch_labels = jax.vmap(take)(images, labels, shard_ids)
     return {
       'image': batch_images.reshape(-1, *batch_images.shape[2:]),
@@ -368,21 +379,19 @@ class ResidentTrainData:
     }
 
   def batch(self, step: int) -> dict[str, jax.Array]:
-    return self._sample(self.images, self.labels, self.shard_ids, self.key, jnp.int32(step))
+    return self._sample(self.images, self.labels, self.key, jnp.int32(step))
 
 
-def _first_local_shard(mesh: Mesh) -> int:
-  for i, d in enumerate(mesh.devices.flat):
-    if d.process_index == jax.process_index():
-      return i
-  return 0
+def train_batches(
+  dataset, setup: Setup, start_step: int, seed: int, key: jax.Array
+) -> Callable[[int], dict]:
+  """step -> global training batch, for in-memory (device-resident) or streamed datasets.
 
-
-def train_batches(dataset, setup: Setup, start_step: int, seed: int) -> Callable[[int], dict]:
-  """step -> global training batch, for in-memory (device-resident) or streamed datasets."""
+  `key` orders device-resident data; `seed` seeds the tf.data pipeline of streamed datasets.
+  """
   if dataset.info.in_memory:
     images, labels = dataset.train_arrays()
-    resident = ResidentTrainData(images, labels, setup, seed)
+    resident = ResidentTrainData(images, labels, setup, key)
     return resident.batch
   local_batch = setup.config.batch_size // jax.process_count()
   iterator = dataset.train_iterator(local_batch, seed=seed, start_step=start_step)
@@ -410,11 +419,7 @@ def evaluate(state: TrainState, dataset, split: str, setup: Setup, eval_fn) -> d
 
 
 def write_results(workdir: str, results: dict[str, Any]) -> None:
-  if jax.process_index() == 0:
-    tmp = os.path.join(workdir, checkpoints.RESULTS_FILE + '.tmp')
-    with open(tmp, 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, checkpoints.RESULTS_FILE))
+  checkpoints.write_json(workdir, checkpoints.RESULTS_FILE, results)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -469,8 +474,10 @@ def train_single(
       state = initialize(state, setup)
     start_step = 0
   train_fn, eval_fn, _ = compile_steps(setup)
-  get_batch = train_batches(dataset, setup, start_step, config.seed)
-  key = jax.random.key(config.seed)
+  # Separate streams for the data order and the step (augmentation, SemHash, gate dropout).
+  data_key, key = jax.random.split(jax.random.key(config.seed))
+  get_batch = train_batches(dataset, setup, start_step, config.seed, data_key)
+  key = jax.device_put(key, setup.replicated)
 
   writer = metrics_io.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -500,7 +507,7 @@ def train_single(
     step += 1
     if previous is not None:
       _check_finite(*previous)
-    previous = (step, metrics['loss'])
+    previous = (step, metrics['loss'], metrics.pop('finite'))
     pending.append(metrics)
     report(step)
     if step % config.log_every_steps == 0 or step == plan.total_steps:
@@ -548,10 +555,11 @@ def _stack(metrics: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
   return {k: jnp.stack([m[k] for m in metrics]) for k in metrics[0]}
 
 
-def _check_finite(step: int, loss: jax.Array) -> None:
+def _check_finite(step: int, loss: jax.Array, finite: jax.Array) -> None:
+  if bool(finite):
+    return
   value = float(loss)
-  if not math.isfinite(value):
-    raise NonFiniteLossError(
-      f'non-finite loss ({value}) at step {step}; training stopped, the last checkpoint before it '
-      'is kept'
-    )
+  what = f'non-finite loss ({value})' if not math.isfinite(value) else 'non-finite gradients'
+  raise NonFiniteLossError(
+    f'{what} at step {step}; training stopped, the last checkpoint before it is kept'
+  )

@@ -81,7 +81,7 @@ def test_train_step_compiles_once(small_setup):
   config, dataset, setup = small_setup
   state = train.create_state(setup, 0)
   step_fn, eval_fn, _ = train.compile_steps(setup)
-  get_batch = train.train_batches(dataset, setup, 0, config.seed)
+  get_batch = train.train_batches(dataset, setup, 0, config.seed, jax.random.key(1))
   key = jax.random.key(0)
   for step in range(4):
     state, _ = step_fn(state, get_batch(step), key)
@@ -109,7 +109,7 @@ def test_eval_counts_every_example_once(small_setup):
 def test_resident_batches_are_deterministic_and_cover_the_epoch(small_setup):
   config, dataset, setup = small_setup
   images, labels = dataset.train_arrays()
-  resident = train.ResidentTrainData(images, labels, setup, seed=0)
+  resident = train.ResidentTrainData(images, labels, setup, jax.random.key(0))
   seen = np.concatenate(
     [np.asarray(resident.batch(s)['label']) for s in range(resident.steps_per_epoch)]
   )
@@ -143,7 +143,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_default('plain', max_steps=40, checkpoint_every_steps=1)
   config.schedule.name = 'constant'
   config.optimizer.learning_rate = 1e12
-  with pytest.raises(NonFiniteLossError, match=r'non-finite loss .* at step (\d+)') as info:
+  with pytest.raises(NonFiniteLossError, match=r'non-finite .* at step (\d+)') as info:
     train.train_and_evaluate(config, workdir)
   bad_step = int(info.value.args[0].split('at step ')[1].split(';')[0])
   last = checkpoints.latest_step(workdir)
@@ -313,3 +313,25 @@ def test_sweep_command_runs_each_point(tmp_path, cli):
     'nope=1',
   )
   assert 'unknown config field' in _one_error_line(bad)
+
+
+def test_failed_first_attempt_does_not_block_the_corrected_command(tmp_path, cli):
+  workdir = str(tmp_path / 'w')
+  base = ['--config', 'experiments/default.py:plain', '--workdir', workdir, *TINY_FLAGS]
+  assert 'batch_size must be at least 1' in _one_error_line(
+    cli('train', *base, '--config.batch_size=0')
+  )
+  assert cli('train', *base).returncode == 0
+
+
+def test_distributed_without_a_cluster_is_one_line(tmp_path, cli):
+  result = cli(
+    'train',
+    '--config',
+    'experiments/default.py:plain',
+    '--workdir',
+    str(tmp_path / 'w'),
+    '--distributed=true',
+    *TINY_FLAGS,
+  )
+  assert 'jax.distributed.initialize() failed' in _one_error_line(result)

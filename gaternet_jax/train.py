@@ -356,7 +356,7 @@ class ResidentTrainData:
     self.labels = jax.make_array_from_process_local_data(
       sharding, local_labels, (num_devices, self.per_device)
     )
-    self.key = jax.device_put(key, setup.replicated)
+    self.key = key
     self._sample = jax.jit(self._sample_impl, out_shardings=setup.data_sharding)
 
   def _sample_impl(self, images, labels, key, step):
@@ -474,10 +474,13 @@ def train_single(
       state = initialize(state, setup)
     start_step = 0
   train_fn, eval_fn, _ = compile_steps(setup)
-  # Separate streams for the data order and the step (augmentation, SemHash, gate dropout).
-  data_key, key = jax.random.split(jax.random.key(config.seed))
+  # Separate streams for the data order and the step (augmentation, SemHash, gate dropout),
+  # made inside jit so that they are global replicated arrays on every host.
+  data_key, key = jax.jit(
+    lambda: tuple(jax.random.split(jax.random.key(config.seed))),
+    out_shardings=(setup.replicated, setup.replicated),
+  )()
   get_batch = train_batches(dataset, setup, start_step, config.seed, data_key)
-  key = jax.device_put(key, setup.replicated)
 
   writer = metrics_io.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:

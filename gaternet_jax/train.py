@@ -263,14 +263,18 @@ def train_step(
   return new_state, metrics
 
 
+def _eval_forward(state: TrainState, batch: dict[str, jax.Array], setup: Setup):
+  """(logits, aux) in evaluation mode: no augmentation, running BN statistics, hard gates."""
+  x = preprocess(setup.config, setup.info, batch['image'], None)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return setup.model.apply(variables, x, train=False)
+
+
 def eval_step(
   state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
 ) -> dict[str, jax.Array]:
   """Sums over the masked-in examples of one eval batch (padding rows have mask 0)."""
-  x = preprocess(setup.config, setup.info, batch['image'], None)
-  logits, aux = setup.model.apply(
-    {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
-  )
+  logits, aux = _eval_forward(state, batch, setup)
   labels, mask = batch['label'], batch['mask']
   per_example_ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   sums = {
@@ -288,10 +292,7 @@ def predict_step(
   state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
 ) -> dict[str, jax.Array]:
   """Evaluation-mode logits and binary gates of one batch (for analysis)."""
-  x = preprocess(setup.config, setup.info, batch['image'], None)
-  logits, aux = setup.model.apply(
-    {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
-  )
+  logits, aux = _eval_forward(state, batch, setup)
   out = {'logits': logits}
   if 'gates' in aux:
     out['gates'] = aux['gates'] > 0.5

@@ -104,6 +104,14 @@ class GateSlicer:
       )
 
 
+def pool_and_classify(x, *, include_head: bool, num_classes: int, dtype: Dtype) -> jax.Array:
+  """Global average pooling, then the classifier (float32 logits), or the pooled features."""
+  x = jnp.mean(x, axis=(1, 2))
+  if not include_head:
+    return x
+  return nn.Dense(num_classes, dtype=dtype, name='head')(x).astype(jnp.float32)
+
+
 class BasicUnit(nn.Module):
   """Post-activation basic block (two 3x3 convolutions), gated on its second conv's output.
 

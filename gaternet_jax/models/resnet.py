@@ -99,10 +99,9 @@ class ResNet(nn.Module):
         block = layers.BasicUnit(*args, projection=True, dtype=self.dtype, name=name)
       x = block(x, slicer.next(spec.out_channels), train=train)
     slicer.check_consumed()
-    x = jnp.mean(x, axis=(1, 2))
-    if not self.include_head:
-      return x
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return layers.pool_and_classify(
+      x, include_head=self.include_head, num_classes=self.num_classes, dtype=self.dtype
+    )
 
 
 class BottleneckUnit(nn.Module):

@@ -119,10 +119,9 @@ class CifarResNet(nn.Module):
     slicer.check_consumed()
     if self.bottleneck:
       x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='final_bn')(x))
-    x = jnp.mean(x, axis=(1, 2))
-    if not self.include_head:
-      return x
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return layers.pool_and_classify(
+      x, include_head=self.include_head, num_classes=self.num_classes, dtype=self.dtype
+    )
 
 
 class PreActBottleneckUnit(nn.Module):

@@ -423,6 +423,39 @@ def write_results(workdir: str, results: dict[str, Any]) -> None:
   checkpoints.write_json(workdir, checkpoints.RESULTS_FILE, results)
 
 
+PLAN_FILE = 'plan.json'
+
+
+def check_resume_plan(workdir: str, setup: Setup, *, resuming: bool) -> None:
+  """Stores the derived plan; on resume, refuses a dataset of another size.
+
+  The config can match while the data do not (e.g. `data.data_dir` pointed at another copy):
+  a different number of training examples would silently change steps per epoch, the total
+  steps and the schedule. A different device count only changes the data order, so it is
+  logged.
+  """
+  plan = {
+    'num_train': setup.info.num_train,
+    'steps_per_epoch': setup.plan.steps_per_epoch,
+    'total_steps': setup.plan.total_steps,
+    'devices': setup.mesh.size,
+  }
+  if resuming and checkpoints.exists(workdir, PLAN_FILE):
+    stored = checkpoints.read_json(workdir, PLAN_FILE)
+    if stored.get('num_train') != plan['num_train']:
+      raise UserError(
+        f'workdir {workdir!r} was trained on {stored.get("num_train")} training examples, '
+        f'the data now has {plan["num_train"]}; resume with the same data or use a new --workdir'
+      )
+    if stored.get('devices') != plan['devices']:
+      logging.warning(
+        'Resuming on %d devices, trained on %d: the order of training examples changes.',
+        plan['devices'],
+        stored.get('devices'),
+      )
+  checkpoints.write_json(workdir, PLAN_FILE, plan)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains what `config` describes in `workdir` and returns the final eval metrics.
 
@@ -466,6 +499,7 @@ def train_single(
   checkpoints.save_config(config, workdir)
   manager = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
   start_step = manager.latest_step()
+  check_resume_plan(workdir, setup, resuming=start_step is not None)
   if start_step is not None:
     state = checkpoints.restore(manager, start_step, setup.abstract_state, workdir)
     logging.info('Resumed %s from step %d.', workdir, start_step)

@@ -461,3 +461,12 @@ def test_normalize():
   np.testing.assert_allclose(np.asarray(out), expected, rtol=3e-7, atol=0)
   half = augment.normalize(jnp.asarray(images), mean, std, dtype=jnp.bfloat16)
   assert half.dtype == jnp.bfloat16
+
+
+def test_constant_channel_gets_a_nonzero_std():
+  from gaternet_jax.data import base  # noqa: PLC0415
+
+  images = np.zeros((4, 2, 2, 3), np.uint8)
+  images[..., 0] = np.arange(4)[:, None, None] * 10
+  mean, std = base.channel_stats(images)
+  assert std[1] == std[2] == base.MIN_STD and std[0] > 1

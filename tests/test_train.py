@@ -335,3 +335,27 @@ def test_distributed_without_a_cluster_is_one_line(tmp_path, cli):
     *TINY_FLAGS,
   )
   assert 'jax.distributed.initialize() failed' in _one_error_line(result)
+
+
+def test_resume_on_data_of_another_size_is_refused(tmp_path, cli):
+  from PIL import Image  # noqa: PLC0415
+
+  def folder(root, per_class):
+    for c in ('a', 'b'):
+      os.makedirs(root / 'train' / c, exist_ok=True)
+      for i in range(per_class):
+        Image.new('RGB', (8, 8), (i * 20, 40 if c == 'a' else 200, 0)).save(
+          root / 'train' / c / f'{i}.png'
+        )
+    return root
+
+  small, large = folder(tmp_path / 'small', 30), folder(tmp_path / 'large', 40)
+  base = [
+    '--config', 'experiments/default.py:plain', '--workdir', str(tmp_path / 'w'), *TINY_FLAGS,
+    '--config.data.name=imagefolder', '--config.data.holdout=10', '--config.data.eval_split=holdout',
+    '--config.batch_size=10', '--config.eval_batch_size=10',
+  ]  # fmt: skip
+  first = cli('train', *base, f'--config.data.data_dir={small}', '--config.max_steps=3')
+  assert first.returncode == 0, first.stderr[-2000:]
+  again = cli('train', *base, f'--config.data.data_dir={large}', '--config.max_steps=3')
+  assert 'training examples' in _one_error_line(again)

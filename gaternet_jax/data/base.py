@@ -279,6 +279,9 @@ def stats_sample(num_train: int) -> np.ndarray:
   return np.sort(rng.choice(num_train, _STATS_SAMPLE, replace=False))
 
 
+MIN_STD = 1.0
+
+
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean and standard deviation (0-255 scale) of uint8 images (n, H, W, C)."""
   channels = images.shape[-1]
@@ -289,6 +292,9 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
   total_sq = np.einsum('nc,nc->c', flat, flat, dtype=np.float64)
   mean = total / count
   std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+  # A constant channel (e.g. an empty colour channel) would divide by zero when normalising; one
+  # grey level is the smallest meaningful spread of uint8 data.
+  std = np.maximum(std, MIN_STD)
   return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 

@@ -538,7 +538,7 @@ def train_single(
 
   eval_metrics: dict[str, Any] = {}
   pending: list[dict[str, jax.Array]] = []
-  previous = None  # (step, loss, finite) of the step before, checked one step late (async dispatch)
+  previous = None  # (step, loss, finite) of the previous step, checked one step late
   step = start_step
   while step < plan.total_steps:
     state, metrics = train_fn(state, get_batch(step), key)

@@ -359,3 +359,26 @@ def test_resume_on_data_of_another_size_is_refused(tmp_path, cli):
   assert first.returncode == 0, first.stderr[-2000:]
   again = cli('train', *base, f'--config.data.data_dir={large}', '--config.max_steps=3')
   assert 'training examples' in _one_error_line(again)
+
+
+def test_corrupt_checkpoint_is_one_line_and_not_overwritten(tmp_path, cli):
+  workdir = tmp_path / 'w'
+  base = ['--config', 'experiments/default.py:plain', '--workdir', str(workdir), *TINY_FLAGS]
+  assert cli('train', *base).returncode == 0
+  # Truncate every data file of the newest checkpoint.
+  newest = workdir / 'checkpoints' / '6'
+  damaged = 0
+  for root, _, files in os.walk(newest):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.getsize(path) > 100 and not name.endswith('.json'):
+        with open(path, 'r+b') as f:
+          f.truncate(10)
+        damaged += 1
+  assert damaged
+  snapshot = sorted(os.listdir(workdir / 'checkpoints'))
+  line = _one_error_line(cli('evaluate', '--workdir', str(workdir)))
+  assert 'checkpoint 6' in line and str(workdir) in line
+  line = _one_error_line(cli('train', *base))
+  assert 'checkpoint 6' in line
+  assert sorted(os.listdir(workdir / 'checkpoints')) == snapshot

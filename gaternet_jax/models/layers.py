@@ -104,6 +104,24 @@ class GateSlicer:
       )
 
 
+def gated_units(x, specs, gates, make_unit, *, train: bool) -> jax.Array:
+  """Applies one residual unit per spec in order, each with its slice of the gate vector.
+
+  Args:
+    x: the stem's output.
+    specs: the backbone's unit specs (the same list its gate layout is built from).
+    gates: (batch, c) gate vector, or None for the plain network.
+    make_unit: (spec, name) -> the unit module; called here so it binds to the calling module.
+    train: training mode.
+  """
+  slicer = GateSlicer(gates, sum(spec.out_channels for spec in specs))
+  for spec in specs:
+    unit = make_unit(spec, spec.name.replace('/', '_'))
+    x = unit(x, slicer.next(spec.out_channels), train=train)
+  slicer.check_consumed()
+  return x
+
+
 def pool_and_classify(x, *, include_head: bool, num_classes: int, dtype: Dtype) -> jax.Array:
   """Global average pooling, then the classifier (float32 logits), or the pooled features."""
   x = jnp.mean(x, axis=(1, 2))

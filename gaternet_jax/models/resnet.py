@@ -85,20 +85,18 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
     specs = self.unit_specs(x.shape[1:3])
     x = x.astype(self.dtype)
-    slicer = layers.GateSlicer(gates, sum(s.out_channels for s in specs))
     stem = layers.scaled_channels(STEM_CHANNELS, self.width)
     x = layers.conv(stem, 7, 2, dtype=self.dtype, name='stem_conv')(x)
     x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
-    for spec in specs:
-      name = spec.name.replace('/', '_')
+
+    def make_unit(spec, name):
       args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
       if self.bottleneck:
-        block = BottleneckUnit(*args, dtype=self.dtype, name=name)
-      else:
-        block = layers.BasicUnit(*args, projection=True, dtype=self.dtype, name=name)
-      x = block(x, slicer.next(spec.out_channels), train=train)
-    slicer.check_consumed()
+        return BottleneckUnit(*args, dtype=self.dtype, name=name)
+      return layers.BasicUnit(*args, projection=True, dtype=self.dtype, name=name)
+
+    x = layers.gated_units(x, specs, gates, make_unit, train=train)
     return layers.pool_and_classify(
       x, include_head=self.include_head, num_classes=self.num_classes, dtype=self.dtype
     )

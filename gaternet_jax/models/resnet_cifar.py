@@ -103,20 +103,18 @@ class CifarResNet(nn.Module):
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
     specs = self.unit_specs(x.shape[1:3])
     x = x.astype(self.dtype)
-    slicer = layers.GateSlicer(gates, sum(s.out_channels for s in specs))
     stem = layers.scaled_channels(STEM_CHANNELS, self.width)
     x = layers.conv(stem, 3, dtype=self.dtype, name='stem_conv')(x)
     if not self.bottleneck:  # pre-activation nets normalize at the start of each unit instead
       x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
-    for spec in specs:
-      name = spec.name.replace('/', '_')
+
+    def make_unit(spec, name):
       args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
       if self.bottleneck:
-        block = PreActBottleneckUnit(*args, dtype=self.dtype, name=name)
-      else:
-        block = layers.BasicUnit(*args, projection=False, dtype=self.dtype, name=name)
-      x = block(x, slicer.next(spec.out_channels), train=train)
-    slicer.check_consumed()
+        return PreActBottleneckUnit(*args, dtype=self.dtype, name=name)
+      return layers.BasicUnit(*args, projection=False, dtype=self.dtype, name=name)
+
+    x = layers.gated_units(x, specs, gates, make_unit, train=train)
     if self.bottleneck:
       x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='final_bn')(x))
     return layers.pool_and_classify(

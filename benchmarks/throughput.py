@@ -9,13 +9,11 @@ warm-up, compile seconds, and the device kind.
 
 from __future__ import annotations
 
-import os
 import sys
 
-from gaternet_jax import main as gaternet_main  # noqa: E402
+from gaternet_jax import environment
 
-if 'XLA_FLAGS' not in os.environ and gaternet_main.cpu_only_install():
-  os.environ['XLA_FLAGS'] = gaternet_main._CPU_XLA_FLAG  # the `gaternet` command's CPU setting
+environment.prepare()  # the `gaternet` command's settings, before JAX starts
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -26,7 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gaternet_jax import describe, train  # noqa: E402
+from gaternet_jax import describe, steps  # noqa: E402
+from gaternet_jax.data import feed  # noqa: E402
 from gaternet_jax.data.base import DatasetInfo  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'experiments/cifar10_resnet20.py', 'Experiment config.')
@@ -56,16 +55,16 @@ def measure(config, variant: str) -> dict:
     split_sizes={},
     in_memory=config.data.name != 'imagenet2012',
   )
-  setup = train.build(config, info)
-  state = train.create_state(setup, 0)
-  train_fn, eval_fn, _ = train.compile_steps(setup)
+  setup = steps.build(config, info)
+  state = steps.create_state(setup, 0)
+  train_fn, eval_fn, _ = steps.compile_steps(setup)
   rng = np.random.default_rng(0)
   b = config.batch_size
   batch = {
     'image': rng.integers(0, 255, (b, *shape), dtype=np.uint8),
     'label': rng.integers(0, num_classes, (b,), dtype=np.int32),
   }
-  batch = train.to_global(batch, setup.data_sharding)
+  batch = feed.to_global(batch, setup.data_sharding)
   eval_batch = dict(batch, mask=jax.device_put(jnp.ones((b,), jnp.float32), setup.data_sharding))
   key = jax.random.key(0)
 

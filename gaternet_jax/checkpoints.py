@@ -1,26 +1,24 @@
-"""Orbax checkpoints, the run's stored config, and initialisation from pre-trained runs.
+"""Orbax checkpoints: the manager, integrity, compatibility checks and resume checks.
 
-A workdir holds `config.json` (the config the run was started with), `checkpoints/<step>/` (Orbax,
-written atomically: a checkpoint directory appears only once complete, so a run killed mid-save
-leaves the previous checkpoints intact), TensorBoard events and, at the end, `results.json`.
+Checkpoints live in `WORKDIR/checkpoints/<step>/`, written atomically by Orbax (a step directory
+appears only once complete, so a run killed mid-save leaves the previous checkpoints intact). Beside
+them `checksums.json` holds a digest of every checkpoint's arrays, written before the checkpoint
+itself and verified on every restore, so a flipped bit is an error naming the step instead of a
+silently altered model.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import hashlib
 from typing import Any
 
-from etils import epath
+from absl import logging
 import jax
-import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
+from gaternet_jax import configs, distributed, workdir as workdir_lib
 from gaternet_jax.errors import CheckpointError, UserError
-
-CONFIG_FILE = 'config.json'
-CHECKPOINT_DIR = 'checkpoints'
-RESULTS_FILE = 'results.json'
 
 # Fields a resumed run may change without conflicting with the stored config: they affect
 # logging, cadence and where data is read from, not what is trained.
@@ -38,142 +36,149 @@ RESUMABLE_FIELDS = frozenset(
 )
 
 
-def workdir_path(workdir: str | os.PathLike) -> epath.Path:
-  """A workdir as an `epath.Path`: a local folder (made absolute) or a URL such as gs://bucket/x.
-
-  All workdir I/O goes through epath, so a cloud-storage workdir shared by every host of a pod
-  works like a local folder.
-  """
-  text = os.fspath(workdir)
-  return epath.Path(text) if '://' in text else epath.Path(os.path.abspath(text))
-
-
-def ensure_writable(workdir: str) -> None:
-  """Creates `workdir` and checks a file can be written there, or raises one clear UserError."""
-  path = workdir_path(workdir)
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write_probe_{jax.process_index()}'
-    probe.write_text('ok')
-    probe.unlink()
-  except Exception as e:  # noqa: BLE001 - local and remote file systems raise different types
-    reason = getattr(e, 'strerror', None) or str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f'workdir {workdir!r} is not writable: {reason}') from None
-
-
-def write_json(workdir: str, name: str, obj: Any) -> None:
-  """Writes `workdir/name` atomically (temporary file, then rename), from process 0 only."""
-  if jax.process_index() != 0:
-    return
-  path = workdir_path(workdir)
-  tmp = path / (name + '.tmp')
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  tmp.replace(path / name)
-
-
-def read_json(workdir: str, name: str) -> Any:
-  """Reads `workdir/name`; raises CheckpointError with one line if it is missing or corrupt."""
-  path = workdir_path(workdir) / name
-  try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
-    raise CheckpointError(f'no {name} in {workdir!r}') from None
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'cannot read {os.fspath(path)!r}: {str(e).splitlines()[0]}') from None
-
-
-def exists(workdir: str, name: str = '') -> bool:
-  return (workdir_path(workdir) / name).exists() if name else workdir_path(workdir).exists()
-
-
-def flatten(config: Any, prefix: str = '') -> dict[str, Any]:
-  """{'a.b': value} for a (nested) ConfigDict or dict; tuples become lists (as in JSON)."""
-  items = config.items() if hasattr(config, 'items') else []
-  out = {}
-  for key, value in items:
-    name = f'{prefix}{key}'
-    if isinstance(value, (dict, ml_collections.ConfigDict)):
-      out.update(flatten(value, name + '.'))
-    else:
-      out[name] = list(value) if isinstance(value, tuple) else value
-  return out
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  write_json(workdir, CONFIG_FILE, json.loads(config.to_json_best_effort()))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config stored beside a run's checkpoints."""
-  if not exists(workdir, CONFIG_FILE):
-    raise CheckpointError(f'no {CONFIG_FILE} in {workdir!r}: not a gaternet workdir')
-  return ml_collections.ConfigDict(_lists_to_tuples(read_json(workdir, CONFIG_FILE)))
-
-
-def holds_training_state(workdir: str, stages: tuple[str, ...] = ()) -> bool:
-  """Whether `workdir` (or one of its `stages` sub-directories) has a checkpoint or results.
-
-  A config stored by an attempt that failed before its first checkpoint protects nothing, so
-  it does not block a corrected command from starting over in the same workdir.
-  """
-  if exists(workdir, RESULTS_FILE) or latest_step(workdir) is not None:
-    return True
-  return any(holds_training_state(os.path.join(workdir, s)) for s in stages)
-
-
-def _lists_to_tuples(tree):
-  if isinstance(tree, dict):
-    return {k: _lists_to_tuples(v) for k, v in tree.items()}
-  if isinstance(tree, list):
-    return tuple(tree)
-  return tree
-
-
-def check_resume_config(
-  config: ml_collections.ConfigDict, workdir: str, stages: tuple[str, ...] = ()
-) -> None:
-  """Raises UserError if `workdir` holds training state of a run with a conflicting config."""
-  if not exists(workdir, CONFIG_FILE) or not holds_training_state(workdir, stages):
-    return
-  stored = flatten(load_config(workdir))
-  new = flatten(config)
-  conflicts = sorted(
-    key
-    for key in set(stored) | set(new)
-    if key not in RESUMABLE_FIELDS and stored.get(key) != new.get(key)
-  )
-  if conflicts:
-    shown = ', '.join(f'{k} (stored {stored.get(k)!r}, now {new.get(k)!r})' for k in conflicts[:4])
-    more = f' and {len(conflicts) - 4} more' if len(conflicts) > 4 else ''
-    raise UserError(
-      f'workdir {workdir!r} holds a run with a different config: {shown}{more}; '
-      'use a new --workdir or the same config to resume'
-    )
-
-
 def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  """An Orbax manager of `workdir/checkpoints`. Every process must call it at the same point:
+  constructing one synchronises all processes."""
+  # Synchronous saves: under load, Orbax's background finalize thread was seen to fail reading
+  # the array metadata of a temporary directory it had already renamed (orbax 0.12.8, a 2-core
+  # CPU running 4 simulated devices). A synchronous save blocks training for one write every
+  # `checkpoint_every_steps`, and a failure surfaces at the step that caused it.
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, create=create, enable_async_checkpointing=False
+  )
   # A single, standard pytree item: lets `item_metadata` describe the tree without a restore.
   return ocp.CheckpointManager(
-    workdir_path(workdir) / CHECKPOINT_DIR,
+    workdir_lib.path(workdir, workdir_lib.CHECKPOINT_DIR),
     options=options,
     item_handlers=ocp.StandardCheckpointHandler(),
   )
 
 
-def latest_step(workdir: str) -> int | None:
-  directory = workdir_path(workdir) / CHECKPOINT_DIR
+def steps(workdir: str) -> list[int]:
+  """The finished checkpoints' steps, ascending, read from the directory listing alone.
+
+  Orbax renames a checkpoint to its step number only once it is complete, so temporary
+  directories of an interrupted save are never listed. No manager is built (that would be a
+  barrier): callers on several hosts wrap this in `distributed.agree`.
+  """
+  directory = workdir_lib.path(workdir, workdir_lib.CHECKPOINT_DIR)
   if not directory.is_dir():
-    return None
-  with ocp.CheckpointManager(directory) as manager:
-    return manager.latest_step()
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, where: str) -> Any:
-  """Restores `step` into the structure, shapes and shardings of `abstract_state`.
+def latest_step(workdir: str) -> int | None:
+  found = steps(workdir)
+  return found[-1] if found else None
+
+
+def save(manager: ocp.CheckpointManager, workdir: str, step: int, state: Any) -> None:
+  """Records the state's digest, then saves it as checkpoint `step` (asynchronously)."""
+  try:
+    record_digest(workdir, step, state)
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  except Exception as e:  # noqa: BLE001 - a full disk surfaces as many types, from any layer
+    raise _write_error(workdir, step, e) from None
+
+
+def finish(manager: ocp.CheckpointManager, workdir: str, step: int) -> None:
+  """Waits for the last save to land, then closes the manager."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise _write_error(workdir, step, e) from None
+  finally:
+    manager.close()
+
+
+def _write_error(workdir: str, step: int, error: Exception) -> CheckpointError:
+  intact = latest_step(workdir)
+  kept = 'no checkpoint is kept' if intact is None else f'the last intact checkpoint is {intact}'
+  where = workdir_lib.path(workdir, workdir_lib.CHECKPOINT_DIR)
+  return CheckpointError(f'cannot write checkpoint {step} to {where}: {_one_line(error)}; {kept}')
+
+
+def set_aside_after(workdir: str, step: int) -> list[int]:
+  """Moves the checkpoints after `step` to `WORKDIR/superseded/<step>` (kept, never deleted).
+
+  Used when a user resumes from an earlier checkpoint on purpose (`--resume_step`), e.g. past a
+  corrupt latest one: training then continues from `step` and writes new checkpoints in their
+  place. Process 0 moves; callers synchronise afterwards.
+  """
+  later = [s for s in steps(workdir) if s > step]
+  if later and distributed.is_leader():
+    aside = workdir_lib.path(workdir, workdir_lib.SUPERSEDED_DIR)
+    aside.mkdir(parents=True, exist_ok=True)
+    for s in later:
+      workdir_lib.path(workdir, workdir_lib.CHECKPOINT_DIR, str(s)).rename(aside / str(s))
+      logging.warning('Moved checkpoint %d of %s to %s (resuming at %d).', s, workdir, aside, step)
+  return later
+
+
+def tree_digest(tree: Any) -> str:
+  """SHA-256 of every array of a pytree, with its path, dtype and shape, in tree order.
+
+  Works on several hosts for replicated arrays: each process hashes its own full copy.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = leaf.addressable_data(0)
+    value = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def record_digest(workdir: str, step: int, state: Any) -> None:
+  """Stores the digest of the state about to be saved as checkpoint `step` (process 0 writes).
+
+  Written before the checkpoint: a checkpoint never exists without its digest.
+  """
+  digest = tree_digest(state)
+  if not distributed.is_leader():
+    return
+  table = _digests(workdir)
+  kept = set(steps(workdir))
+  table = {k: v for k, v in table.items() if int(k) in kept}
+  table[str(step)] = digest
+  workdir_lib.write_json(workdir, workdir_lib.CHECKSUMS_FILE, table)
+
+
+def _digests(workdir: str) -> dict[str, str]:
+  if not workdir_lib.exists(workdir, workdir_lib.CHECKSUMS_FILE):
+    return {}
+  return workdir_lib.read_json(workdir, workdir_lib.CHECKSUMS_FILE)
+
+
+def verify_digest(workdir: str, step: int, state: Any) -> None:
+  """Raises CheckpointError when restored checkpoint `step` differs from its recorded digest."""
+  expected = _digests(workdir).get(str(step))
+  if expected is None:
+    # Checkpoints written before digests existed; nothing to compare with.
+    logging.warning('Checkpoint %d in %s has no recorded checksum; not verified.', step, workdir)
+    return
+  if tree_digest(state) != expected:
+    earlier = [s for s in steps(workdir) if s < step]
+    hint = (
+      f'; resume from an earlier one with --resume_step={earlier[-1]}'
+      if earlier
+      else '; no earlier checkpoint exists'
+    )
+    raise CheckpointError(
+      f'checkpoint {step} in {workdir!r} is corrupt: its arrays do not match the checksum '
+      f'written with it{hint}'
+    )
+
+
+def restore(
+  manager: ocp.CheckpointManager, step: int, abstract_state: Any, where: str, verify: bool = True
+) -> Any:
+  """Restores `step` into the structure, shapes and shardings of `abstract_state`, verified
+  against its recorded checksum unless `verify` is False.
 
   A checkpoint whose tree or shapes differ from the model's raises CheckpointError naming the
-  first mismatched parameter; an unreadable one raises CheckpointError too.
+  first mismatched parameter; an unreadable or corrupt one raises CheckpointError too.
   """
   try:
     metadata = manager.item_metadata(step)
@@ -182,11 +187,14 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, wher
   if metadata is not None:
     check_compatible(metadata, abstract_state, where)
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(
       f'checkpoint {step} in {where!r} cannot be restored: {_one_line(e)}'
     ) from None
+  if verify:
+    verify_digest(where, step, state)
+  return state
 
 
 def _one_line(error: Exception) -> str:
@@ -232,3 +240,50 @@ def check_compatible(found: Any, expected: Any, where: str, prefix: str = '') ->
       f'checkpoint in {where!r} does not match the model: it has parameter '
       f'{extra[0]} that the model lacks'
     )
+
+
+def holds_training_state(workdir: str, stages: tuple[str, ...] = ()) -> bool:
+  """Whether `workdir` (or one of its `stages` sub-directories) has a checkpoint or results.
+
+  A config stored by an attempt that failed before its first checkpoint protects nothing, so
+  it does not block a corrected command from starting over in the same workdir.
+  """
+  if workdir_lib.is_finished(workdir) or latest_step(workdir) is not None:
+    return True
+  return any(holds_training_state(workdir_lib.join(workdir, s)) for s in stages)
+
+
+def config_conflicts(config, workdir: str, stages: tuple[str, ...] = ()) -> str | None:
+  """Why `config` may not resume the run in `workdir`, or None when it may (or nothing is there).
+
+  Reads only files, builds no manager: safe inside `distributed.agree`.
+  """
+  if not workdir_lib.exists(workdir, workdir_lib.CONFIG_FILE):
+    return None
+  if not holds_training_state(workdir, stages):
+    return None
+  stored = configs.flatten(workdir_lib.load_config(workdir))
+  new = configs.flatten(config)
+  conflicts = sorted(
+    key
+    for key in set(stored) | set(new)
+    if key not in RESUMABLE_FIELDS and stored.get(key) != new.get(key)
+  )
+  if not conflicts:
+    return None
+  shown = ', '.join(f'{k} (stored {stored.get(k)!r}, now {new.get(k)!r})' for k in conflicts[:4])
+  more = f' and {len(conflicts) - 4} more' if len(conflicts) > 4 else ''
+  return (
+    f'workdir {workdir!r} holds a run with a different config: {shown}{more}; '
+    'use a new --workdir or the same config to resume'
+  )
+
+
+def check_resume_config(config, workdir: str, stages: tuple[str, ...] = ()) -> None:
+  """Raises UserError if `workdir` holds training state of a run with a conflicting config.
+
+  On several hosts process 0 decides and every process raises alike.
+  """
+  conflict = distributed.agree(lambda: config_conflicts(config, workdir, stages) is not None)
+  if conflict:
+    raise UserError(config_conflicts(config, workdir, stages) or 'conflicting config')

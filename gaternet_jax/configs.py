@@ -9,6 +9,8 @@ number behind.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -153,6 +155,11 @@ def imagenet_config(
     wider_width=wider_width,
     se_reduction=16,  # the SE paper's ratio; reproduces Table 3's SE rows
   )
+  return imagenet_recipe(c)
+
+
+def imagenet_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets a config's data and training fields to the ImageNet recipe; returns it."""
   c.data.eval_split = 'validation'
   # ImageNet recipe: batch 256 at learning rate 0.1, scaled linearly with the global batch;
   # 90 epochs, 5 warm-up epochs, cosine decay (set schedule.name='step' for /10 at 30/60/80).
@@ -167,3 +174,16 @@ def imagenet_config(
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 2000
   return c
+
+
+def flatten(config: Any, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': value} for a (nested) ConfigDict or dict; tuples become lists (as in JSON)."""
+  items = config.items() if hasattr(config, 'items') else []
+  out = {}
+  for key, value in items:
+    name = f'{prefix}{key}'
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(flatten(value, name + '.'))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out

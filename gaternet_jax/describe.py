@@ -16,7 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from gaternet_jax import models
+from gaternet_jax.data import embedded
 from gaternet_jax.layout import total_filters
+
+# The numbers `gaternet describe --json` prints, in order.
+SUMMARY_KEYS = (
+  'backbone_params',
+  'gater_params',
+  'total_params',
+  'gated_filters',
+  'backbone_macs',
+  'gater_macs',
+)
 
 
 def count_params(tree: Any) -> int:
@@ -90,7 +101,7 @@ def gated_macs_per_filter(config, image_shape) -> np.ndarray:
 
 # Shapes and class counts of the datasets whose layout is known without reading them.
 KNOWN_DATASETS = {
-  'default': (10, (16, 16, 1)),
+  embedded.NAME: (embedded.NUM_CLASSES, embedded.IMAGE_SHAPE),
   'cifar10': (10, (32, 32, 3)),
   'cifar100': (100, (32, 32, 3)),
 }
@@ -106,3 +117,35 @@ def dataset_spec(data_config) -> tuple[int, tuple[int, int, int]]:
 
   info = data.load_dataset(data_config).info
   return info.num_classes, info.image_shape
+
+
+def summary(config) -> dict[str, int]:
+  """`SUMMARY_KEYS` of the model a config describes, its dataset's shape known or read."""
+  num_classes, image_shape = dataset_spec(config.data)
+  stats = describe(config, num_classes=num_classes, image_shape=image_shape)
+  return {k: stats[k] for k in SUMMARY_KEYS}
+
+
+def format_text(config, stats: dict[str, int]) -> str:
+  """The human-readable form of `summary`."""
+  num_classes, image_shape = dataset_spec(config.data)
+  rows = [
+    ('backbone parameters', stats['backbone_params']),
+    ('gater parameters', stats['gater_params']),
+    ('total parameters', stats['total_params']),
+    ('gated filters', stats['gated_filters']),
+    ('backbone MACs/image', stats['backbone_macs']),
+    ('gater MACs/image', stats['gater_macs']),
+  ]
+  lines = [
+    f'{config.name} ({config.variant}): backbone {config.model.backbone}, '
+    f'{num_classes} classes, input {"x".join(map(str, image_shape))}'
+  ]
+  for label, value in rows:
+    line = f'  {label:<19} {value:>14,}'
+    if label == 'total parameters':
+      line += f'  ({value / 1e6:.2f}M)'
+    elif 'MACs' in label:
+      line += f'  ({value / 1e6:.1f}M)'
+    lines.append(line)
+  return '\n'.join(lines)

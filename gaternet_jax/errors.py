@@ -21,3 +21,15 @@ class CheckpointError(UserError):
 
 class NonFiniteLossError(UserError):
   """Training produced a non-finite loss; the message names the step."""
+
+
+class Interrupted(UserError):
+  """Training stopped on a signal (SIGTERM, SIGINT) after writing a checkpoint.
+
+  Attributes:
+    exit_code: 128 + the signal number (143 for SIGTERM, 130 for SIGINT), the shell convention.
+  """
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code

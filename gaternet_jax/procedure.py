@@ -1,4 +1,4 @@
-"""The paper's training procedure (section 4.4) and restoring finished runs.
+"""The paper's training procedure (section 4.4), and `train_and_evaluate`, the entry point.
 
 A gated config trains in three stages, each a complete, resumable run in its own sub-directory:
 
@@ -9,25 +9,63 @@ A gated config trains in three stages, each a complete, resumable run in its own
 
 A stage whose `results.json` exists is finished and never rerun; an interrupted stage resumes from
 its latest checkpoint. `init.backbone` / `init.gater` name existing runs that replace stages 1 / 2.
+Anything else (a plain config, or a gated one with `procedure.pretrain=False`) is one run.
 """
 
 from __future__ import annotations
 
-import os
-import time
+import contextlib
 from typing import Any
 
 import jax
 import ml_collections
 
-from gaternet_jax import checkpoints, train
-from gaternet_jax import data as data_lib
+from gaternet_jax import checkpoints, distributed, restore, steps, train, validation
+from gaternet_jax import workdir as workdir_lib
+from gaternet_jax import workdir_lock
 from gaternet_jax.errors import CheckpointError, UserError
+from gaternet_jax.workdir import STAGE_BACKBONE, STAGE_GATER, STAGE_JOINT, STAGES
 
-STAGE_BACKBONE = 'stage1_backbone'
-STAGE_GATER = 'stage2_gater'
-STAGE_JOINT = 'stage3_joint'
-STAGES = (STAGE_BACKBONE, STAGE_GATER, STAGE_JOINT)
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, resume_step: int | None = None
+) -> dict[str, Any]:
+  """Trains what `config` describes in `workdir` and returns the final eval metrics.
+
+  A gated config with `procedure.pretrain` runs the paper's three stages; anything else is one
+  run (`train.run`). The config is validated before anything is written, and the workdir is
+  locked for the whole run (by process 0), so a second run on it is refused with one line.
+  `resume_step` resumes the run (the first unfinished stage of a procedure) from that checkpoint
+  instead of the latest; the later ones are set aside, not deleted.
+  """
+  validation.validate_workdir(workdir)
+  validation.validate_config(config)
+  if config.model.gated and config.procedure.pretrain:
+    check_init_sources(config)
+  workdir_lib.ensure_writable(workdir, jax.process_index())
+  with _locked(workdir):
+    if config.model.gated and config.procedure.pretrain:
+      return run(config, workdir, resume_step=resume_step)
+    return train.run(config, workdir, resume_step=resume_step)
+
+
+@contextlib.contextmanager
+def _locked(workdir: str):
+  """Holds the workdir's lock on process 0; every process raises alike when it is taken."""
+  lock = workdir_lock.WorkdirLock(workdir_lib.path(workdir)) if distributed.is_leader() else None
+  refusal = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except UserError as e:
+      refusal = str(e)
+  if distributed.agree(lambda: refusal is not None):
+    raise UserError(refusal or f'workdir {workdir!r} is in use by another gaternet run')
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def backbone_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -49,120 +87,130 @@ def gater_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return c
 
 
-def is_finished(workdir: str) -> bool:
-  return checkpoints.exists(workdir, checkpoints.RESULTS_FILE)
+# Each stage draws its own random stream of the config's seed (`train.run`'s `stream`): the two
+# pre-trained networks differ even when the gater's extractor has the backbone's architecture,
+# the joint stage does not replay stage 1's data order, and no stage of seed s equals a stage of
+# seed s + 1.
+STREAMS = {STAGE_BACKBONE: 1, STAGE_GATER: 2, STAGE_JOINT: 3}
 
 
-def run_dir(workdir: str) -> str:
-  """The run a workdir stands for: itself, or the joint stage of a procedure workdir."""
-  if checkpoints.exists(workdir, checkpoints.CHECKPOINT_DIR):
-    return workdir
-  joint = os.path.join(workdir, STAGE_JOINT)
-  if checkpoints.exists(joint):
-    return joint
-  return workdir
+# The data fields that decide which examples a run trained on: a pre-trained stage taken from a
+# run that differs in any of them may have seen this run's held-out (or test) examples.
+TRAINING_DATA_FIELDS = ('name', 'holdout', 'holdout_seed', 'image_size')
 
 
-def pretrained_dir(path: str, stage: str) -> str:
-  """A run given by `init.*`: a plain run's workdir, or a procedure workdir holding `stage`."""
-  if checkpoints.exists(path, stage):
-    return os.path.join(path, stage)
-  return path
+def check_init_sources(config: ml_collections.ConfigDict) -> None:
+  """Refuses `init.backbone` / `init.gater` runs trained on other data (one line, nothing written).
+
+  Raises:
+    CheckpointError: the run has no checkpoint or stored config.
+    UserError: it was trained on another dataset, hold-out size or hold-out seed.
+  """
+  for field, stage in (('backbone', STAGE_BACKBONE), ('gater', STAGE_GATER)):
+    path = config.init[field]
+    if not path:
+      continue
+    source = restore.pretrained_dir(path, stage)
+    if not distributed.agree(
+      lambda: workdir_lib.is_finished(source) or checkpoints.latest_step(source) is not None
+    ):
+      raise CheckpointError(f'init.{field} = {path!r} holds no checkpoint')
+    stored = workdir_lib.load_config(source).data
+    # In-memory datasets keep their own image size; only a streamed one is resized.
+    fields = [k for k in TRAINING_DATA_FIELDS if k != 'image_size' or not _in_memory(config)]
+    differ = [
+      f'data.{k} (there {stored.get(k)!r}, here {config.data[k]!r})'
+      for k in fields
+      if stored.get(k) != config.data[k]
+    ]
+    if differ:
+      raise UserError(
+        f'init.{field} = {path!r} was trained on other data: {", ".join(differ)}; its '
+        'examples may include this run\'s held-out ones, so it cannot initialise this run'
+      )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _in_memory(config) -> bool:
+  return config.data.name != 'imagenet2012'
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, *, resume_step: int | None = None
+) -> dict[str, Any]:
   """Runs the three stages in `workdir`; returns the joint stage's results."""
-  started = time.time()
-  checkpoints.ensure_writable(workdir)
+  pending_resume = [resume_step]  # for the first stage this command trains
+
+  def take_resume_step():
+    step, pending_resume[0] = pending_resume[0], None
+    return step
+
+  workdir_lib.ensure_writable(workdir, jax.process_index())
   checkpoints.check_resume_config(config, workdir, STAGES)
-  checkpoints.save_config(config, workdir)
+  if distributed.agree(lambda: workdir_lib.is_finished(workdir)):
+    return workdir_lib.read_results(workdir)  # finished: a rerun changes nothing
+  if distributed.is_leader():
+    workdir_lib.save_config(config, workdir)
   pretrain_epochs = config.procedure.pretrain_epochs
   if pretrain_epochs is None:
     pretrain_epochs = config.schedule.num_epochs
 
   def pretrain(stage: str, stage_config, init_path: str | None) -> str:
-    if init_path:
-      source = pretrained_dir(init_path, stage)
-      if not is_finished(source) and checkpoints.latest_step(source) is None:
-        raise CheckpointError(f'init.{stage.split("_")[1]} = {init_path!r} holds no checkpoint')
-      return source
-    stage_dir = os.path.join(workdir, stage)
-    if not is_finished(stage_dir):
-      train.train_single(stage_config, stage_dir, stage=stage, num_epochs=pretrain_epochs)
+    if init_path:  # checked by check_init_sources
+      return restore.pretrained_dir(init_path, stage)
+    stage_dir = workdir_lib.join(workdir, stage)
+    if not distributed.agree(lambda: workdir_lib.is_finished(stage_dir)):
+      train.run(
+        stage_config,
+        stage_dir,
+        stage=stage,
+        stream=STREAMS[stage],
+        num_epochs=pretrain_epochs,
+        resume_step=take_resume_step(),
+      )
     return stage_dir
 
   backbone_dir = pretrain(STAGE_BACKBONE, backbone_stage_config(config), config.init.backbone)
-  gater_config = gater_stage_config(config)
-  # A distinct seed: when the gater's extractor has the backbone's architecture, the two
-  # pre-trained networks would otherwise be identical.
-  gater_config.seed = config.seed + 1
-  gater_dir = pretrain(STAGE_GATER, gater_config, config.init.gater)
-  joint_dir = os.path.join(workdir, STAGE_JOINT)
-  if is_finished(joint_dir):
-    results = stored_results(joint_dir)
+  gater_dir = pretrain(STAGE_GATER, gater_stage_config(config), config.init.gater)
+  joint_dir = workdir_lib.join(workdir, STAGE_JOINT)
+  if distributed.agree(lambda: workdir_lib.is_finished(joint_dir)):
+    results = workdir_lib.read_results(joint_dir)
   else:
     p = config.procedure
-    results = train.train_single(
+    results = train.run(
       config,
       joint_dir,
       stage=STAGE_JOINT,
+      stream=STREAMS[STAGE_JOINT],
       num_epochs=config.schedule.num_epochs + p.joint_extra_epochs,
       learning_rate=p.joint_learning_rate,
       initialize=lambda state, setup: init_from_pretrained(state, setup, backbone_dir, gater_dir),
+      resume_step=take_resume_step(),
     )
-  # wall_time_s stays the joint stage's; this is the whole command's (stages run by it).
+  # wall_time_s stays the joint stage's; the procedure's is every stage trained in this
+  # workdir, each counted over all of its resumed pieces.
+  stages = {STAGE_BACKBONE: backbone_dir, STAGE_GATER: gater_dir, STAGE_JOINT: joint_dir}
+  own = [d for s, d in stages.items() if d == workdir_lib.join(workdir, s)]
+  wall = sum(workdir_lib.read_results(d)['wall_time_s'] for d in own if d != joint_dir)
   results = dict(
     results,
-    stages={STAGE_BACKBONE: backbone_dir, STAGE_GATER: gater_dir, STAGE_JOINT: joint_dir},
-    procedure_wall_time_s=round(time.time() - started, 2),
+    stages=stages,
+    procedure_wall_time_s=round(wall + results['wall_time_s'], 2),
   )
   train.write_results(workdir, results)
   return results
 
 
-def stored_results(workdir: str) -> dict[str, Any]:
-  return checkpoints.read_json(workdir, checkpoints.RESULTS_FILE)
-
-
-def load_state(workdir: str, *, info=None, mesh=None):
-  """Restores the latest checkpoint of a run with the config stored beside it.
-
-  Returns:
-    (config, setup, state, dataset-or-None); the dataset is loaded when `info` is not given.
-  """
-  workdir = run_dir(workdir)
-  config = checkpoints.load_config(workdir)
-  step = checkpoints.latest_step(workdir)
-  if step is None:
-    raise CheckpointError(f'no checkpoint in {workdir!r}: train there first')
-  dataset = None
-  if info is None:
-    dataset = data_lib.load_dataset(
-      config.data, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    info = dataset.info
-  setup = train.build(config, info, mesh=mesh)
-  manager = checkpoints.make_manager(workdir, keep=config.keep_checkpoints, create=False)
-  try:
-    state = checkpoints.restore(manager, step, setup.abstract_state, workdir)
-  finally:
-    manager.close()
-  return config, setup, state, dataset
-
-
 def init_from_pretrained(
-  state: train.TrainState, setup: train.Setup, backbone_dir: str, gater_dir: str
-) -> train.TrainState:
+  state: steps.TrainState, setup: steps.Setup, backbone_dir: str, gater_dir: str
+) -> steps.TrainState:
   """Stage 3's starting point: stage 1's backbone, stage 2's extractor, fresh gater FC layers.
 
   Parameters and batch statistics are copied exactly; the optimizer state starts fresh.
   Architecture mismatches raise CheckpointError naming the parameter.
   """
-  params = jax.tree.map(lambda x: x, state.params)  # shallow copies we may edit
-  stats = jax.tree.map(lambda x: x, state.batch_stats)
-  params, stats = dict(params), dict(stats)
-  _, _, backbone_state, _ = load_state(backbone_dir, info=setup.info, mesh=setup.mesh)
-  _, _, gater_state, _ = load_state(gater_dir, info=setup.info, mesh=setup.mesh)
+  params, stats = dict(state.params), dict(state.batch_stats)  # shallow copies we may edit
+  backbone_state = restore.load_state(backbone_dir, info=setup.info, mesh=setup.mesh).state
+  gater_state = restore.load_state(gater_dir, info=setup.info, mesh=setup.mesh).state
 
   checkpoints.check_compatible(
     backbone_state.params['backbone'], params['backbone'], backbone_dir, prefix='backbone/'
@@ -180,20 +228,7 @@ def init_from_pretrained(
   params['gater'], stats['gater'] = gater_params, gater_stats
 
   shardings = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
-  fresh = train.TrainState(
+  fresh = steps.TrainState(
     step=state.step, params=params, batch_stats=stats, opt_state=setup.tx.init(params)
   )
   return jax.device_put(fresh, shardings)
-
-
-def require_checkpoint(workdir: str) -> str:
-  """The run directory of `workdir`, or a UserError if it holds no run."""
-  directory = run_dir(workdir)
-  path = checkpoints.workdir_path(workdir)
-  if not path.exists():
-    raise UserError(f'workdir {workdir!r} does not exist')
-  if not path.is_dir():
-    raise UserError(f'workdir {workdir!r} is a file, not a run directory')
-  if checkpoints.latest_step(directory) is None:
-    raise CheckpointError(f'no checkpoint in {workdir!r}: train there first')
-  return directory

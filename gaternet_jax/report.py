@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any
 
-from gaternet_jax import checkpoints
+from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.errors import UserError
 
 VARIANT_SUFFIX = {'plain': '', 'wider': '-Wider', 'se': '-SE', 'gated': '-Gated'}
@@ -58,9 +58,17 @@ PAPER = {
 
 
 def load_results(workdir: str) -> dict[str, Any]:
-  if not checkpoints.exists(workdir, checkpoints.RESULTS_FILE):
+  if not workdir_lib.is_finished(workdir):
     raise UserError(f'{workdir!r} has no results.json (unfinished or not a gaternet run)')
-  return checkpoints.read_json(workdir, checkpoints.RESULTS_FILE)
+  return workdir_lib.read_results(workdir)
+
+
+def write_table(path: str, table: str) -> None:
+  """Writes the Markdown table to `path` (local or gs://)."""
+  try:
+    workdir_lib.path(path).write_text(table + '\n')
+  except OSError as e:
+    raise UserError(f'cannot write {path!r}: {e.strerror or e}') from None
 
 
 def _depth(name: str) -> int | None:

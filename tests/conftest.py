@@ -5,9 +5,10 @@ import subprocess
 import sys
 import tempfile
 
-# Same CPU setting the `gaternet` command applies (see gaternet_jax/main.py), before JAX starts.
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from gaternet_jax import environment  # noqa: E402 - imports no JAX
+
+# The settings the `gaternet` command applies, before JAX starts.
+environment.prepare()
 # One persistent compilation cache for the whole test session, in-process and in subprocesses:
 # many tests compile the same tiny models.
 _CACHE = os.environ.setdefault(
@@ -81,8 +82,8 @@ TINY_FLAGS = [
 @pytest.fixture(scope='session')
 def gated_run(tmp_path_factory):
   """One tiny three-stage GaterNet run on the default data, shared by several tests."""
-  from gaternet_jax import train  # noqa: PLC0415
+  from gaternet_jax import procedure  # noqa: PLC0415
 
   workdir = str(tmp_path_factory.mktemp('gated_run'))
-  results = train.train_and_evaluate(tiny_default('gated'), workdir)
+  results = procedure.train_and_evaluate(tiny_default('gated'), workdir)
   return workdir, results

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+from etils import epath
 import numpy as np
 import pytest
 
@@ -325,10 +326,57 @@ def test_analyze_degenerate_inputs_do_not_crash(tmp_path):
   assert loaded['embedding']['status'] == 'skipped'
 
 
+@pytest.mark.parametrize('as_type', [epath.Path, str])
+def test_storage_and_analyze_accept_epath_and_str(tmp_path, as_type):
+  gates, labels = _census_gates(n=16), np.arange(16) % 3
+  gates_path = as_type(tmp_path / 'gates_dir' / analysis.GATES_FILE)
+  analysis.save_gates(gates_path, gates, labels, LAYOUT)
+  loaded_gates, loaded_labels, loaded_layout = analysis.load_gates(gates_path)
+  np.testing.assert_array_equal(loaded_gates, gates)
+  np.testing.assert_array_equal(loaded_labels, labels)
+  assert loaded_layout == list(LAYOUT)
+  # The temporary file of the atomic write is renamed away, not left beside gates.npz.
+  assert sorted(p.name for p in (tmp_path / 'gates_dir').iterdir()) == [analysis.GATES_FILE]
+
+  out_dir = tmp_path / 'out' / 'analysis'
+  result = analysis.analyze(
+    gates,
+    labels,
+    LAYOUT,
+    out_dir=as_type(out_dir),
+    model_name='m',
+    split='test',
+    backbone_macs=10_000,
+    gater_macs=0,
+    max_embed_examples=0,
+  )
+  _check_outputs(out_dir, result)
+  assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+    [analysis.GATES_FILE, analysis.JSON_FILE, *analysis.FIGURE_FILES]
+  )
+  loaded_gates, loaded_labels, loaded_layout = analysis.load_gates(
+    as_type(out_dir / analysis.GATES_FILE)
+  )
+  np.testing.assert_array_equal(loaded_gates, gates)
+  np.testing.assert_array_equal(loaded_labels, labels)
+  assert loaded_layout == list(LAYOUT)
+
+
 def test_module_imports_no_deep_learning_framework_or_pyplot():
-  tree = ast.parse(pathlib.Path(analysis.__file__).read_text())
+  # collect.py is the command's layer that restores a checkpoint and runs the model (JAX); the
+  # statistics, figures and storage must work on saved gates on any machine.
+  files = sorted(
+    f for f in pathlib.Path(analysis.__file__).parent.glob('*.py') if f.name != 'collect.py'
+  )
+  assert {f.name for f in files} >= {
+    '__init__.py',
+    'embedding.py',
+    'figures.py',
+    'stats.py',
+    'storage.py',
+  }
   imported = set()
-  for node in ast.walk(tree):
+  for node in itertools.chain.from_iterable(ast.walk(ast.parse(f.read_text())) for f in files):
     if isinstance(node, ast.Import):
       imported.update(alias.name for alias in node.names)
     elif isinstance(node, ast.ImportFrom):

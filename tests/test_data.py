@@ -274,6 +274,16 @@ def test_imagefolder_mixed_sizes(tmp_path):
   assert '\n' not in str(e.value)
 
 
+def test_imagefolder_with_one_class_is_refused(tmp_path):
+  folder = tmp_path / 'train' / 'only'
+  folder.mkdir(parents=True)
+  for i in range(4):
+    Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(folder / f'{i}.png')
+  with pytest.raises(UserError, match='one class') as e:
+    data.load_dataset(_config(name='imagefolder', data_dir=str(tmp_path), holdout=1))
+  assert '\n' not in str(e.value)
+
+
 def test_imagefolder_without_eval_folder_needs_holdout(tmp_path):
   _write_folder(tmp_path, {'train': 3})
   with pytest.raises(UserError, match='test'):

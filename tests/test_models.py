@@ -229,7 +229,8 @@ def test_model_and_training_code_import_without_tensorflow():
 
   code = (
     'import sys, gaternet_jax.models, gaternet_jax.train, gaternet_jax.procedure, '
-    'gaternet_jax.semhash, gaternet_jax.describe, gaternet_jax.gate_analysis; '
+    'gaternet_jax.semhash, gaternet_jax.describe, gaternet_jax.analysis.collect, '
+    'gaternet_jax.restore, gaternet_jax.evaluate, gaternet_jax.sweep, gaternet_jax.cli; '
     'assert "tensorflow" not in sys.modules, "tensorflow was imported"'
   )
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)

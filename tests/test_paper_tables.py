@@ -114,14 +114,7 @@ def test_describe_command_json(cli):
   result = cli('describe', '--config', 'experiments/imagenet_resnet152.py', '--json')
   assert result.returncode == 0, result.stderr
   data = json.loads(result.stdout.strip().splitlines()[-1])
-  assert set(data) == {
-    'backbone_params',
-    'gater_params',
-    'total_params',
-    'gated_filters',
-    'backbone_macs',
-    'gater_macs',
-  }
+  assert tuple(data) == describe.SUMMARY_KEYS
   assert data['gated_filters'] == 47872 and data['total_params'] == 83_804_264
   assert data['backbone_params'] + data['gater_params'] == data['total_params']
   assert data['backbone_macs'] > 10e9  # ResNet-152: ~11.5 GMACs at 224x224

@@ -12,22 +12,23 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_FLAGS, tiny_default
-from gaternet_jax import checkpoints, procedure, train
+from gaternet_jax import procedure, restore, steps
+from gaternet_jax import workdir as workdir_lib
 from gaternet_jax import data as data_lib
 from gaternet_jax.errors import CheckpointError
 
 
 def test_three_stages_and_results(gated_run):
   workdir, results = gated_run
-  for stage in (procedure.STAGE_BACKBONE, procedure.STAGE_GATER, procedure.STAGE_JOINT):
+  for stage in (workdir_lib.STAGE_BACKBONE, workdir_lib.STAGE_GATER, workdir_lib.STAGE_JOINT):
     assert os.path.exists(os.path.join(workdir, stage, 'results.json')), stage
-  assert checkpoints.load_config(os.path.join(workdir, procedure.STAGE_BACKBONE)).variant == 'plain'
-  gater_config = checkpoints.load_config(os.path.join(workdir, procedure.STAGE_GATER))
+  assert workdir_lib.load_config(os.path.join(workdir, workdir_lib.STAGE_BACKBONE)).variant == 'plain'
+  gater_config = workdir_lib.load_config(os.path.join(workdir, workdir_lib.STAGE_GATER))
   assert gater_config.model.backbone == 'cifar_resnet8' and not gater_config.model.gated
-  assert results['stage'] == procedure.STAGE_JOINT and results['gated_filters'] == 112
+  assert results['stage'] == workdir_lib.STAGE_JOINT and results['gated_filters'] == 112
   assert 0.0 <= results['eval']['gate_density'] <= 1.0
   top = json.load(open(os.path.join(workdir, 'results.json')))
-  assert top['stages'][procedure.STAGE_JOINT].endswith(procedure.STAGE_JOINT)
+  assert top['stages'][workdir_lib.STAGE_JOINT].endswith(workdir_lib.STAGE_JOINT)
 
 
 def test_joint_stage_starts_from_pretrained_parameters(gated_run):
@@ -35,13 +36,13 @@ def test_joint_stage_starts_from_pretrained_parameters(gated_run):
   workdir, _ = gated_run
   config = tiny_default('gated')
   dataset = data_lib.load_dataset(config.data)
-  setup = train.build(config, dataset.info)
-  fresh = train.create_state(setup, 123)
-  backbone_dir = os.path.join(workdir, procedure.STAGE_BACKBONE)
-  gater_dir = os.path.join(workdir, procedure.STAGE_GATER)
+  setup = steps.build(config, dataset.info)
+  fresh = steps.create_state(setup, 123)
+  backbone_dir = os.path.join(workdir, workdir_lib.STAGE_BACKBONE)
+  gater_dir = os.path.join(workdir, workdir_lib.STAGE_GATER)
   state = procedure.init_from_pretrained(fresh, setup, backbone_dir, gater_dir)
-  _, _, stage1, _ = procedure.load_state(backbone_dir)
-  _, _, stage2, _ = procedure.load_state(gater_dir)
+  stage1 = restore.load_state(backbone_dir).state
+  stage2 = restore.load_state(gater_dir).state
   same = lambda a, b: all(
     np.array_equal(x, y)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)  # noqa: E731
@@ -64,13 +65,13 @@ def test_mismatched_pretrained_architecture_names_the_parameter(gated_run):
   config = tiny_default('gated')
   config.model.width = 0.5
   dataset = data_lib.load_dataset(config.data)
-  setup = train.build(config, dataset.info)
+  setup = steps.build(config, dataset.info)
   with pytest.raises(CheckpointError, match=r'parameter backbone/\S+ has shape'):
     procedure.init_from_pretrained(
-      train.create_state(setup, 0),
+      steps.create_state(setup, 0),
       setup,
-      os.path.join(workdir, procedure.STAGE_BACKBONE),
-      os.path.join(workdir, procedure.STAGE_GATER),
+      os.path.join(workdir, workdir_lib.STAGE_BACKBONE),
+      os.path.join(workdir, workdir_lib.STAGE_GATER),
     )
 
 
@@ -89,9 +90,9 @@ def test_init_fields_skip_pretraining_stages(gated_run, tmp_path, cli):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert (
-    not (out / procedure.STAGE_BACKBONE).exists() and not (out / procedure.STAGE_GATER).exists()
+    not (out / workdir_lib.STAGE_BACKBONE).exists() and not (out / workdir_lib.STAGE_GATER).exists()
   )
-  assert (out / procedure.STAGE_JOINT / 'results.json').exists()
+  assert (out / workdir_lib.STAGE_JOINT / 'results.json').exists()
   bad = cli(
     'train',
     '--config',
@@ -116,7 +117,7 @@ def test_killed_during_joint_stage_does_not_rerun_pretraining(tmp_path, cli):
     '--config.log_every_steps=5',
     '--config.eval_every_epochs=100',
   ]
-  joint_ckpt = workdir / procedure.STAGE_JOINT / 'checkpoints'
+  joint_ckpt = workdir / workdir_lib.STAGE_JOINT / 'checkpoints'
   proc = subprocess.Popen(
     [sys.executable, '-m', 'gaternet_jax.main', 'train', *flags],
     cwd=REPO,
@@ -135,16 +136,31 @@ def test_killed_during_joint_stage_does_not_rerun_pretraining(tmp_path, cli):
     if proc.poll() is None:
       proc.kill()
   assert any(d.isdigit() for d in os.listdir(joint_ckpt)), 'joint stage never checkpointed'
-  assert not (workdir / procedure.STAGE_JOINT / 'results.json').exists()
+  assert not (workdir / workdir_lib.STAGE_JOINT / 'results.json').exists()
   pretrained = {
     s: os.path.getmtime(workdir / s / 'results.json')
-    for s in (procedure.STAGE_BACKBONE, procedure.STAGE_GATER)
+    for s in (workdir_lib.STAGE_BACKBONE, workdir_lib.STAGE_GATER)
   }
   result = cli('train', *flags)
   assert result.returncode == 0, result.stderr[-2000:]
   for stage, mtime in pretrained.items():
     assert os.path.getmtime(workdir / stage / 'results.json') == mtime, stage
   assert 'stage1_backbone: ' not in result.stderr and 'stage2_gater: ' not in result.stderr
-  assert f'Resumed {workdir / procedure.STAGE_JOINT}' in result.stderr
+  assert f'Resumed {workdir / workdir_lib.STAGE_JOINT}' in result.stderr
   final = json.loads(result.stdout.strip().splitlines()[-1])
-  assert final['step'] == 40 and final['stage'] == procedure.STAGE_JOINT
+  assert final['step'] == 40 and final['stage'] == workdir_lib.STAGE_JOINT
+
+
+def test_init_from_a_run_on_other_data_is_refused(gated_run, tmp_path, cli):
+  """A pre-trained stage from another hold-out could have seen this run's held-out images."""
+  workdir, _ = gated_run
+  out = tmp_path / 'leak'
+  result = cli(
+    'train', '--config', 'experiments/default.py', '--workdir', str(out), *TINY_FLAGS,
+    f'--config.init.backbone={workdir}', '--config.data.holdout=100',
+    '--config.data.eval_split=holdout',
+  )  # fmt: skip
+  errors = [l for l in result.stderr.splitlines() if l.startswith('gaternet: error:')]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+  assert 'other data' in errors[0] and 'data.holdout' in errors[0]
+  assert not out.exists()  # nothing written

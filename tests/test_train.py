@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_FLAGS, tiny_default
-from gaternet_jax import checkpoints, train
+from gaternet_jax import checkpoints, environment, procedure, restore, steps
+from gaternet_jax import workdir as workdir_lib
+from gaternet_jax.data import feed
 from gaternet_jax import data as data_lib
 from gaternet_jax.errors import NonFiniteLossError
 
@@ -24,7 +26,8 @@ ONE_VS_EIGHT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, 'tests')
     from conftest import tiny_default
-    from gaternet_jax import train, data
+    from gaternet_jax import data, steps
+    from gaternet_jax.data import feed
     from jax.sharding import Mesh
     assert jax.device_count() == 8, jax.devices()
     config = tiny_default('gated', batch_size=16, eval_batch_size=16)
@@ -33,12 +36,12 @@ ONE_VS_EIGHT = textwrap.dedent("""
     batch = {'image': images[:16], 'label': labels[:16]}
     out = {}
     for n in (1, 8):
-      setup = train.build(config, dataset.info, mesh=Mesh(np.asarray(jax.devices()[:n]), ('data',)))
-      state = train.create_state(setup, 0)
-      step, _, _ = train.compile_steps(setup)
+      setup = steps.build(config, dataset.info, mesh=Mesh(np.asarray(jax.devices()[:n]), ('data',)))
+      state = steps.create_state(setup, 0)
+      step, _, _ = steps.compile_steps(setup)
       key = jax.random.key(42)
       for _ in range(2):
-        state, metrics = step(state, train.to_global(batch, setup.data_sharding), key)
+        state, metrics = step(state, feed.to_global(batch, setup.data_sharding), key)
       out[n] = (jax.device_get(metrics), jax.device_get(state.params),
                 jax.device_get(state.batch_stats))
     m1, p1, s1 = out[1]
@@ -54,7 +57,7 @@ ONE_VS_EIGHT = textwrap.dedent("""
 def test_one_device_and_eight_devices_agree():
   env = dict(
     os.environ,
-    XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_cpu_experimental_ynn_fusion_type=',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count=8 {environment.CPU_XLA_FLAGS}',
   )
   result = subprocess.run(
     [sys.executable, '-c', ONE_VS_EIGHT],
@@ -73,15 +76,22 @@ def test_one_device_and_eight_devices_agree():
 def small_setup():
   config = tiny_default('gated')
   dataset = data_lib.load_dataset(config.data)
-  setup = train.build(config, dataset.info)
+  setup = steps.build(config, dataset.info)
   return config, dataset, setup
 
 
 def test_train_step_compiles_once(small_setup):
   config, dataset, setup = small_setup
-  state = train.create_state(setup, 0)
-  step_fn, eval_fn, _ = train.compile_steps(setup)
-  get_batch = train.train_batches(dataset, setup, 0, config.seed, jax.random.key(1))
+  state = steps.create_state(setup, 0)
+  step_fn, eval_fn, _ = steps.compile_steps(setup)
+  get_batch = feed.train_batches(
+    dataset,
+    batch_size=config.batch_size,
+    sharding=setup.data_sharding,
+    start_step=0,
+    seed=config.seed,
+    key=jax.random.key(1),
+  )
   key = jax.random.key(0)
   for step in range(4):
     state, _ = step_fn(state, get_batch(step), key)
@@ -92,13 +102,13 @@ def test_train_step_compiles_once(small_setup):
 def test_eval_counts_every_example_once(small_setup):
   """297 test examples with eval batch 100: 3 padded batches, every example counted once."""
   config, dataset, setup = small_setup
-  state = train.create_state(setup, 0)
-  _, eval_fn, _ = train.compile_steps(setup)
-  metrics = train.evaluate(state, dataset, 'test', setup, eval_fn)
+  state = steps.create_state(setup, 0)
+  _, eval_fn, _ = steps.compile_steps(setup)
+  metrics = steps.evaluate(state, dataset, 'test', setup, eval_fn)
   assert metrics['examples'] == dataset.info.split_size('test') == 297
   # Reference: the same model on all 297 examples at once, no padding.
   images, labels = dataset.eval_arrays('test')
-  x = train.preprocess(config, dataset.info, jnp.asarray(images), None)
+  x = steps.preprocess(config, dataset.info, jnp.asarray(images), None)
   logits, _ = setup.model.apply(
     {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
   )
@@ -109,7 +119,14 @@ def test_eval_counts_every_example_once(small_setup):
 def test_resident_batches_are_deterministic_and_cover_the_epoch(small_setup):
   config, dataset, setup = small_setup
   images, labels = dataset.train_arrays()
-  resident = train.ResidentTrainData(images, labels, setup, jax.random.key(0))
+  resident = feed.ResidentTrainData(
+    images,
+    labels,
+    num_train=dataset.info.num_train,
+    batch_size=config.batch_size,
+    sharding=setup.data_sharding,
+    key=jax.random.key(0),
+  )
   seen = np.concatenate(
     [np.asarray(resident.batch(s)['label']) for s in range(resident.steps_per_epoch)]
   )
@@ -125,16 +142,16 @@ def test_resident_batches_are_deterministic_and_cover_the_epoch(small_setup):
 
 def test_plain_run_end_to_end(tmp_path):
   workdir = str(tmp_path / 'plain')
-  results = train.train_and_evaluate(tiny_default('plain'), workdir)
+  results = procedure.train_and_evaluate(tiny_default('plain'), workdir)
   assert results['step'] == 6 and results['eval']['examples'] == 297
   assert results['params'] > 0 and results['gated_filters'] == 0
   stored = json.load(open(os.path.join(workdir, 'results.json')))
   assert stored['step'] == 6 and stored['name'] == 'default'
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   assert checkpoints.latest_step(workdir) == 6
-  assert checkpoints.load_config(workdir).variant == 'plain'
+  assert workdir_lib.load_config(workdir).variant == 'plain'
   # Running again resumes at the end: nothing to train, same step.
-  again = train.train_and_evaluate(tiny_default('plain'), workdir)
+  again = procedure.train_and_evaluate(tiny_default('plain'), workdir)
   assert again['step'] == 6
 
 
@@ -144,13 +161,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config.schedule.name = 'constant'
   config.optimizer.learning_rate = 1e12
   with pytest.raises(NonFiniteLossError, match=r'non-finite .* at step (\d+)') as info:
-    train.train_and_evaluate(config, workdir)
+    procedure.train_and_evaluate(config, workdir)
   bad_step = int(info.value.args[0].split('at step ')[1].split(';')[0])
   last = checkpoints.latest_step(workdir)
   assert last is not None and last < bad_step
-  from gaternet_jax import procedure  # noqa: PLC0415
-
-  _, _, state, _ = procedure.load_state(workdir)
+  state = restore.load_state(workdir).state
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
@@ -209,7 +224,7 @@ def _one_error_line(result):
   'extra,message',
   [
     (['--config.optimizer.nope=1'], 'unknown config field'),
-    (['--config.data.name=nope'], 'unknown dataset'),
+    (['--config.data.name=nope'], 'data.name'),
     (
       ['--config.data.name=imagefolder', '--config.data.data_dir=/nonexistent/images'],
       '/nonexistent/images',
@@ -276,12 +291,12 @@ def test_tfds_mock_data_drives_training(tmp_path):
   config = tiny_default('plain', max_steps=2, batch_size=8, eval_batch_size=8)
   config.data.name = 'cifar10'
   with tfds.testing.mock_data(num_examples=24):
-    results = train.train_and_evaluate(config, str(tmp_path / 'mock'))
+    results = procedure.train_and_evaluate(config, str(tmp_path / 'mock'))
   assert results['step'] == 2 and results['eval']['examples'] > 0
 
 
 def test_sweep_parses_grid():
-  from gaternet_jax.cli import parse_sweep  # noqa: PLC0415
+  from gaternet_jax.sweep import parse_sweep  # noqa: PLC0415
 
   assert parse_sweep(['a.b=1,2', 'c=x']) == [{'a.b': '1', 'c': 'x'}, {'a.b': '2', 'c': 'x'}]
 
@@ -301,7 +316,7 @@ def test_sweep_command_runs_each_point(tmp_path, cli):
   points = [json.loads(l)['point'] for l in result.stdout.strip().splitlines()]
   assert points == [{'optimizer.learning_rate': '0.05'}, {'optimizer.learning_rate': '0.1'}]
   for lr in ('0.05', '0.1'):
-    stored = checkpoints.load_config(str(tmp_path / f'optimizer.learning_rate={lr}'))
+    stored = workdir_lib.load_config(str(tmp_path / f'optimizer.learning_rate={lr}'))
     assert stored.optimizer.learning_rate == float(lr)
   bad = cli(
     'sweep',
@@ -318,7 +333,7 @@ def test_sweep_command_runs_each_point(tmp_path, cli):
 def test_failed_first_attempt_does_not_block_the_corrected_command(tmp_path, cli):
   workdir = str(tmp_path / 'w')
   base = ['--config', 'experiments/default.py:plain', '--workdir', workdir, *TINY_FLAGS]
-  assert 'batch_size must be at least 1' in _one_error_line(
+  assert 'batch_size must be >= 1' in _one_error_line(
     cli('train', *base, '--config.batch_size=0')
   )
   assert cli('train', *base).returncode == 0
@@ -376,9 +391,12 @@ def test_corrupt_checkpoint_is_one_line_and_not_overwritten(tmp_path, cli):
           f.truncate(10)
         damaged += 1
   assert damaged
+  os.remove(workdir / 'results.json')  # as if killed after its last checkpoint: resume needs it
   snapshot = sorted(os.listdir(workdir / 'checkpoints'))
-  line = _one_error_line(cli('evaluate', '--workdir', str(workdir)))
+  result = cli('evaluate', '--workdir', str(workdir))
+  line = _one_error_line(result)
   assert 'checkpoint 6' in line and str(workdir) in line
+  assert 'Event loop is closed' not in result.stderr  # asyncio's noise at exit is kept out
   line = _one_error_line(cli('train', *base))
   assert 'checkpoint 6' in line
   assert sorted(os.listdir(workdir / 'checkpoints')) == snapshot

@@ -61,7 +61,11 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def load_dataset(
-  data_config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
+  data_config: ml_collections.ConfigDict,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  devices_per_process: int = 1,
 ) -> Dataset:
   """Loads the dataset `data_config` names, keeping this process's share of every split.
 
@@ -71,6 +75,8 @@ def load_dataset(
       default of `default_data_config`).
     process_index: this process (`jax.process_index()`).
     process_count: number of processes (`jax.process_count()`).
+    devices_per_process: devices of each process (`jax.local_device_count()`); in-memory
+      sources give each process the training examples its devices train on (`base.train_share`).
 
   Returns:
     The dataset. For in-memory sources process p holds examples [p::process_count] of each
@@ -94,6 +100,7 @@ def load_dataset(
     holdout_seed=holdout_seed,
     process_index=process_index,
     process_count=process_count,
+    devices_per_process=devices_per_process,
   )
 
   if name == 'default':

@@ -267,6 +267,23 @@ def process_share(num_examples: int, process_index: int, process_count: int) -> 
   return np.arange(process_index, num_examples, process_count)
 
 
+def train_share(
+  num_examples: int, process_index: int, process_count: int, devices_per_process: int
+) -> np.ndarray:
+  """Indices of the training examples a process owns, ascending: those its devices train on.
+
+  With D = process_count * devices_per_process devices in all, the device at mesh position d
+  holds the examples i with i % D == d (`feed.ResidentTrainData`); process p owns mesh positions
+  p * devices_per_process + j, so it owns the i with (i % D) // devices_per_process == p. Each
+  device's examples then depend only on its position in the mesh, so 2 processes x 2 devices
+  train on exactly the batches of 1 process x 4 devices. With one device per process this is
+  `process_share`.
+  """
+  devices = process_count * devices_per_process
+  owner = (np.arange(num_examples) % devices) // devices_per_process
+  return np.flatnonzero(owner == process_index)
+
+
 def stats_sample(num_train: int) -> np.ndarray:
   """Sorted indices of the training examples the channel statistics are computed from.
 
@@ -318,6 +335,7 @@ def from_global_arrays(
   holdout_seed: int,
   process_index: int,
   process_count: int,
+  devices_per_process: int = 1,
   mean: Sequence[float] | None = None,
   std: Sequence[float] | None = None,
   class_names: Sequence[str] | None = None,
@@ -336,6 +354,7 @@ def from_global_arrays(
     holdout_seed: seed of the hold-out permutation.
     process_index: this process.
     process_count: number of processes.
+    devices_per_process: local devices of each process (decides the training share).
     mean: per-channel mean (0-255) to report instead of computing it.
     std: per-channel std (0-255) to report instead of computing it.
 
@@ -366,13 +385,15 @@ def from_global_arrays(
     class_names=tuple(class_names) if class_names else None,
   )
 
-  def share(arrays: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    idx = process_share(len(arrays[0]), process_index, process_count)
+  def share(arrays: tuple[np.ndarray, np.ndarray], idx=None) -> tuple[np.ndarray, np.ndarray]:
+    if idx is None:
+      idx = process_share(len(arrays[0]), process_index, process_count)
     return arrays[0][idx], arrays[1][idx].astype(np.int32)
 
+  own = train_share(len(train_images), process_index, process_count, devices_per_process)
   return InMemoryDataset(
     info,
-    share((train_images, train_labels)),
+    share((train_images, train_labels), own),
     {split: share(arrays) for split, arrays in evals.items()},
     process_count=process_count,
   )

@@ -16,7 +16,9 @@ from gaternet_jax.data import base
 
 NAME = 'default'
 NUM_TEST = 297
+NUM_CLASSES = 10
 IMAGE_SIZE = 16
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 # The train/test split is part of the dataset's definition; never change it.
 _SPLIT_SEED = 0
 
@@ -42,18 +44,24 @@ def load_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def load(
-  *, holdout: int, holdout_seed: int, process_index: int, process_count: int
+  *,
+  holdout: int,
+  holdout_seed: int,
+  process_index: int,
+  process_count: int,
+  devices_per_process: int = 1,
 ) -> base.InMemoryDataset:
   """Builds the in-memory dataset; arguments as in `gaternet_jax.data.load_dataset`."""
   splits = load_arrays()
   return base.from_global_arrays(
     NAME,
-    num_classes=10,
+    num_classes=NUM_CLASSES,
     train=splits['train'],
     evals={'test': splits['test']},
     holdout=holdout,
     holdout_seed=holdout_seed,
     process_index=process_index,
     process_count=process_count,
-    class_names=[str(d) for d in range(10)],
+    devices_per_process=devices_per_process,
+    class_names=[str(d) for d in range(NUM_CLASSES)],
   )

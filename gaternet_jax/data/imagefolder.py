@@ -36,6 +36,7 @@ def load(
   holdout_seed: int,
   process_index: int,
   process_count: int,
+  devices_per_process: int = 1,
 ) -> base.InMemoryDataset:
   """Lists, holds out, shares out and decodes an image folder.
 
@@ -48,6 +49,8 @@ def load(
     holdout_seed: seed of the hold-out permutation.
     process_index: this process.
     process_count: number of processes.
+    devices_per_process: local devices of each process (decides the training share,
+      `base.train_share`).
 
   Returns:
     The in-memory dataset holding this process's images.
@@ -73,6 +76,11 @@ def load(
       f'{_LAYOUT} and needs a train split'
     )
   classes = _subfolders(train_dir)
+  if len(classes) == 1:
+    raise errors.UserError(
+      f'{train_dir} has one class folder ({classes[0]}); a classifier needs at least two '
+      f'(layout {_LAYOUT})'
+    )
   train_files, train_labels = _list_split(train_dir, classes)
   if not train_files:
     raise errors.DatasetNotFoundError(
@@ -109,11 +117,13 @@ def load(
   height, width, mode = _probe(train_files[0])
   shape = (height, width, 1 if mode == 'L' else 3)
 
-  def decode_share(files: list[str], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    idx = base.process_share(len(files), process_index, process_count)
+  def decode_share(files: list[str], labels: np.ndarray, idx=None):
+    if idx is None:
+      idx = base.process_share(len(files), process_index, process_count)
     return _decode(_take(files, idx), shape, mode), labels[idx]
 
-  train = decode_share(train_files, train_labels)
+  own = base.train_share(len(train_files), process_index, process_count, devices_per_process)
+  train = decode_share(train_files, train_labels, own)
   evals = {split: decode_share(*split_files) for split, split_files in eval_files.items()}
 
   sample = base.stats_sample(len(train_files))

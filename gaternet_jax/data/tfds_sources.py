@@ -109,6 +109,7 @@ def load_cifar(
   holdout_seed: int,
   process_index: int,
   process_count: int,
+  devices_per_process: int = 1,
 ) -> base.InMemoryDataset:
   """CIFAR-10/100 from tfds, whole splits decoded to uint8 in memory, then shared out."""
   builder = _builder(name, data_dir)
@@ -123,6 +124,7 @@ def load_cifar(
     holdout_seed=holdout_seed,
     process_index=process_index,
     process_count=process_count,
+    devices_per_process=devices_per_process,
     mean=[m * 255.0 for m in mean],
     std=[s * 255.0 for s in std],
     class_names=builder.info.features['label'].names,

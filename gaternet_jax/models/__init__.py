@@ -12,6 +12,7 @@ from gaternet_jax.errors import UserError
 from gaternet_jax.models.gater import Gater
 from gaternet_jax.models.gaternet import Classifier, GaterNet
 from gaternet_jax.layout import GatedLayer, total_filters
+from gaternet_jax.models import densenet, inception_v4, shake_shake
 from gaternet_jax.models.resnet import ResNet
 from gaternet_jax.models.resnet_cifar import CifarResNet
 
@@ -22,8 +23,9 @@ for _depth in (164, 1001):
   BACKBONES[f'cifar_resnet{_depth}'] = functools.partial(CifarResNet, depth=_depth, bottleneck=True)
 for _depth in (18, 34, 50, 101, 152):
   BACKBONES[f'resnet{_depth}'] = functools.partial(ResNet, depth=_depth)
-
-VARIANTS = ('plain', 'wider', 'se', 'gated')
+# Table 2's CIFAR backbones and Inception-v4 register their own names.
+for _module in (densenet, shake_shake, inception_v4):
+  BACKBONES.update(_module.BACKBONES)
 
 
 def create_backbone(

@@ -34,7 +34,7 @@ class Gater(nn.Module):
   extractor: nn.Module
   num_gates: int
   bottleneck: int
-  init_bias: float = 3.0
+  init_bias: float = 1.0
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -1,14 +1,45 @@
-"""Building blocks shared by the backbones: convolutions, batch norm, SE, and gating."""
+"""Building blocks shared by the backbones: convolutions, batch norm, SE, gating, unit specs."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gaternet_jax.layout import GatedLayer
+
 Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSpec:
+  """Static description of one residual unit, shared by the module and its gate layout."""
+
+  name: str
+  in_channels: int
+  mid_channels: int
+  out_channels: int
+  stride: int
+  out_size: tuple[int, int]  # spatial size of the unit's output
+
+
+def ceil_div(a: int, b: int) -> int:
+  """ceil(a / b) for positive ints: the output size of a 'SAME' convolution of stride b."""
+  return -(-a // b)
+
+
+def units_gate_layout(specs: list[UnitSpec], last_kernel_area: int) -> list[GatedLayer]:
+  """Gated layers of residual units gated on their last convolution (kernel area x mid channels
+  x output positions MACs per filter)."""
+  return [
+    GatedLayer(
+      s.name, s.out_channels, last_kernel_area * s.mid_channels * s.out_size[0] * s.out_size[1]
+    )
+    for s in specs
+  ]
 
 # He-normal (fan_out) is what the ResNet papers and torchvision use for convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gaternet_jax.models import layers
 from gaternet_jax.layout import GatedLayer
-from gaternet_jax.models.resnet_cifar import UnitSpec, _ceil_div
+from gaternet_jax.models import layers
+from gaternet_jax.models.layers import UnitSpec
 
 STAGE_SIZES = {
   18: (2, 2, 2, 2),
@@ -57,14 +57,14 @@ class ResNet(nn.Module):
       raise ValueError(f'ResNet depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}')
     expansion = 4 if self.bottleneck else 1
     in_channels = layers.scaled_channels(STEM_CHANNELS, self.width)
-    height, width = (_ceil_div(_ceil_div(d, 2), 2) for d in image_size)  # stem conv + max-pool
+    height, width = (layers.ceil_div(layers.ceil_div(d, 2), 2) for d in image_size)  # stem conv + max-pool
     specs = []
     for s, (units, base) in enumerate(zip(STAGE_SIZES[self.depth], STAGE_WIDTHS)):
       mid = layers.scaled_channels(base, self.width)
       out = layers.scaled_channels(base * expansion, self.width)
       for u in range(units):
         stride = 2 if (s > 0 and u == 0) else 1
-        height, width = _ceil_div(height, stride), _ceil_div(width, stride)
+        height, width = layers.ceil_div(height, stride), layers.ceil_div(width, stride)
         specs.append(
           UnitSpec(f'stage{s + 1}/unit{u + 1}', in_channels, mid, out, stride, (height, width))
         )
@@ -73,13 +73,7 @@ class ResNet(nn.Module):
 
   def gate_layout(self, image_shape: tuple[int, int, int] = (224, 224, 3)) -> list[GatedLayer]:
     """The gated layers (last conv of every unit), from the configuration alone."""
-    kernel_area = 1 if self.bottleneck else 9
-    return [
-      GatedLayer(
-        s.name, s.out_channels, kernel_area * s.mid_channels * s.out_size[0] * s.out_size[1]
-      )
-      for s in self.unit_specs(image_shape[:2])
-    ]
+    return layers.units_gate_layout(self.unit_specs(image_shape[:2]), 1 if self.bottleneck else 9)
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:

@@ -12,36 +12,20 @@ convolution's (batch-normalized) output channels before the residual addition.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gaternet_jax.models import layers
 from gaternet_jax.layout import GatedLayer
+from gaternet_jax.models import layers
+from gaternet_jax.models.layers import UnitSpec
 
 # (mid, out) channels of each stage's units.
 BASIC_STAGES = ((16, 16), (32, 32), (64, 64))
 BOTTLENECK_STAGES = ((4, 16), (32, 128), (64, 256))  # paper footnote 2
 STEM_CHANNELS = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitSpec:
-  """Static description of one residual unit, shared by the module and its gate layout."""
-
-  name: str
-  in_channels: int
-  mid_channels: int
-  out_channels: int
-  stride: int
-  out_size: tuple[int, int]  # spatial size of the unit's output
-
-
-def _ceil_div(a: int, b: int) -> int:
-  return -(-a // b)
 
 
 class CifarResNet(nn.Module):
@@ -81,7 +65,7 @@ class CifarResNet(nn.Module):
       mid, out = layers.scaled_channels(mid, self.width), layers.scaled_channels(out, self.width)
       for u in range(self.units_per_stage()):
         stride = 2 if (s > 0 and u == 0) else 1
-        height, width = _ceil_div(height, stride), _ceil_div(width, stride)
+        height, width = layers.ceil_div(height, stride), layers.ceil_div(width, stride)
         specs.append(
           UnitSpec(f'stage{s + 1}/unit{u + 1}', in_channels, mid, out, stride, (height, width))
         )
@@ -90,14 +74,7 @@ class CifarResNet(nn.Module):
 
   def gate_layout(self, image_shape: tuple[int, int, int] = (32, 32, 3)) -> list[GatedLayer]:
     """The gated layers (last conv of every unit), from the configuration alone."""
-    result = []
-    for spec in self.unit_specs(image_shape[:2]):
-      kernel_area = 1 if self.bottleneck else 9
-      positions = spec.out_size[0] * spec.out_size[1]
-      result.append(
-        GatedLayer(spec.name, spec.out_channels, kernel_area * spec.mid_channels * positions)
-      )
-    return result
+    return layers.units_gate_layout(self.unit_specs(image_shape[:2]), 1 if self.bottleneck else 9)
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:

@@ -1,0 +1,128 @@
+"""Feeding batches to the devices: global arrays from per-process data, device-resident sets.
+
+Every training and evaluation batch is one global array sharded over the mesh's `data` axis; on
+several hosts each process contributes only its own rows (`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from gaternet_jax.errors import UserError
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """A global batch from this process's part of it."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+class ResidentTrainData:
+  """A small training set kept on the devices as uint8; batches are drawn inside a jitted function.
+
+  The set is split into one equal shard per device (each process provides its own devices' part,
+  so each host holds only its share). Every epoch each shard is permuted with a key derived from
+  (key, epoch, shard), and step `s` takes the `s % steps_per_epoch`-th slice of each shard's
+  permutation: the batch is a pure function of the step, so resuming needs only the step.
+  """
+
+  def __init__(
+    self,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_train: int,
+    batch_size: int,
+    sharding: NamedSharding,
+    key: jax.Array,
+  ):
+    """Places this process's share of the training set on its devices.
+
+    Args:
+      images: this process's training images, uint8 (n, H, W, C).
+      labels: their labels, int32 (n,).
+      num_train: the global number of training examples (all processes).
+      batch_size: the global batch size.
+      sharding: a sharding over a 1-D `data` mesh of every device.
+      key: orders the examples (a replicated PRNG key).
+    """
+    mesh = sharding.mesh
+    num_devices = mesh.size
+    local_devices = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    self.per_device = num_train // num_devices
+    self.device_batch = batch_size // num_devices
+    if self.per_device < self.device_batch:
+      raise UserError(
+        f'{num_train} training examples are too few for batch_size '
+        f'{batch_size} on {num_devices} devices'
+      )
+    self.steps_per_epoch = self.per_device // self.device_batch
+    shape = images.shape[1:]
+    # This process holds the examples of its devices (`data.base.train_share`), ascending: its
+    # j-th device's are every local_devices-th one from the j-th.
+    take = lambda a, j: a[j::local_devices][: self.per_device]  # noqa: E731
+    local_images = np.stack([take(images, j) for j in range(local_devices)])
+    local_labels = np.stack([take(labels, j) for j in range(local_devices)])
+    self.images = jax.make_array_from_process_local_data(
+      sharding, local_images, (num_devices, self.per_device, *shape)
+    )
+    self.labels = jax.make_array_from_process_local_data(
+      sharding, local_labels, (num_devices, self.per_device)
+    )
+    self.key = key
+    self._sample = jax.jit(self._sample_impl, out_shardings=sharding)
+
+  def _sample_impl(self, images, labels, key, step):
+    epoch = step // self.steps_per_epoch
+    offset = (step % self.steps_per_epoch) * self.device_batch
+    epoch_key = jax.random.fold_in(key, epoch)
+
+    def take(shard_images, shard_labels, shard_id):
+      perm = jax.random.permutation(jax.random.fold_in(epoch_key, shard_id), self.per_device)
+      idx = jax.lax.dynamic_slice_in_dim(perm, offset, self.device_batch)
+      return shard_images[idx], shard_labels[idx]
+
+    # The shard index is a global iota: each device gets its own shard's id, wherever its
+    # process's devices sit in the mesh.
+    shard_ids = jnp.arange(images.shape[0], dtype=jnp.int32)
+    batch_images, batch_labels = jax.vmap(take)(images, labels, shard_ids)
+    return {
+      'image': batch_images.reshape(-1, *batch_images.shape[2:]),
+      'label': batch_labels.reshape(-1),
+    }
+
+  def batch(self, step: int) -> dict[str, jax.Array]:
+    return self._sample(self.images, self.labels, self.key, jnp.int32(step))
+
+
+def train_batches(
+  dataset,
+  *,
+  batch_size: int,
+  sharding: NamedSharding,
+  start_step: int,
+  seed: int,
+  key: jax.Array,
+) -> Callable[[int], dict]:
+  """step -> global training batch, for in-memory (device-resident) or streamed datasets.
+
+  `key` orders device-resident data; `seed` seeds the tf.data pipeline of streamed datasets.
+  """
+  if dataset.info.in_memory:
+    images, labels = dataset.train_arrays()
+    resident = ResidentTrainData(
+      images,
+      labels,
+      num_train=dataset.info.num_train,
+      batch_size=batch_size,
+      sharding=sharding,
+      key=key,
+    )
+    return resident.batch
+  local_batch = batch_size // jax.process_count()
+  iterator = dataset.train_iterator(local_batch, seed=seed, start_step=start_step)
+  return lambda step: to_global(next(iterator), sharding)

@@ -1,0 +1,334 @@
+"""The pure parts of training: plan, optimizer, state, and the jitted train/eval/predict steps.
+
+Parameters, batch statistics and optimizer state are replicated; every batch is sharded over the
+mesh's `data` axis, so `jax.jit` with explicit shardings turns each step into data-parallel SPMD
+(gradients are all-reduced by XLA). This is the JAX Training Cookbook's recipe; raw `pmap` is in
+maintenance mode. Nothing here touches files: `train.py` runs the loop, `procedure.py` the stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gaternet_jax import losses, models
+from gaternet_jax.data import augment, feed
+from gaternet_jax.errors import UserError
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds; the data position is `step` (the input pipelines are
+  deterministic functions of the step)."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Values derived from a config and the dataset: never stored in the config."""
+
+  steps_per_epoch: int
+  total_steps: int
+  eval_every_steps: int
+  learning_rate: float  # peak, after linear batch scaling
+
+
+def make_plan(
+  config: ml_collections.ConfigDict, num_train: int, num_epochs: float, learning_rate: float
+) -> Plan:
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch < 1:
+    raise UserError(
+      f'batch_size {config.batch_size} is larger than the {num_train} training examples'
+    )
+  total = max(1, math.ceil(num_epochs * steps_per_epoch))
+  if config.max_steps is not None:
+    total = min(total, config.max_steps)
+  eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
+  peak = learning_rate * config.batch_size / config.optimizer.base_batch_size
+  return Plan(steps_per_epoch, total, eval_every, peak)
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh named `data` over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optax.Schedule:
+  s = config.schedule
+  warmup = min(round(s.warmup_epochs * plan.steps_per_epoch), plan.total_steps - 1)
+  decay_steps = max(1, plan.total_steps - warmup)
+  if s.name == 'cosine':
+    main = optax.cosine_decay_schedule(plan.learning_rate, decay_steps)
+  elif s.name == 'step':
+    boundaries = {
+      max(1, round(b * plan.total_steps) - warmup): s.decay_factor for b in s.boundaries
+    }
+    main = optax.piecewise_constant_schedule(plan.learning_rate, boundaries)
+  elif s.name == 'constant':
+    main = optax.constant_schedule(plan.learning_rate)
+  else:
+    raise UserError(f"unknown schedule.name {s.name!r}; choose 'step', 'cosine' or 'constant'")
+  if warmup <= 0:
+    return main
+  ramp = optax.linear_schedule(0.0, plan.learning_rate, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule):
+  o = config.optimizer
+  return optax.chain(
+    # Coupled weight decay, i.e. an L2 term on every parameter, as in the ResNet recipes.
+    optax.add_decayed_weights(o.weight_decay),
+    optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov),
+  )
+
+
+def compute_dtype(config) -> Any:
+  return jnp.bfloat16 if config.half_precision else jnp.float32
+
+
+@dataclasses.dataclass
+class Setup:
+  """The model, mesh, optimizer and compiled steps of one run."""
+
+  config: ml_collections.ConfigDict
+  info: Any
+  model: Any
+  mesh: Mesh
+  plan: Plan
+  tx: Any
+  schedule: optax.Schedule
+  abstract_state: TrainState
+  replicated: NamedSharding
+  data_sharding: NamedSharding
+
+
+def build(
+  config: ml_collections.ConfigDict,
+  info,
+  *,
+  num_epochs: float | None = None,
+  learning_rate: float | None = None,
+  mesh: Mesh | None = None,
+) -> Setup:
+  """Model, optimizer and abstract state for `config` on dataset `info`."""
+  mesh = mesh or make_mesh()
+  for field in (
+    'batch_size',
+    'eval_batch_size',
+    'log_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+  ):
+    if config[field] < 1:
+      raise UserError(f'{field} must be at least 1, got {config[field]}')
+  if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
+    raise UserError(
+      f'batch_size {config.batch_size} and eval_batch_size '
+      f'{config.eval_batch_size} must be multiples of the {mesh.size} devices'
+    )
+  model = models.create_model(
+    config, num_classes=info.num_classes, image_shape=info.image_shape, dtype=compute_dtype(config)
+  )
+  plan = make_plan(
+    config,
+    info.num_train,
+    config.schedule.num_epochs if num_epochs is None else num_epochs,
+    config.optimizer.learning_rate if learning_rate is None else learning_rate,
+  )
+  schedule = learning_rate_schedule(config, plan)
+  tx = make_optimizer(config, schedule)
+  replicated = NamedSharding(mesh, P())
+  abstract_state = jax.eval_shape(
+    functools.partial(init_state, model=model, tx=tx, image_shape=info.image_shape),
+    jax.random.key(0),
+  )
+  abstract_state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state
+  )
+  return Setup(
+    config,
+    info,
+    model,
+    mesh,
+    plan,
+    tx,
+    schedule,
+    abstract_state,
+    replicated,
+    NamedSharding(mesh, P('data')),
+  )
+
+
+def init_state(key: jax.Array, *, model, tx, image_shape) -> TrainState:
+  params_key, gates_key = jax.random.split(key)
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = model.init({'params': params_key, 'gates': gates_key}, dummy, train=False)
+  params = variables['params']
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(params),
+  )
+
+
+def create_state(setup: Setup, key: jax.Array | int) -> TrainState:
+  """Initialises the state directly into its (replicated) shardings, from a key or a seed."""
+  init = functools.partial(
+    init_state, model=setup.model, tx=setup.tx, image_shape=setup.info.image_shape
+  )
+  shardings = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
+  key = jax.random.key(key) if isinstance(key, int) else key
+  return jax.jit(init, out_shardings=shardings)(key)
+
+
+def preprocess(config, info, images: jax.Array, key: jax.Array | None) -> jax.Array:
+  """uint8 images -> normalized compute-dtype inputs; pad-crop + flip when `key` is given."""
+  if key is not None and config.data.augment and info.in_memory:
+    images = augment.random_crop_flip(key, images, padding=config.data.crop_padding)
+  return augment.normalize(images, info.mean, info.std, compute_dtype(config))
+
+
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, setup: Setup
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step; a pure function of (state, batch, key)."""
+  config = setup.config
+  step_key = jax.random.fold_in(key, state.step)
+  augment_key, gates_key = jax.random.split(step_key)
+  x = preprocess(config, setup.info, batch['image'], augment_key)
+  labels = batch['label']
+  # Scheduled dropout on the gates (appendix B): the rate rises linearly from 0 to its final value.
+  progress = state.step.astype(jnp.float32) / setup.plan.total_steps
+  gate_dropout_rate = config.gater.dropout_rate * jnp.minimum(progress, 1.0)
+
+  def loss_fn(params):
+    (logits, aux), new_vars = setup.model.apply(
+      {'params': params, 'batch_stats': state.batch_stats},
+      x,
+      train=True,
+      gate_dropout_rate=gate_dropout_rate,
+      rngs={'gates': gates_key},
+      mutable=['batch_stats'],
+    )
+    loss, terms = losses.objective(logits, labels, aux, config)
+    density = aux['density'] if 'density' in aux else jnp.zeros((), jnp.float32)
+    return loss, (new_vars, logits, terms, density)
+
+  (loss, (new_vars, logits, terms, density)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state.params
+  )
+  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = TrainState(
+    step=state.step + 1,
+    params=params,
+    batch_stats=new_vars.get('batch_stats', {}),
+    opt_state=opt_state,
+  )
+  # Checked on the host before any checkpoint is written: a finite loss with non-finite updates
+  # (possible in bfloat16) must not slip a diverged state into a checkpoint either.
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(updates))
+  metrics = {
+    'finite': finite,
+    'loss': loss,
+    **terms,
+    'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+    'gate_density': density,
+    'learning_rate': setup.schedule(state.step),
+  }
+  return new_state, metrics
+
+
+def _eval_forward(state: TrainState, batch: dict[str, jax.Array], setup: Setup):
+  """(logits, aux) in evaluation mode: no augmentation, running BN statistics, hard gates."""
+  x = preprocess(setup.config, setup.info, batch['image'], None)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return setup.model.apply(variables, x, train=False)
+
+
+def eval_step(
+  state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
+) -> dict[str, jax.Array]:
+  """Sums over the masked-in examples of one eval batch (padding rows have mask 0)."""
+  logits, aux = _eval_forward(state, batch, setup)
+  labels, mask = batch['label'], batch['mask']
+  per_example_ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  sums = {
+    'count': jnp.sum(mask),
+    'loss': jnp.sum(per_example_ce * mask),
+    'top1_correct': jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
+    'top5_correct': jnp.sum(losses.topk_correct(logits, labels, 5) * mask),
+  }
+  if 'gates' in aux:
+    sums['gates_on'] = jnp.sum(jnp.mean(aux['gates'], axis=-1) * mask)
+  return sums
+
+
+def predict_step(
+  state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
+) -> dict[str, jax.Array]:
+  """Evaluation-mode logits and binary gates of one batch (for analysis)."""
+  logits, aux = _eval_forward(state, batch, setup)
+  out = {'logits': logits}
+  if 'gates' in aux:
+    out['gates'] = aux['gates'] > 0.5
+  return out
+
+
+def compile_steps(setup: Setup):
+  """The jitted train/eval/predict steps with explicit shardings (state donated in training)."""
+  state_sh = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
+  data_sh, rep = setup.data_sharding, setup.replicated
+  train = jax.jit(
+    functools.partial(train_step, setup=setup),
+    in_shardings=(state_sh, data_sh, rep),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
+  )
+  evaluate = jax.jit(
+    functools.partial(eval_step, setup=setup), in_shardings=(state_sh, data_sh), out_shardings=rep
+  )
+  predict = jax.jit(
+    functools.partial(predict_step, setup=setup),
+    in_shardings=(state_sh, data_sh),
+    out_shardings=data_sh,
+  )
+  return train, evaluate, predict
+
+
+def evaluate(state: TrainState, dataset, split: str, setup: Setup, eval_fn) -> dict[str, float]:
+  """Top-1/top-5 error, loss and gate density over every example of `split`."""
+  local_batch = setup.config.eval_batch_size // jax.process_count()
+  totals: dict[str, Any] = {}
+  for batch in dataset.eval_iterator(split, local_batch):
+    sums = eval_fn(state, feed.to_global(batch, setup.data_sharding))
+    totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  count = max(totals.get('count', 0.0), 1.0)
+  result = {
+    'top1_error': 100.0 * (1.0 - totals['top1_correct'] / count),
+    'top5_error': 100.0 * (1.0 - totals['top5_correct'] / count),
+    'loss': totals['loss'] / count,
+    'examples': int(totals['count']),
+  }
+  if 'gates_on' in totals:
+    result['gate_density'] = totals['gates_on'] / count
+  return result

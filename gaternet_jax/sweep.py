@@ -1,0 +1,108 @@
+"""`gaternet sweep`: a grid over config fields, one resumable sub-workdir per point.
+
+Every point is built and validated before the first one trains, so a bad value in the last point
+is reported at once, not after hours of training.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from typing import Any, Callable, Iterator
+
+import ml_collections
+
+from gaternet_jax import validation, workdir as workdir_lib
+from gaternet_jax.errors import UserError
+
+
+def parse_sweep(specs: list[str]) -> list[dict[str, str]]:
+  """['a.b=1,2', 'c=x'] -> [{'a.b': '1', 'c': 'x'}, {'a.b': '2', 'c': 'x'}] (the grid)."""
+  axes = []
+  for spec in specs:
+    field, sep, values = spec.partition('=')
+    if not sep or not field.strip() or not values.strip():
+      raise UserError(f'--sweep {spec!r}: expected field=value1,value2,...')
+    axes.append([(field.strip(), v.strip()) for v in values.split(',')])
+  return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def field_type(config: ml_collections.ConfigDict, field: str) -> type:
+  """The declared type of a dotted field, as `--config.<field>=` overrides see it.
+
+  Placeholders (fields whose default is None, e.g. `max_steps`) keep their declared type in the
+  unresolved config, which is where it is read from.
+  """
+  *parents, leaf = field.split('.')
+  node = config
+  for p in parents:
+    if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+      raise UserError(f'--sweep: unknown config field {field!r}')
+    node = node[p]
+  if leaf not in node:
+    raise UserError(f'--sweep: unknown config field {field!r}')
+  if isinstance(node, ml_collections.ConfigDict):
+    try:
+      return node.get_ref(leaf).get_type()
+    except ValueError:  # a plain None value has no type to read
+      pass
+  return type(node[leaf])
+
+
+def set_field(config: ml_collections.ConfigDict, field: str, text: str, kind: type) -> None:
+  """Sets a dotted field of `config` from text parsed as `kind`."""
+  *parents, leaf = field.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  try:
+    node[leaf] = parse_value(text, kind)
+  except (TypeError, ValueError, SyntaxError) as e:
+    raise UserError(f'--sweep: bad value {text!r} for {field}: {e}') from None
+
+
+def parse_value(text: str, kind: type) -> Any:
+  """A command-line value as `kind` (bools accept true/false/1/0/yes/no; None accepts 'none')."""
+  if text.lower() == 'none':
+    return None
+  if kind is bool:
+    if text.lower() in ('true', '1', 'yes'):
+      return True
+    if text.lower() in ('false', '0', 'no'):
+      return False
+    raise ValueError('expected true/false')
+  if kind in (int, float, str):
+    return kind(text)
+  return ast.literal_eval(text)
+
+
+def grid_configs(
+  config: ml_collections.ConfigDict, specs: list[str]
+) -> list[tuple[str, dict[str, str], ml_collections.ConfigDict]]:
+  """(sub-workdir name, point, config) of every grid point, each validated."""
+  if not specs:  # (the grid of no axes is one point: the base config, which is not a sweep)
+    raise UserError('--sweep field=v1,v2 is required (repeat it for a grid)')
+  grid = parse_sweep(specs)
+  points = []
+  for point in grid:
+    run_config = config.copy_and_resolve_references()
+    for field, value in point.items():
+      set_field(run_config, field, value, field_type(config, field))
+    try:
+      validation.validate_config(run_config)
+    except UserError as e:
+      raise UserError(f'sweep point {point}: {e}') from None
+    name = ','.join(f'{k}={v}' for k, v in point.items())
+    points.append((name, point, run_config))
+  return points
+
+
+def sweep(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  specs: list[str],
+  train: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
+) -> Iterator[dict[str, Any]]:
+  """Trains every grid point in `workdir/<field=value,...>`; yields {'point': ..., **results}."""
+  for name, point, run_config in grid_configs(config, specs):
+    yield {'point': point, **train(run_config, workdir_lib.join(workdir, name))}

@@ -1,6 +1,7 @@
 """Two local processes as two hosts (gloo collectives on 127.0.0.1): the multi-host path end to end."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -118,5 +119,12 @@ def test_gated_procedure_on_two_processes_matches_one(tmp_path, data):
   for stage in ('stage1_backbone', 'stage2_gater', 'stage3_joint'):
     assert os.path.exists(tmp_path / 'two' / stage / 'results.json'), stage
   assert two['step'] == one['step'] == 4 and two['stage'] == 'stage3_joint'
+  assert two['eval']['examples'] == one['eval']['examples'] > 0
+  if data == 'mock':
+    # tf.data streams each process its own files: another data order than one process's, so
+    # only the outcome's completeness is compared.
+    assert all(math.isfinite(two['eval'][k]) for k in ('loss', 'top1_error', 'gate_density'))
+    return
+  # In memory, each device trains on the same examples whatever the process layout.
   for key in ('loss', 'top1_error', 'gate_density'):
     assert abs(two['eval'][key] - one['eval'][key]) <= 1e-3 * max(1.0, abs(one['eval'][key])), key

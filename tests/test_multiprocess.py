@@ -1,4 +1,5 @@
-"""Two local processes as two hosts (gloo collectives on 127.0.0.1): the multi-host path end to end."""
+"""Two local processes as two hosts (gloo collectives on 127.0.0.1): the multi-host path end to end,
+through the `gaternet train` command, launched by hand as a user without a cluster manager would."""
 
 import json
 import math
@@ -13,52 +14,11 @@ import pytest
 from conftest import REPO
 from gaternet_jax import environment
 
-WORKER = textwrap.dedent("""
-    import json, sys
-    import jax
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(f'127.0.0.1:{sys.argv[1]}', num_processes=2, process_id=int(sys.argv[2]))
-    sys.path.insert(0, 'tests')
-    from conftest import tiny_default
-    from gaternet_jax import procedure
-    assert jax.process_count() == 2 and jax.device_count() == 2
-    results = procedure.train_and_evaluate(tiny_default('plain', eval_batch_size=50), sys.argv[3])
-    print(json.dumps({'process': jax.process_index(), 'step': results['step'],
-                      'examples': results['eval']['examples'], 'loss': results['eval']['loss']}))
-""")
-
 
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
-
-
-def test_two_processes_train_evaluate_and_checkpoint(tmp_path):
-  port, workdir = _free_port(), str(tmp_path / 'run')
-  env = dict(os.environ, XLA_FLAGS=environment.CPU_XLA_FLAGS)
-  procs = [
-    subprocess.Popen(
-      [sys.executable, '-c', WORKER, str(port), str(i), workdir],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-  # Both hosts agree; every one of the 297 test examples is counted once across the two hosts.
-  assert {r['step'] for r in results} == {6}
-  assert {r['examples'] for r in results} == {297}
-  assert results[0]['loss'] == results[1]['loss']
-  stored = json.load(open(os.path.join(workdir, 'results.json')))
-  assert stored['step'] == 6
-  assert any(d.isdigit() for d in os.listdir(os.path.join(workdir, 'checkpoints')))
 
 
 LAUNCH = textwrap.dedent("""
@@ -115,16 +75,16 @@ def test_gated_procedure_on_two_processes_matches_one(tmp_path, data):
     pytest.importorskip('tensorflow_datasets')
   extra = STREAMED if data == 'mock' else []
   two = _train(str(tmp_path / 'two'), data, 2, 2, extra)
-  one = _train(str(tmp_path / 'one'), data, 1, 4, extra)
   for stage in ('stage1_backbone', 'stage2_gater', 'stage3_joint'):
     assert os.path.exists(tmp_path / 'two' / stage / 'results.json'), stage
-  assert two['step'] == one['step'] == 4 and two['stage'] == 'stage3_joint'
-  assert two['eval']['examples'] == one['eval']['examples'] > 0
+  assert two['step'] == 4 and two['stage'] == 'stage3_joint' and two['eval']['examples'] > 0
   if data == 'mock':
     # tf.data streams each process its own files: another data order than one process's, so
-    # only the outcome's completeness is compared.
+    # there is no one-process run to match; the three stages completed with finite metrics.
     assert all(math.isfinite(two['eval'][k]) for k in ('loss', 'top1_error', 'gate_density'))
     return
+  one = _train(str(tmp_path / 'one'), data, 1, 4, extra)
+  assert one['step'] == 4 and two['eval']['examples'] == one['eval']['examples']
   # In memory, each device trains on the same examples whatever the process layout.
   for key in ('loss', 'top1_error', 'gate_density'):
     assert abs(two['eval'][key] - one['eval'][key]) <= 1e-3 * max(1.0, abs(one['eval'][key])), key

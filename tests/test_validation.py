@@ -41,7 +41,12 @@ def refused(config) -> str:
 @pytest.mark.parametrize('variant', configs.VARIANTS)
 @pytest.mark.parametrize('name', EXPERIMENTS)
 def test_every_experiment_config_validates(name, variant):
-  validate_config(load_experiment(name, variant))
+  try:
+    config = load_experiment(name, variant)
+  except UserError as e:  # Table 2 and Inception-v4 have no -Wider or -SE rows
+    assert 'variant' in str(e) and variant in ('wider', 'se')
+    return
+  validate_config(config)
 
 
 def test_rules_cover_every_field_of_the_base_config():

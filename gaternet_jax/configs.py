@@ -140,6 +140,70 @@ def cifar_config(
   return c
 
 
+def table2_variant(arg: str | None, backbone: str) -> str:
+  """`plain` or `gated`: Table 2's backbones have no -Wider or -SE rows in the paper."""
+  variant = parse_variant(arg)
+  if variant not in ('plain', 'gated'):
+    raise UserError(f'{backbone} has no {variant!r} variant in the paper; choose plain or gated')
+  return variant
+
+
+def densenet_config(depth: int, growth: int, arg: str | None) -> ml_collections.ConfigDict:
+  """A Table 2 DenseNet-BC (L=depth, k=growth) row on CIFAR-10 with a ResNet-20 gater (b=8).
+
+  The original recipe (Huang et al. 2017): 300 epochs, batch 64, SGD with Nesterov momentum 0.9,
+  learning rate 0.1 divided by 10 at 50% and 75%, weight decay 1e-4; the gated model adds the
+  paper's changes (section 4.4, appendix B): 20 more joint epochs, joint learning rate 0.05, and
+  scheduled dropout on the gates reaching 0.05 (they act only when model.gated).
+  """
+  c = base_config(
+    name=f'cifar10_densenet_bc{depth}_k{growth}',
+    variant=table2_variant(arg, 'DenseNet-BC'),
+    dataset='cifar10',
+    backbone=f'densenet_bc{depth}_k{growth}',
+    extractor='cifar_resnet20',
+    bottleneck=8,
+    wider_width=1.0,
+    se_reduction=0,
+  )
+  c.batch_size = 64
+  c.optimizer.base_batch_size = 64
+  c.optimizer.nesterov = True
+  c.schedule.num_epochs = 300.0
+  c.procedure.joint_extra_epochs = 20.0
+  c.procedure.joint_learning_rate = 0.05
+  c.gater.dropout_rate = 0.05
+  return c
+
+
+def shake_shake_config(base_width: int, arg: str | None) -> ml_collections.ConfigDict:
+  """A Table 2 Shake-Shake 26 2x(base_width)d row on CIFAR-10 with a ResNet-20 gater (b=8).
+
+  The original recipe (Gastaldi 2017, "Shake-Shake-Image"): 1,800 epochs of SGD with Nesterov
+  momentum 0.9 (its train.lua), batch 128, cosine learning rate from 0.2 to 0, weight decay 1e-4;
+  the gated model adds 30 joint epochs at learning rate 0.05 and gate dropout reaching 0.05.
+  """
+  c = base_config(
+    name=f'cifar10_shake_shake26_2x{base_width}d',
+    variant=table2_variant(arg, 'Shake-Shake'),
+    dataset='cifar10',
+    backbone=f'shake_shake26_2x{base_width}d',
+    extractor='cifar_resnet20',
+    bottleneck=8,
+    wider_width=1.0,
+    se_reduction=0,
+  )
+  c.optimizer.learning_rate = 0.2
+  c.optimizer.nesterov = True
+  c.schedule.name = 'cosine'
+  c.schedule.num_epochs = 1800.0
+  c.procedure.joint_extra_epochs = 30.0
+  c.procedure.joint_learning_rate = 0.05
+  c.gater.dropout_rate = 0.05
+  c.eval_every_epochs = 20.0  # 90 evaluations over 1,800 epochs
+  return c
+
+
 def imagenet_config(
   depth: int, arg: str | None, *, wider_width: float, bottleneck: int = 256
 ) -> ml_collections.ConfigDict:

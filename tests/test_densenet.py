@@ -131,5 +131,5 @@ def test_a_few_training_steps_on_the_default_data(variant, tmp_path):
 def test_experiments_refuse_wider_and_se(name):
   assert load_experiment(name).model.gated  # gated is the default
   for variant in ('wider', 'se'):
-    with pytest.raises(UserError, match='only plain and gated'):
+    with pytest.raises(UserError, match='choose plain or gated'):
       load_experiment(name, variant)

@@ -164,3 +164,12 @@ def test_init_from_a_run_on_other_data_is_refused(gated_run, tmp_path, cli):
   assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
   assert 'other data' in errors[0] and 'data.holdout' in errors[0]
   assert not out.exists()  # nothing written
+
+
+def test_procedure_wall_time_is_the_sum_of_its_stages(gated_run):
+  """Each stage's wall time counts all of its resumed pieces; the procedure's is their sum."""
+  workdir, results = gated_run
+  stages = [workdir_lib.read_results(workdir_lib.join(workdir, s)) for s in workdir_lib.STAGES]
+  total = sum(stage['wall_time_s'] for stage in stages)
+  assert abs(results['procedure_wall_time_s'] - total) < 0.05
+  assert all(stage['wall_time_s'] > 0 for stage in stages)

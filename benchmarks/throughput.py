@@ -1,14 +1,25 @@
 """Training and inference throughput of a config's plain and gated variants; one JSON line.
 
   python benchmarks/throughput.py --config experiments/cifar10_resnet20.py [--batch_size 128]
+      [--rounds 3] [--steps 20] [--steps_per_dispatch K] [--pytorch]
 
-Synthetic uint8 batches of the dataset's shape (no data is read); the training step is the real
-one (augmentation, SemHash, the L1 term, SGD), jitted over all devices. Reports images/s after
-warm-up, compile seconds, and the device kind.
+Synthetic uint8 images of the dataset's shape, resident on the devices as in a real run (no data
+is read). Training is the real loop's path: `device_loops.TrainDispatch` (batches drawn on the
+device, augmentation, SemHash, the L1 term, SGD), K steps per dispatch (default: the platform's).
+Inference is the evaluation step on one batch. Each measurement runs `--steps` steps after a
+warm-up; `--rounds` repeats every measurement in turn (interleaved, so that a slow spell of the
+machine hits all of them) and the medians are reported, with every round's value.
+
+`--pytorch` also measures `benchmarks/pytorch_reference.py` (the same ResNet-20 in PyTorch eager,
+NCHW and channels_last) in the same rounds, and adds the ratios of ours to it. It needs torch
+(the `benchmark` extra); only the CIFAR ResNet-20 has a reference. Each PyTorch round runs in a
+child process: in one process, torch's OpenMP threads and XLA's thread pool slowed each other
+several-fold (measured on the 2-core development CPU).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from gaternet_jax import environment
@@ -16,87 +27,123 @@ from gaternet_jax import environment
 environment.prepare()  # the `gaternet` command's settings, before JAX starts
 
 import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 
-from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from gaternet_jax import describe, steps  # noqa: E402
+from gaternet_jax import describe, device_loops, steps  # noqa: E402
 from gaternet_jax.data import feed  # noqa: E402
-from gaternet_jax.data.base import DatasetInfo  # noqa: E402
+from gaternet_jax.data.base import DatasetInfo, InMemoryDataset  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'experiments/cifar10_resnet20.py', 'Experiment config.')
 flags.DEFINE_integer('batch_size', None, "Global batch (default: the config's).")
 flags.DEFINE_integer('steps', 20, 'Timed steps per measurement.')
+flags.DEFINE_integer('rounds', 3, 'Interleaved repetitions of every measurement; medians reported.')
+flags.DEFINE_integer('steps_per_dispatch', None, "Training steps per call (default: platform's).")
 flags.DEFINE_list('variants', ['plain', 'gated'], 'Variants to measure.')
 flags.DEFINE_bool('half_precision', None, 'Override config.half_precision.')
+flags.DEFINE_bool('pytorch', False, 'Also measure the PyTorch eager reference (needs torch).')
 FLAGS = flags.FLAGS
 
+WARMUP_STEPS = 3
 
-def measure(config, variant: str) -> dict:
-  config = config.copy_and_resolve_references()
-  config.variant = variant
-  config.model.gated = variant == 'gated'
-  if FLAGS.batch_size:
-    config.batch_size = config.eval_batch_size = FLAGS.batch_size
-  if FLAGS.half_precision is not None:
-    config.half_precision = FLAGS.half_precision
-  num_classes, shape = describe.dataset_spec(config.data)
-  info = DatasetInfo(
-    name='synthetic',
-    num_classes=num_classes,
-    image_shape=tuple(shape),
-    mean=(127.0,) * shape[-1],
-    std=(64.0,) * shape[-1],
-    num_train=10**6,
-    split_sizes={},
-    in_memory=config.data.name != 'imagenet2012',
-  )
-  setup = steps.build(config, info)
-  state = steps.create_state(setup, 0)
-  train_fn, eval_fn, _ = steps.compile_steps(setup)
-  rng = np.random.default_rng(0)
-  b = config.batch_size
-  batch = {
-    'image': rng.integers(0, 255, (b, *shape), dtype=np.uint8),
-    'label': rng.integers(0, num_classes, (b,), dtype=np.int32),
-  }
-  batch = feed.to_global(batch, setup.data_sharding)
-  eval_batch = dict(batch, mask=jax.device_put(jnp.ones((b,), jnp.float32), setup.data_sharding))
-  key = jax.random.key(0)
 
-  start = time.perf_counter()
-  compiled_train = train_fn.lower(state, batch, key).compile()
-  compiled_eval = eval_fn.lower(state, eval_batch).compile()
-  compile_s = time.perf_counter() - start
+class Measurement:
+  """One variant, built and compiled once; `train()` and `infer()` time it (images/s)."""
 
-  def timed(fn, *args, donate=False):
-    nonlocal state
-    for _ in range(3):  # warm-up
-      out = fn(*args) if not donate else fn(state, *args)
-      if donate:
-        state = out[0]
+  def __init__(self, config, variant: str):
+    config = config.copy_and_resolve_references()
+    config.variant = variant
+    config.model.gated = variant == 'gated'
+    if FLAGS.batch_size:
+      config.batch_size = config.eval_batch_size = FLAGS.batch_size
+    if FLAGS.half_precision is not None:
+      config.half_precision = FLAGS.half_precision
+    if FLAGS.steps_per_dispatch is not None:
+      config.steps_per_dispatch = FLAGS.steps_per_dispatch
+    num_classes, shape = describe.dataset_spec(config.data)
+    b = self.batch_size = config.batch_size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4 * b, *shape), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, (4 * b,), dtype=np.int32)
+    info = DatasetInfo(
+      name='synthetic',
+      num_classes=num_classes,
+      image_shape=tuple(shape),
+      mean=(127.0,) * shape[-1],
+      std=(64.0,) * shape[-1],
+      num_train=len(images),
+      split_sizes={},
+      in_memory=True,
+    )
+    dataset = InMemoryDataset(info, (images, labels), {}, process_count=1)
+    self.setup = setup = steps.build(config, info)
+    self.state, self.step = steps.create_state(setup, 0), 0
+    key = jax.random.key(0)
+    self.dispatch = device_loops.TrainDispatch(
+      setup, dataset, start_step=0, seed=0, data_key=key, key=key
+    )
+    self.k = self.dispatch.max_steps
+    eval_fn = steps.compile_steps(setup)[1]
+    batch = {'image': images[:b], 'label': labels[:b], 'mask': np.ones((b,), np.float32)}
+    self.eval_batch = feed.to_global(batch, setup.data_sharding)
+    start = time.perf_counter()
+    self.eval_fn = eval_fn.lower(self.state, self.eval_batch).compile()
+    self.train(timed_steps=self.k)  # compiles the training dispatch
+    self.compile_s = time.perf_counter() - start
+    self.half_precision = bool(config.half_precision)
+
+  def _chunk(self):
+    self.state, metrics = self.dispatch(self.state, self.step, self.k)
+    self.step += self.k
+    return metrics
+
+  def train(self, timed_steps: int | None = None) -> float:
+    chunks = max(1, round((timed_steps or FLAGS.steps) / self.k))
+    for _ in range(max(1, round(WARMUP_STEPS / self.k))):
+      metrics = self._chunk()
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(chunks):
+      metrics = self._chunk()
+    jax.block_until_ready(metrics)
+    return chunks * self.k * self.batch_size / (time.perf_counter() - start)
+
+  def infer(self) -> float:
+    for _ in range(WARMUP_STEPS):
+      out = self.eval_fn(self.state, self.eval_batch)
     jax.block_until_ready(out)
     start = time.perf_counter()
     for _ in range(FLAGS.steps):
-      out = fn(*args) if not donate else fn(state, *args)
-      if donate:
-        state = out[0]
+      out = self.eval_fn(self.state, self.eval_batch)
     jax.block_until_ready(out)
-    return FLAGS.steps * b / (time.perf_counter() - start)
+    return FLAGS.steps * self.batch_size / (time.perf_counter() - start)
 
-  train_ips = timed(compiled_train, batch, key, donate=True)
-  infer_ips = timed(compiled_eval, state, eval_batch)
-  return {
-    'train_images_per_s': round(train_ips, 1),
-    'inference_images_per_s': round(infer_ips, 1),
-    'compile_s': round(compile_s, 2),
-    'batch_size': b,
-    'half_precision': bool(config.half_precision),
-  }
+
+PYTORCH_FORMATS = ('nchw', 'channels_last')
+
+
+def _pytorch_round(batch_size: int) -> dict:
+  """One round of benchmarks/pytorch_reference.py in a child process (see the docstring)."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pytorch_reference.py')
+  out = subprocess.run(
+    [sys.executable, script, f'--batch_size={batch_size}', f'--steps={FLAGS.steps}'],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  if out.returncode:
+    raise app.UsageError(f'the PyTorch reference failed (is torch installed?): {out.stderr[-500:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _summary(rounds: list[float]) -> dict:
+  return {'median': round(statistics.median(rounds), 1), 'rounds': [round(r, 1) for r in rounds]}
 
 
 def main(argv):
@@ -107,9 +154,49 @@ def main(argv):
     'device_kind': jax.devices()[0].device_kind,
     'devices': jax.device_count(),
     'backend': jax.default_backend(),
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
-  for variant in FLAGS.variants:
-    result[variant] = measure(config, variant)
+  measurements = {v: Measurement(config, v) for v in FLAGS.variants}
+  if FLAGS.pytorch and config.model.backbone != 'cifar_resnet20':
+    raise app.UsageError('--pytorch has a reference for cifar_resnet20 configs only')
+  torch_version = None
+  times: dict[str, list[float]] = {}
+  for _ in range(FLAGS.rounds):
+    for variant, m in measurements.items():
+      times.setdefault(f'{variant}/train', []).append(m.train())
+      times.setdefault(f'{variant}/inference', []).append(m.infer())
+    if FLAGS.pytorch:
+      r = _pytorch_round(next(iter(measurements.values())).batch_size)
+      torch_version = r['torch_version']
+      for fmt in PYTORCH_FORMATS:
+        times.setdefault(f'pytorch_{fmt}/train', []).append(r[fmt]['train_images_per_s'])
+        times.setdefault(f'pytorch_{fmt}/inference', []).append(r[fmt]['inference_images_per_s'])
+  for variant, m in measurements.items():
+    result[variant] = {
+      'train_images_per_s': _summary(times[f'{variant}/train']),
+      'inference_images_per_s': _summary(times[f'{variant}/inference']),
+      'compile_s': round(m.compile_s, 2),
+      'batch_size': m.batch_size,
+      'steps_per_dispatch': m.k,
+      'half_precision': m.half_precision,
+    }
+  median = lambda key: statistics.median(times[key])  # noqa: E731
+  ratios = {}
+  if 'plain' in measurements and 'gated' in measurements:
+    ratios['gated_vs_plain_train'] = median('gated/train') / median('plain/train')
+  if FLAGS.pytorch:
+    result['pytorch'] = {'torch_version': torch_version}
+    for fmt in PYTORCH_FORMATS:
+      result['pytorch'][fmt] = {
+        f'{kind}_images_per_s': _summary(times[f'pytorch_{fmt}/{kind}'])
+        for kind in ('train', 'inference')
+      }
+      if 'plain' in measurements:
+        for kind in ('train', 'inference'):
+          ratios[f'plain_vs_pytorch_{fmt}_{kind}'] = median(f'plain/{kind}') / median(
+            f'pytorch_{fmt}/{kind}'
+          )
+  result['ratios'] = {k: round(v, 3) for k, v in ratios.items()}
   print(json.dumps(result))
 
 

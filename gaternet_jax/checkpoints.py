@@ -25,6 +25,7 @@ from gaternet_jax.errors import CheckpointError, UserError
 RESUMABLE_FIELDS = frozenset(
   {
     'log_every_steps',
+    'steps_per_dispatch',
     'eval_every_epochs',
     'checkpoint_every_steps',
     'keep_checkpoints',

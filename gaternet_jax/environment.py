@@ -41,9 +41,7 @@ def prepare(environ=os.environ) -> None:
   Must run before JAX initialises its backend; it changes nothing a user has set.
   """
   if (
-    'XLA_FLAGS' not in environ
-    and environ.get(DISABLE_VARIABLE, '1') != '0'
-    and cpu_only_install()
+    'XLA_FLAGS' not in environ and environ.get(DISABLE_VARIABLE, '1') != '0' and cpu_only_install()
   ):
     environ['XLA_FLAGS'] = CPU_XLA_FLAGS
   environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

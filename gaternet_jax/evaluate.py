@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gaternet_jax import describe, restore, steps
+from gaternet_jax import describe, device_loops, restore
 
 
 def evaluate_workdir(workdir: str, split: str | None = None, step: int | None = None) -> dict:
@@ -23,8 +23,7 @@ def evaluate_workdir(workdir: str, split: str | None = None, step: int | None = 
   config, setup, state, dataset, step = restore.load_state(directory, step=step)
   split = split or config.data.eval_split
   dataset.info.split_size(split)  # a clear error for an unknown split
-  _, eval_fn, _ = steps.compile_steps(setup)
-  metrics = steps.evaluate(state, dataset, split, setup, eval_fn)
+  metrics = device_loops.Evaluator(setup, dataset)(state, split)
   stats = describe.describe(
     config, num_classes=dataset.info.num_classes, image_shape=dataset.info.image_shape
   )

@@ -10,14 +10,24 @@ step. On several processes every host must stop at the *same* step: JAX's preemp
 (started by `jax.distributed.initialize`) owns SIGTERM there and agrees on a step through
 `multihost_utils.reached_preemption_sync_point`; a SIGINT seen by any process is agreed on at
 the next multiple of `sync_every` steps.
+
+The preemption service expects one call per training step with ids that rise by one and never
+restart in a process (it picks "the largest id seen + 1" as the step to stop at). The loop asks
+once per *dispatch* (several steps) and the procedure runs several stages in one process, so the
+service is given its own counter of `should_stop` calls, never the training step; every process
+makes the same calls in the same order, so their counters agree.
 """
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 
 import jax
+
+# Ids for the preemption service: one per `should_stop` call of this process (see above).
+_SYNC_IDS = itertools.count()
 
 
 class StopRequests:
@@ -60,7 +70,7 @@ class StopRequests:
       return self._signal is not None
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    if multihost_utils.reached_preemption_sync_point(step):
+    if multihost_utils.reached_preemption_sync_point(next(_SYNC_IDS)):
       self._signal = self._signal or signal.SIGTERM
       return True
     if step % self._sync_every:

@@ -126,7 +126,7 @@ def check_init_sources(config: ml_collections.ConfigDict) -> None:
     if differ:
       raise UserError(
         f'init.{field} = {path!r} was trained on other data: {", ".join(differ)}; its '
-        'examples may include this run\'s held-out ones, so it cannot initialise this run'
+        "examples may include this run's held-out ones, so it cannot initialise this run"
       )
 
 

@@ -3,7 +3,8 @@
 Parameters, batch statistics and optimizer state are replicated; every batch is sharded over the
 mesh's `data` axis, so `jax.jit` with explicit shardings turns each step into data-parallel SPMD
 (gradients are all-reduced by XLA). This is the JAX Training Cookbook's recipe; raw `pmap` is in
-maintenance mode. Nothing here touches files: `train.py` runs the loop, `procedure.py` the stages.
+maintenance mode. Nothing here touches files: `device_loops.py` dispatches these steps,
+`train.py` runs the loop, `procedure.py` the stages.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gaternet_jax import losses, models
-from gaternet_jax.data import augment, feed
+from gaternet_jax.data import augment
 from gaternet_jax.errors import UserError
 
 
@@ -312,23 +313,3 @@ def compile_steps(setup: Setup):
     out_shardings=data_sh,
   )
   return train, evaluate, predict
-
-
-def evaluate(state: TrainState, dataset, split: str, setup: Setup, eval_fn) -> dict[str, float]:
-  """Top-1/top-5 error, loss and gate density over every example of `split`."""
-  local_batch = setup.config.eval_batch_size // jax.process_count()
-  totals: dict[str, Any] = {}
-  for batch in dataset.eval_iterator(split, local_batch):
-    sums = eval_fn(state, feed.to_global(batch, setup.data_sharding))
-    totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-  count = max(totals.get('count', 0.0), 1.0)
-  result = {
-    'top1_error': 100.0 * (1.0 - totals['top1_correct'] / count),
-    'top5_error': 100.0 * (1.0 - totals['top5_correct'] / count),
-    'loss': totals['loss'] / count,
-    'examples': int(totals['count']),
-  }
-  if 'gates_on' in totals:
-    result['gate_density'] = totals['gates_on'] / count
-  return result

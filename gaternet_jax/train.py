@@ -13,14 +13,13 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gaternet_jax import checkpoints, configs, distributed, metrics_io, models, preemption, steps
+from gaternet_jax import checkpoints, configs, device_loops, distributed, metrics_io, models
+from gaternet_jax import preemption, steps
 from gaternet_jax import data as data_lib
 from gaternet_jax import workdir as workdir_lib
-from gaternet_jax.data import feed
 from gaternet_jax.errors import CheckpointError, Interrupted, NonFiniteLossError, UserError
 
 # Random streams per seed: 0 for a single run, one per stage of the procedure (`procedure.py`).
@@ -134,8 +133,9 @@ def run(
   start_step = _start_step(workdir, resume_step)
   elapsed_before = check_resume_plan(workdir, setup, resuming=start_step is not None)
   if start_step == plan.total_steps and distributed.agree(
-    lambda: workdir_lib.is_finished(workdir)
-    and workdir_lib.exists(workdir, workdir_lib.CONFIG_FILE)
+    lambda: (
+      workdir_lib.is_finished(workdir) and workdir_lib.exists(workdir, workdir_lib.CONFIG_FILE)
+    )
   ):
     # A finished run whose stored config matched: nothing to train, and its results (wall time
     # included) stay as they are. Without a stored config the checkpoint is restored below,
@@ -162,15 +162,15 @@ def run(
   # leave its config behind.
   if distributed.is_leader():
     workdir_lib.save_config(config, workdir)
-  train_fn, eval_fn, _ = steps.compile_steps(setup)
-  get_batch = feed.train_batches(
+  dispatch = device_loops.TrainDispatch(
+    setup,
     dataset,
-    batch_size=config.batch_size,
-    sharding=setup.data_sharding,
     start_step=start_step,
     seed=config.seed * STREAMS_PER_SEED + stream,  # tf.data's seed for streamed datasets
-    key=data_key,
+    data_key=data_key,
+    key=key,
   )
+  evaluator = device_loops.Evaluator(setup, dataset)
 
   writer = metrics_io.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -188,9 +188,10 @@ def run(
   )
 
   eval_metrics: dict[str, Any] = {}
-  pending: list[dict[str, jax.Array]] = []
-  previous = None  # (step, loss, finite) of the previous step, checked one step late
+  pending: list[tuple[int, dict[str, jax.Array]]] = []  # (steps, metrics) of unlogged chunks
+  previous = None  # (first step, steps, finite flags, losses) of the last chunk, checked late
   step = start_step
+  cadences = (config.log_every_steps, plan.eval_every_steps, config.checkpoint_every_steps)
 
   def save(step: int) -> None:
     _check_finite(*previous)  # never write a checkpoint of a diverged state
@@ -199,23 +200,23 @@ def run(
 
   with preemption.StopRequests(sync_every=config.log_every_steps) as stop:
     while step < plan.total_steps:
-      state, metrics = train_fn(state, get_batch(step), key)
-      step += 1
+      # A chunk never crosses a log, eval or checkpoint step, so each happens where the config
+      # puts it, whatever the steps per dispatch.
+      n = min(dispatch.max_steps, _next_boundary(step, cadences, plan.total_steps) - step)
+      state, metrics = dispatch(state, step, n)
       if previous is not None:
-        _check_finite(*previous)
-      previous = (step, metrics['loss'], metrics.pop('finite'))
-      pending.append(metrics)
+        _check_finite(*previous)  # the previous chunk's flags: read without stalling the device
+      previous = (step, n, metrics.pop('finite'), metrics['loss'])
+      step += n
+      pending.append((n, metrics))
       report(step)
       if step % config.log_every_steps == 0 or step == plan.total_steps:
-        summary = {
-          f'train/{k}': float(np.mean(v)) for k, v in jax.device_get(_stack(pending)).items()
-        }
-        writer.write_scalars(step, summary)
+        writer.write_scalars(step, _mean_metrics(pending))
         pending = []
       is_last = step == plan.total_steps
       if step % plan.eval_every_steps == 0 or is_last:
         with report.timed('eval'):
-          eval_metrics = steps.evaluate(state, dataset, config.data.eval_split, setup, eval_fn)
+          eval_metrics = evaluator(state, config.data.eval_split)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
       if step % config.checkpoint_every_steps == 0 or is_last:
         save(step)
@@ -233,7 +234,7 @@ def run(
     _check_finite(*previous)
   checkpoints.finish(manager, workdir, step)
   if not eval_metrics:  # resumed a finished run: nothing trained, evaluate what is there
-    eval_metrics = steps.evaluate(state, dataset, config.data.eval_split, setup, eval_fn)
+    eval_metrics = evaluator(state, config.data.eval_split)
   writer.flush()
   writer.close()
   layout = models.gate_layout(config, setup.info.image_shape) if config.model.gated else []
@@ -255,15 +256,28 @@ def run(
   return results
 
 
-def _stack(metrics: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
-  return {k: jnp.stack([m[k] for m in metrics]) for k in metrics[0]}
+def _next_boundary(step: int, cadences: tuple[int, ...], total_steps: int) -> int:
+  """The first step after `step` at which the loop logs, evaluates, checkpoints or ends."""
+  return min(total_steps, *((step // c + 1) * c for c in cadences))
 
 
-def _check_finite(step: int, loss: jax.Array, finite: jax.Array) -> None:
-  if bool(finite):
+def _mean_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, float]:
+  """Per-metric means over every step of the chunks since the last log."""
+  chunks = jax.device_get(pending)
+  return {
+    f'train/{k}': float(np.mean(np.concatenate([m[k][:n] for n, m in chunks])))
+    for k in chunks[0][1]
+  }
+
+
+def _check_finite(first_step: int, n: int, finite: jax.Array, loss: jax.Array) -> None:
+  """Raises at the first step of a chunk whose loss or update was not finite."""
+  bad = device_loops.first_non_finite(finite, n)
+  if bad is None:
     return
-  value = float(loss)
+  value = float(np.asarray(loss)[bad])
   what = f'non-finite loss ({value})' if not math.isfinite(value) else 'non-finite gradients'
   raise NonFiniteLossError(
-    f'{what} at step {step}; training stopped, the last checkpoint before it is kept'
+    f'{what} at step {first_step + bad + 1}; training stopped, the last checkpoint before it is '
+    'kept'
   )

@@ -130,6 +130,7 @@ RULES: dict[str, Rule] = {
   'init.gater': Rule(str, optional=True),
   'half_precision': Rule(bool),
   'log_every_steps': Rule(int, _at_least(1)),
+  'steps_per_dispatch': Rule(int, _at_least(1), optional=True),
   'eval_every_epochs': Rule(float, _above(0)),
   'checkpoint_every_steps': Rule(int, _at_least(1)),
   'keep_checkpoints': Rule(int, _at_least(1)),
@@ -198,8 +199,10 @@ def validate_config(config: Any) -> None:
   for field, other in LESS_THAN:
     value, limit = _lookup(config, field), _lookup(config, other)
     # Only between two present, individually valid values: one message per mistake.
-    if field in problems or other in problems or any(
-      v is _MISSING or v is None for v in (value, limit)
+    if (
+      field in problems
+      or other in problems
+      or any(v is _MISSING or v is None for v in (value, limit))
     ):
       continue
     if not value < limit:

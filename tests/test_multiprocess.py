@@ -74,7 +74,8 @@ def test_gated_procedure_on_two_processes_matches_one(tmp_path, data):
   if data == 'mock':
     pytest.importorskip('tensorflow_datasets')
   extra = STREAMED if data == 'mock' else []
-  two = _train(str(tmp_path / 'two'), data, 2, 2, extra)
+  # In memory, the two processes run 2 steps per dispatch and the one process 1 step per call.
+  two = _train(str(tmp_path / 'two'), data, 2, 2, extra or ['--config.steps_per_dispatch=2'])
   for stage in ('stage1_backbone', 'stage2_gater', 'stage3_joint'):
     assert os.path.exists(tmp_path / 'two' / stage / 'results.json'), stage
   assert two['step'] == 4 and two['stage'] == 'stage3_joint' and two['eval']['examples'] > 0

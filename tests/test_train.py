@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_FLAGS, tiny_default
-from gaternet_jax import checkpoints, environment, procedure, restore, steps
+from gaternet_jax import checkpoints, device_loops, environment, procedure, restore, steps
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.data import feed
 from gaternet_jax import data as data_lib
@@ -26,7 +26,7 @@ ONE_VS_EIGHT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, 'tests')
     from conftest import tiny_default
-    from gaternet_jax import data, steps
+    from gaternet_jax import data, device_loops, steps
     from gaternet_jax.data import feed
     from jax.sharding import Mesh
     assert jax.device_count() == 8, jax.devices()
@@ -44,6 +44,19 @@ ONE_VS_EIGHT = textwrap.dedent("""
         state, metrics = step(state, feed.to_global(batch, setup.data_sharding), key)
       out[n] = (jax.device_get(metrics), jax.device_get(state.params),
                 jax.device_get(state.batch_stats))
+    # On 8 devices, one dispatch of 2 steps equals 2 single steps on the same resident batches.
+    config.steps_per_dispatch = 2
+    setup = steps.build(config, dataset.info)
+    key = jax.random.key(42)
+    dispatch = device_loops.TrainDispatch(
+      setup, dataset, start_step=0, seed=0, data_key=jax.random.key(1), key=key)
+    step = steps.compile_steps(setup)[0]
+    chunked, _ = dispatch(steps.create_state(setup, 0), 0, 2)
+    single = steps.create_state(setup, 0)
+    for s in range(2):
+      single, _ = step(single, dispatch.resident.batch(s), key)
+    for a, b in zip(jax.tree.leaves(chunked.params), jax.tree.leaves(single.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     m1, p1, s1 = out[1]
     m8, p8, s8 = out[8]
     for k in m1:
@@ -81,39 +94,45 @@ def small_setup():
 
 
 def test_train_step_compiles_once(small_setup):
+  """Every chunk length shares one compiled program (the loop bound is traced)."""
   config, dataset, setup = small_setup
+  config = config.copy_and_resolve_references()
+  config.steps_per_dispatch = 3
+  setup = steps.build(config, dataset.info)
   state = steps.create_state(setup, 0)
-  step_fn, eval_fn, _ = steps.compile_steps(setup)
-  get_batch = feed.train_batches(
-    dataset,
-    batch_size=config.batch_size,
-    sharding=setup.data_sharding,
-    start_step=0,
-    seed=config.seed,
-    key=jax.random.key(1),
+  dispatch = device_loops.TrainDispatch(
+    setup, dataset, start_step=0, seed=0, data_key=jax.random.key(1), key=jax.random.key(0)
   )
-  key = jax.random.key(0)
-  for step in range(4):
-    state, _ = step_fn(state, get_batch(step), key)
-  assert step_fn._cache_size() == 1  # noqa: SLF001 - no retracing across steps
-  assert int(state.step) == 4
+  step = 0
+  for n in (1, 3, 2, 3):
+    state, metrics = dispatch(state, step, n)
+    step += n
+    assert metrics['loss'].shape == (3,)
+  assert dispatch._chunk._cache_size() == 1  # noqa: SLF001 - no retracing across chunks
+  assert int(state.step) == step == 9
+  with pytest.raises(ValueError, match='1 to 3 steps'):
+    dispatch(state, step, 4)
 
 
-def test_eval_counts_every_example_once(small_setup):
-  """297 test examples with eval batch 100: 3 padded batches, every example counted once."""
+@pytest.mark.parametrize('loop', [False, True])
+def test_eval_counts_every_example_once(small_setup, loop):
+  """297 test examples with eval batch 100: 3 padded batches, every example counted once, whether
+  the batches are scored one call each or in one on-device loop."""
   config, dataset, setup = small_setup
   state = steps.create_state(setup, 0)
-  _, eval_fn, _ = steps.compile_steps(setup)
-  metrics = steps.evaluate(state, dataset, 'test', setup, eval_fn)
+  evaluator = device_loops.Evaluator(setup, dataset, loop=loop)
+  assert evaluator.loop == loop
+  metrics = evaluator(state, 'test')
   assert metrics['examples'] == dataset.info.split_size('test') == 297
   # Reference: the same model on all 297 examples at once, no padding.
   images, labels = dataset.eval_arrays('test')
   x = steps.preprocess(config, dataset.info, jnp.asarray(images), None)
-  logits, _ = setup.model.apply(
+  logits, aux = setup.model.apply(
     {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
   )
   error = 100 * (1 - np.mean(np.argmax(np.asarray(logits), -1) == labels))
   np.testing.assert_allclose(metrics['top1_error'], error, atol=1e-3)
+  np.testing.assert_allclose(metrics['gate_density'], float(jnp.mean(aux['gates'])), rtol=1e-5)
 
 
 def test_resident_batches_are_deterministic_and_cover_the_epoch(small_setup):
@@ -333,9 +352,7 @@ def test_sweep_command_runs_each_point(tmp_path, cli):
 def test_failed_first_attempt_does_not_block_the_corrected_command(tmp_path, cli):
   workdir = str(tmp_path / 'w')
   base = ['--config', 'experiments/default.py:plain', '--workdir', workdir, *TINY_FLAGS]
-  assert 'batch_size must be >= 1' in _one_error_line(
-    cli('train', *base, '--config.batch_size=0')
-  )
+  assert 'batch_size must be >= 1' in _one_error_line(cli('train', *base, '--config.batch_size=0'))
   assert cli('train', *base).returncode == 0
 
 

@@ -291,7 +291,6 @@ def class_layer_usage_figure(
   return fig
 
 
-
 def save_figure(fig: mpl_figure.Figure, path: str | os.PathLike) -> None:
   """Writes `fig` as a PNG to `path`, a local path or any `etils.epath` URL (e.g. ``gs://``).
 

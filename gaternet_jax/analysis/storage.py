@@ -55,9 +55,7 @@ def write_json(path: PathLike, obj: Any) -> None:
   _write_atomic(epath.Path(path), text.encode('utf-8'))
 
 
-def save_gates(
-  path: PathLike, gates: np.ndarray, labels: np.ndarray, layout: stats.Layout
-) -> None:
+def save_gates(path: PathLike, gates: np.ndarray, labels: np.ndarray, layout: stats.Layout) -> None:
   """Writes gates, labels and layout to a compressed ``.npz`` file, bit-packed.
 
   Bit-packing makes the paper's 10,000 x 7,200 case ~9 MB instead of 72 MB. The file is written

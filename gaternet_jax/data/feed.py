@@ -6,8 +6,6 @@ several hosts each process contributes only its own rows (`jax.make_array_from_p
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,9 +72,10 @@ class ResidentTrainData:
       sharding, local_labels, (num_devices, self.per_device)
     )
     self.key = key
-    self._sample = jax.jit(self._sample_impl, out_shardings=sharding)
+    self._sample = jax.jit(self.sample, out_shardings=sharding)
 
-  def _sample_impl(self, images, labels, key, step):
+  def sample(self, images, labels, key, step):
+    """The global batch of training step `step` (traceable: called inside jitted loops)."""
     epoch = step // self.steps_per_epoch
     offset = (step % self.steps_per_epoch) * self.device_batch
     epoch_key = jax.random.fold_in(key, epoch)
@@ -97,32 +96,3 @@ class ResidentTrainData:
 
   def batch(self, step: int) -> dict[str, jax.Array]:
     return self._sample(self.images, self.labels, self.key, jnp.int32(step))
-
-
-def train_batches(
-  dataset,
-  *,
-  batch_size: int,
-  sharding: NamedSharding,
-  start_step: int,
-  seed: int,
-  key: jax.Array,
-) -> Callable[[int], dict]:
-  """step -> global training batch, for in-memory (device-resident) or streamed datasets.
-
-  `key` orders device-resident data; `seed` seeds the tf.data pipeline of streamed datasets.
-  """
-  if dataset.info.in_memory:
-    images, labels = dataset.train_arrays()
-    resident = ResidentTrainData(
-      images,
-      labels,
-      num_train=dataset.info.num_train,
-      batch_size=batch_size,
-      sharding=sharding,
-      key=key,
-    )
-    return resident.batch
-  local_batch = batch_size // jax.process_count()
-  iterator = dataset.train_iterator(local_batch, seed=seed, start_step=start_step)
-  return lambda step: to_global(next(iterator), sharding)

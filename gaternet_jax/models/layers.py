@@ -41,6 +41,7 @@ def units_gate_layout(specs: list[UnitSpec], last_kernel_area: int) -> list[Gate
     for s in specs
   ]
 
+
 # He-normal (fan_out) is what the ResNet papers and torchvision use for convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 

@@ -57,7 +57,9 @@ class ResNet(nn.Module):
       raise ValueError(f'ResNet depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}')
     expansion = 4 if self.bottleneck else 1
     in_channels = layers.scaled_channels(STEM_CHANNELS, self.width)
-    height, width = (layers.ceil_div(layers.ceil_div(d, 2), 2) for d in image_size)  # stem conv + max-pool
+    height, width = (
+      layers.ceil_div(layers.ceil_div(d, 2), 2) for d in image_size
+    )  # stem conv + max-pool
     specs = []
     for s, (units, base) in enumerate(zip(STAGE_SIZES[self.depth], STAGE_WIDTHS)):
       mid = layers.scaled_channels(base, self.width)

@@ -1,0 +1,188 @@
+"""PyTorch reference throughput of the plain CIFAR ResNet-20 on CPU; one JSON line.
+
+  python benchmarks/pytorch_reference.py [--batch_size 128] [--steps 20] [--rounds 1]
+
+A point of comparison for benchmarks/throughput.py's plain variant: the same network written in
+torch.nn (3x3 conv 16, three stages of three post-activation basic units with 16/32/64 filters,
+stride 2 at the first unit of stages 2 and 3, parameter-free option-A shortcuts as in
+gaternet_jax/models/resnet_cifar.py, global average pooling, a 10-way classifier: 269,722
+parameters, the count `gaternet describe` gives ours), measured on a fixed synthetic uint8 batch
+normalized on the fly, as our training step does.
+
+  training: forward, cross-entropy, backward and an SGD step (momentum 0.9, coupled
+    weight decay 1e-4) in train mode, after 3 warm-up steps;
+  inference: eval-mode forward under torch.inference_mode(), after 3 warm-up steps;
+
+each in NCHW and in channels_last (NHWC, the layout JAX uses) memory format. Reports images/s.
+
+torch is an optional dependency (the `benchmark` extra), never imported by gaternet_jax or its
+tests. The CPU build:
+
+  pip install 'torch==2.13.0+cpu'   # where a local wheel or mirror has it (PyPI has no +cpu builds)
+  pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # elsewhere
+
+(`pip install -e '.[benchmark]'` also works, but from PyPI it fetches the larger CUDA build on
+Linux.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# CIFAR-10 channel statistics (0-255 scale), as in gaternet_jax/data/tfds_sources.py.
+MEAN = tuple(m * 255.0 for m in (0.4914, 0.4822, 0.4465))
+STD = tuple(s * 255.0 for s in (0.2470, 0.2435, 0.2616))
+NUM_CLASSES = 10
+WARMUP = 3
+MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
+
+
+class BasicUnit(nn.Module):
+  """Post-activation basic block with option-A shortcut: layers.BasicUnit(projection=False).
+
+  Convolutions use symmetric padding 1; JAX's 'SAME' pads stride-2 convolutions (0, 1) instead,
+  which shifts the sampling grid by one pixel but costs the same, so it does not matter here.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, stride: int):
+    super().__init__()
+    self.stride = stride
+    self.extra = out_channels - in_channels
+    # Bias-free convolutions: each is followed by batch norm, as in layers.conv.
+    self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(out_channels)
+    self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(out_channels)
+
+  def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+    if self.stride == 1 and self.extra == 0:
+      return x
+    # Option A: subsample, then zero-pad channels evenly on both sides (as ours does), so the
+    # shortcut has no parameters.
+    x = x[:, :, :: self.stride, :: self.stride]
+    return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return F.relu(y + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+  """ResNet-(6n+2) for 32x32 inputs; n=3 is ResNet-20."""
+
+  def __init__(self, units_per_stage: int = 3, num_classes: int = NUM_CLASSES):
+    super().__init__()
+    self.stem_conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+    self.stem_bn = nn.BatchNorm2d(16)
+    units, in_channels = [], 16
+    for s, channels in enumerate((16, 32, 64)):
+      for u in range(units_per_stage):
+        units.append(BasicUnit(in_channels, channels, 2 if (s > 0 and u == 0) else 1))
+        in_channels = channels
+    self.units = nn.Sequential(*units)
+    self.head = nn.Linear(in_channels, num_classes)
+    # He-normal (fan_out) convolutions, as ours; speed does not depend on it, but it keeps the
+    # loss in the range our training step sees.
+    for m in self.modules():
+      if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = F.relu(self.stem_bn(self.stem_conv(x)))
+    x = self.units(x)
+    return self.head(x.mean(dim=(2, 3)))
+
+
+def build_model() -> CifarResNet:
+  return CifarResNet()
+
+
+def num_params(model: nn.Module) -> int:
+  """Trainable parameters (batch-norm running statistics are buffers, not counted)."""
+  return sum(p.numel() for p in model.parameters())
+
+
+def measure(
+  batch_size: int = 128, steps: int = 20, memory_format: str = 'nchw', threads: int | None = None
+) -> dict:
+  """Training and inference images/s of a freshly built ResNet-20 in the given memory format."""
+  if memory_format not in MEMORY_FORMATS:
+    raise ValueError(
+      f'memory_format must be one of {sorted(MEMORY_FORMATS)}, not {memory_format!r}'
+    )
+  if threads is not None:
+    torch.set_num_threads(threads)
+  fmt = MEMORY_FORMATS[memory_format]
+  torch.manual_seed(0)  # same weights and data on every call, so calls are comparable
+  model = build_model().to(memory_format=fmt)
+  images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)
+  images = images.contiguous(memory_format=fmt)
+  labels = torch.randint(0, NUM_CLASSES, (batch_size,))
+  mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+  std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
+
+  def normalize(x: torch.Tensor) -> torch.Tensor:
+    # Inside the timed loop, as our steps normalize each uint8 batch; elementwise ops keep x's
+    # memory format.
+    return (x.float() - mean) / std
+
+  optimizer = torch.optim.SGD(
+    model.parameters(), lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4
+  )
+
+  def train_step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(normalize(images)), labels)
+    loss.backward()
+    optimizer.step()
+
+  def infer_step():
+    with torch.inference_mode():
+      model(normalize(images))
+
+  # CPU kernels run synchronously, so perf_counter around the loop times the work itself.
+  def images_per_s(step) -> float:
+    for _ in range(WARMUP):
+      step()
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    return batch_size * steps / (time.perf_counter() - start)
+
+  model.train()
+  train = images_per_s(train_step)
+  model.eval()
+  inference = images_per_s(infer_step)
+  return {'train_images_per_s': train, 'inference_images_per_s': inference}
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--batch_size', type=int, default=128)
+  parser.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
+  parser.add_argument('--rounds', type=int, default=1, help='repetitions; medians are reported')
+  parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's)")
+  args = parser.parse_args(argv)
+  if args.threads is not None:
+    torch.set_num_threads(args.threads)
+  result = {
+    'torch_version': torch.__version__,
+    'threads': torch.get_num_threads(),
+    'batch_size': args.batch_size,
+  }
+  for fmt in MEMORY_FORMATS:
+    runs = [measure(args.batch_size, args.steps, fmt) for _ in range(args.rounds)]
+    result[fmt] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,174 @@
+"""Many steps per dispatch: same parameters, same data order, exact resume, non-finite stops."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_default
+from gaternet_jax import checkpoints, device_loops, procedure, restore, steps
+from gaternet_jax import data as data_lib
+from gaternet_jax.errors import Interrupted, NonFiniteLossError
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves((state.params, state.batch_stats))]
+
+
+def _assert_states_close(a, b):
+  for x, y in zip(_leaves(a), _leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+
+
+def _train_8_steps(variant, k):
+  """8 steps from the same state and keys in chunks of k: (final state, per-step metrics)."""
+  config = tiny_default(variant, steps_per_dispatch=k)
+  dataset = data_lib.load_dataset(config.data)
+  setup = steps.build(config, dataset.info)
+  dispatch = device_loops.TrainDispatch(
+    setup, dataset, start_step=0, seed=0, data_key=jax.random.key(1), key=jax.random.key(2)
+  )
+  state, per_step = steps.create_state(setup, 0), {}
+  for start in range(0, 8, k):
+    state, metrics = dispatch(state, start, k)
+    for name, values in metrics.items():
+      per_step.setdefault(name, []).extend(np.asarray(values)[:k])
+  return state, per_step
+
+
+def test_k_steps_per_dispatch_equal_k_single_steps():
+  """8 steps as 2 chunks of 4 (a loop on the device) give the single steps' parameters."""
+  single, single_metrics = _train_8_steps('plain', 1)
+  chunked, chunked_metrics = _train_8_steps('plain', 4)
+  assert int(chunked.step) == 8
+  _assert_states_close(single, chunked)
+  np.testing.assert_allclose(single_metrics['loss'], chunked_metrics['loss'], rtol=2e-5)
+
+
+def test_gated_chunks_draw_each_steps_randomness():
+  """SemHash noise, the alpha/beta choice and gate dropout come from the step number: the first
+  step of a chunk run equals the single step exactly (later steps drift apart only by float
+  rounding, which a hard gate near its threshold can amplify)."""
+  _, single = _train_8_steps('gated', 1)
+  _, chunked = _train_8_steps('gated', 4)
+  for name in ('loss', 'gate_density', 'accuracy'):
+    np.testing.assert_allclose(single[name][0], chunked[name][0], rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(single['loss'], chunked['loss'], rtol=1e-2)
+
+
+def _chunked(**overrides):
+  """A plain tiny run of 12 steps in chunks of up to 4; checkpoints every 4 steps."""
+  fields = dict(max_steps=12, steps_per_dispatch=4, checkpoint_every_steps=4, log_every_steps=4)
+  return tiny_default('plain', **{**fields, **overrides})
+
+
+class _Killed(Exception):
+  """Stands for the process dying: nothing after it runs."""
+
+
+def _final_state(workdir):
+  return restore.load_state(workdir).state
+
+
+def test_resume_after_a_death_mid_chunk_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+  reference = str(tmp_path / 'reference')
+  procedure.train_and_evaluate(_chunked(), reference)
+
+  # The process dies inside the chunk of steps 5-8: its work is lost, checkpoint 4 is on disk.
+  calls, dying = [], [True]
+  real_call = device_loops.TrainDispatch.__call__
+
+  def dying_call(self, state, step, n):
+    calls.append((step, n))
+    if step == 4 and dying[0]:
+      raise _Killed('mid-chunk')
+    return real_call(self, state, step, n)
+
+  workdir = str(tmp_path / 'killed')
+  monkeypatch.setattr(device_loops.TrainDispatch, '__call__', dying_call)
+  with pytest.raises(_Killed):
+    procedure.train_and_evaluate(_chunked(), workdir)
+  assert calls == [(0, 4), (4, 4)] and checkpoints.steps(workdir) == [4]
+
+  # Resumed with another number of steps per dispatch: the data position is the step, so the
+  # run ends at the same step with the same parameters.
+  calls.clear()
+  dying[0] = False
+  result = procedure.train_and_evaluate(_chunked(steps_per_dispatch=3), workdir)
+  assert calls == [(4, 3), (7, 1), (8, 3), (11, 1)]
+  assert result['step'] == 12
+  _assert_states_close(_final_state(reference), _final_state(workdir))
+
+
+def test_sigterm_mid_chunk_stops_at_the_chunk_end_and_resumes_exactly(tmp_path, monkeypatch):
+  reference = str(tmp_path / 'reference')
+  procedure.train_and_evaluate(_chunked(checkpoint_every_steps=100), reference)
+  real_call = device_loops.TrainDispatch.__call__
+
+  def signalled_call(self, state, step, n):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)  # arrives while the chunk of steps 5-8 runs
+    return real_call(self, state, step, n)
+
+  workdir = str(tmp_path / 'stopped')
+  monkeypatch.setattr(device_loops.TrainDispatch, '__call__', signalled_call)
+  with pytest.raises(Interrupted, match='at step 8'):
+    procedure.train_and_evaluate(_chunked(checkpoint_every_steps=100), workdir)
+  assert checkpoints.steps(workdir) == [8]
+  monkeypatch.setattr(device_loops.TrainDispatch, '__call__', real_call)
+  assert procedure.train_and_evaluate(_chunked(checkpoint_every_steps=100), workdir)['step'] == 12
+  _assert_states_close(_final_state(reference), _final_state(workdir))
+
+
+def test_non_finite_loss_inside_a_chunk_stops_at_that_step(tmp_path, monkeypatch):
+  """Step 6 (the 2nd of the chunk 5-8) goes non-finite: the error names it, checkpoint 4 stays."""
+  real_step = steps.train_step
+
+  def poisoned_step(state, batch, key, *, setup):
+    new_state, metrics = real_step(state, batch, key, setup=setup)
+    bad = state.step >= 5
+    poison = jnp.where(bad, jnp.nan, 0.0)
+    new_state = new_state.replace(params=jax.tree.map(lambda p: p + poison, new_state.params))
+    return new_state, dict(metrics, loss=metrics['loss'] + poison, finite=metrics['finite'] & ~bad)
+
+  monkeypatch.setattr(steps, 'train_step', poisoned_step)
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(NonFiniteLossError, match=r'non-finite loss \(nan\) at step 6;'):
+    procedure.train_and_evaluate(_chunked(), workdir)
+  assert checkpoints.steps(workdir) == [4]
+  state = _final_state(workdir)
+  assert int(state.step) == 4
+  assert all(np.isfinite(x).all() for x in _leaves(state))
+
+
+def test_first_non_finite():
+  assert device_loops.first_non_finite(np.array([True, True, False, False]), 2) is None
+  assert device_loops.first_non_finite(np.array([True, False, True, False]), 4) == 1
+
+
+def test_steps_per_dispatch_defaults():
+  config = tiny_default('plain')
+  resident = data_lib.load_dataset(config.data).info
+  streamed = resident.__class__(**{**resident.__dict__, 'in_memory': False})
+  assert device_loops.steps_per_dispatch(config, resident, 'cpu') == 1
+  assert device_loops.steps_per_dispatch(config, resident, 'gpu') == 100
+  assert device_loops.steps_per_dispatch(config, streamed, 'gpu') == 1
+  config.steps_per_dispatch = 7
+  assert device_loops.steps_per_dispatch(config, resident, 'cpu') == 7
+  assert device_loops.steps_per_dispatch(config, streamed, 'cpu') == 1
+
+
+def test_prefetch_keeps_order_and_yields_everything():
+  produced = []
+
+  def source():
+    for i in range(5):
+      produced.append(i)
+      yield i
+
+  stream = device_loops.prefetch(source(), size=2)
+  assert next(stream) == 0 and produced == [0, 1, 2]  # two batches in flight beyond the first
+  assert list(stream) == [1, 2, 3, 4]

@@ -58,8 +58,9 @@ def measure_one(spec: str) -> dict:
   b = config.batch_size
   images = np.zeros((2 * b, *shape), np.uint8)
   labels = np.zeros((2 * b,), np.int32)
+  channels = shape[-1]
   info = DatasetInfo(
-    'synthetic', num_classes, tuple(shape), (127.0,) * 3, (64.0,) * 3, 2 * b, {}, True
+    'synthetic', num_classes, tuple(shape), (127.0,) * channels, (64.0,) * channels, 2 * b, {}, True
   )
   setup = steps.build(config, info)
   start = time.perf_counter()

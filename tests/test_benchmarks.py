@@ -1,0 +1,36 @@
+"""The benchmark scripts run and print the one JSON line their docstrings promise."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _json_line(*args):
+  result = subprocess.run(
+    [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_throughput_prints_medians_of_its_rounds():
+  out = _json_line(
+    'benchmarks/throughput.py', '--config', 'experiments/default.py', '--variants', 'plain',
+    '--steps', '2', '--rounds', '2', '--steps_per_dispatch', '2',
+  )  # fmt: skip
+  plain = out['plain']
+  assert plain['steps_per_dispatch'] == 2 and plain['batch_size'] == 100
+  for kind in ('train_images_per_s', 'inference_images_per_s'):
+    rounds = plain[kind]['rounds']
+    assert len(rounds) == 2 and all(r > 0 for r in rounds)
+    assert min(rounds) <= plain[kind]['median'] <= max(rounds)
+  assert out['backend'] == 'cpu' and 'pytorch' not in out
+
+
+def test_compile_time_reports_each_config_cold():
+  out = _json_line('benchmarks/compile_time.py', '--configs', 'experiments/default.py:plain')
+  row = out['experiments/default.py:plain']
+  assert abs(row['total_s'] - row['trace_s'] - row['compile_s']) <= 0.02
+  assert row['compile_s'] > 0 and row['init_s'] > 0 and row['params'] > 0

@@ -151,6 +151,20 @@ def table2_variant(arg: str | None, backbone: str) -> str:
   return variant
 
 
+def _table2_config(backbone: str, variant: str) -> ml_collections.ConfigDict:
+  """A Table 2 row's common part: CIFAR-10, named after its backbone, a ResNet-20 gater (b=8)."""
+  return base_config(
+    name=f'cifar10_{backbone}',
+    variant=variant,
+    dataset='cifar10',
+    backbone=backbone,
+    extractor='cifar_resnet20',
+    bottleneck=8,
+    wider_width=1.0,
+    se_reduction=0,
+  )
+
+
 def densenet_config(depth: int, growth: int, arg: str | None) -> ml_collections.ConfigDict:
   """A Table 2 DenseNet-BC (L=depth, k=growth) row on CIFAR-10 with a ResNet-20 gater (b=8).
 
@@ -159,16 +173,7 @@ def densenet_config(depth: int, growth: int, arg: str | None) -> ml_collections.
   paper's changes (section 4.4, appendix B): 20 more joint epochs, joint learning rate 0.05, and
   scheduled dropout on the gates reaching 0.05 (they act only when model.gated).
   """
-  c = base_config(
-    name=f'cifar10_densenet_bc{depth}_k{growth}',
-    variant=table2_variant(arg, 'DenseNet-BC'),
-    dataset='cifar10',
-    backbone=f'densenet_bc{depth}_k{growth}',
-    extractor='cifar_resnet20',
-    bottleneck=8,
-    wider_width=1.0,
-    se_reduction=0,
-  )
+  c = _table2_config(f'densenet_bc{depth}_k{growth}', table2_variant(arg, 'DenseNet-BC'))
   c.batch_size = 64
   c.optimizer.base_batch_size = 64
   c.optimizer.nesterov = True
@@ -186,16 +191,7 @@ def shake_shake_config(base_width: int, arg: str | None) -> ml_collections.Confi
   momentum 0.9 (its train.lua), batch 128, cosine learning rate from 0.2 to 0, weight decay 1e-4;
   the gated model adds 30 joint epochs at learning rate 0.05 and gate dropout reaching 0.05.
   """
-  c = base_config(
-    name=f'cifar10_shake_shake26_2x{base_width}d',
-    variant=table2_variant(arg, 'Shake-Shake'),
-    dataset='cifar10',
-    backbone=f'shake_shake26_2x{base_width}d',
-    extractor='cifar_resnet20',
-    bottleneck=8,
-    wider_width=1.0,
-    se_reduction=0,
-  )
+  c = _table2_config(f'shake_shake26_2x{base_width}d', table2_variant(arg, 'Shake-Shake'))
   c.optimizer.learning_rate = 0.2
   c.optimizer.nesterov = True
   c.schedule.name = 'cosine'

@@ -42,14 +42,18 @@ CPU_STEPS_PER_DISPATCH = 1
 PREFETCH_BATCHES = 2
 
 
+def loops_on_device(platform: str | None = None) -> bool:
+  """Whether training and evaluation run as loops inside one call by default (not on the CPU)."""
+  return (platform or jax.default_backend()) != 'cpu'
+
+
 def steps_per_dispatch(config, info, platform: str | None = None) -> int:
   """The maximum steps per jitted call: the config's, else the platform's default; 1 if streamed."""
   if not info.in_memory:
     return 1  # one host batch per call; `prefetch` keeps the device fed instead
   if config.steps_per_dispatch is not None:
     return int(config.steps_per_dispatch)
-  platform = platform or jax.default_backend()
-  return CPU_STEPS_PER_DISPATCH if platform == 'cpu' else ACCELERATOR_STEPS_PER_DISPATCH
+  return ACCELERATOR_STEPS_PER_DISPATCH if loops_on_device(platform) else CPU_STEPS_PER_DISPATCH
 
 
 def prefetch(batches: Iterator[dict], size: int = PREFETCH_BATCHES) -> Iterator[dict]:
@@ -175,9 +179,7 @@ class Evaluator:
 
   def __init__(self, setup: steps.Setup, dataset, *, loop: bool | None = None):
     self.setup, self.dataset = setup, dataset
-    if loop is None:
-      loop = jax.default_backend() != 'cpu'
-    self.loop = loop and dataset.info.in_memory
+    self.loop = (loops_on_device() if loop is None else loop) and dataset.info.in_memory
     self._resident: dict[str, dict[str, jax.Array]] = {}
     state_sh = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
     if self.loop:
@@ -192,18 +194,20 @@ class Evaluator:
       self._batch_fn = steps.compile_steps(setup)[1]
 
   def __call__(self, state: steps.TrainState, split: str) -> dict[str, float]:
-    local_batch = self.setup.config.eval_batch_size // jax.process_count()
-    batches = self.dataset.eval_iterator(split, local_batch)
     if self.loop:
       if split not in self._resident:
-        self._resident[split] = self._place(list(batches))
+        self._resident[split] = self._place(list(self._host_batches(split)))
       totals = self._split_fn(state, self._resident[split])
     else:
       totals: dict[str, Any] = {}
-      for batch in batches:
+      for batch in self._host_batches(split):
         sums = self._batch_fn(state, feed.to_global(batch, self.setup.data_sharding))
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
     return summarize(jax.device_get(totals))
+
+  def _host_batches(self, split: str):
+    local_batch = self.setup.config.eval_batch_size // jax.process_count()
+    return self.dataset.eval_iterator(split, local_batch)
 
   def _place(self, batches: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
     """This process's batches as one global (num_batches, global_batch, ...) array per key."""

@@ -39,6 +39,24 @@ def run_cli(*args, timeout=600, env=None):
   )
 
 
+def run_on_cpu_devices(script: str, devices: int, timeout: int = 600) -> dict:
+  """Runs `python -c script` on `devices` simulated CPU devices; returns its last line as JSON."""
+  flags = f'--xla_force_host_platform_device_count={devices} {environment.CPU_XLA_FLAGS}'
+  result = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=REPO,
+    env=dict(os.environ, XLA_FLAGS=flags),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  import json  # noqa: PLC0415
+
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def cli():
   return run_cli

@@ -1,9 +1,5 @@
 """Batch-shaping, L0 and the Gumbel-sigmoid gate: values, gradients, global batch, schedules."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,8 +8,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from conftest import REPO
-from gaternet_jax import environment
+from conftest import run_on_cpu_devices
 from gaternet_jax.gating import batch_shaping, gumbel
 from gaternet_jax.models import layers
 
@@ -157,21 +152,7 @@ FOUR_DEVICES = textwrap.dedent("""
 
 
 def test_four_devices_compute_the_global_batch_loss():
-  env = dict(
-    os.environ,
-    XLA_FLAGS=f'--xla_force_host_platform_device_count=4 {environment.CPU_XLA_FLAGS}',
-  )
-  result = subprocess.run(
-    [sys.executable, '-c', FOUR_DEVICES],
-    check=False,
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  values = json.loads(result.stdout.strip().splitlines()[-1])
+  values = run_on_cpu_devices(FOUR_DEVICES, 4, timeout=300)
   # The sharded value is the global one, not an average of per-device losses (which differs).
   assert abs(values['global'] - values['per_shard_mean']) > 1e-4, values
 

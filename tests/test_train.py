@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_FLAGS, tiny_default
-from gaternet_jax import checkpoints, device_loops, environment, procedure, restore, steps
+from conftest import REPO, TINY_FLAGS, run_on_cpu_devices, tiny_default
+from gaternet_jax import checkpoints, device_loops, procedure, restore, steps
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.data import feed
 from gaternet_jax import data as data_lib
@@ -68,20 +68,7 @@ ONE_VS_EIGHT = textwrap.dedent("""
 
 
 def test_one_device_and_eight_devices_agree():
-  env = dict(
-    os.environ,
-    XLA_FLAGS=f'--xla_force_host_platform_device_count=8 {environment.CPU_XLA_FLAGS}',
-  )
-  result = subprocess.run(
-    [sys.executable, '-c', ONE_VS_EIGHT],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  metrics = json.loads(result.stdout.strip().splitlines()[-1])
+  metrics = run_on_cpu_devices(ONE_VS_EIGHT, 8)
   assert np.isfinite(metrics['loss']) and 0 < metrics['gate_density'] <= 1
 
 

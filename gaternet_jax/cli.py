@@ -15,7 +15,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 # Imported after `environment.prepare()` (main.py): these start JAX.
-from gaternet_jax import describe, distributed, environment, evaluate, procedure, report, sweep
+from gaternet_jax import describe, distributed, environment, evaluate, export, procedure, report
+from gaternet_jax import sweep, tradeoff
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.analysis import collect
 from gaternet_jax.errors import Interrupted, UserError
@@ -24,9 +25,11 @@ FLAGS = flags.FLAGS
 
 USAGE = {
   'train': 'gaternet train --config FILE[:variant] --workdir DIR [--config.FIELD=VALUE ...]',
-  'evaluate': 'gaternet evaluate --workdir DIR [--split S] [--step N] [--json]',
+  'evaluate': 'gaternet evaluate --workdir DIR [--split S] [--step N] [--gate-threshold T] [--json]',
   'describe': 'gaternet describe --config FILE[:variant] [--json] [--show_config]',
   'analyze': 'gaternet analyze --workdir DIR [--split S] [--max-examples N] [--out DIR]',
+  'export': 'gaternet export --workdir DIR [--split S] [--max-examples N] [--out DIR]',
+  'tradeoff': 'gaternet tradeoff --workdir DIR [--split S] [--thresholds T1,T2,...] [--out DIR]',
   'report': 'gaternet report DIR [DIR ...] [--out table.md]',
   'sweep': 'gaternet sweep --config FILE --sweep FIELD=V1,V2 [--sweep ...] --workdir DIR',
 }
@@ -36,23 +39,30 @@ CONFIG_HELP = (
 )
 
 
-_ALL = ('train', 'evaluate', 'describe', 'analyze', 'report', 'sweep')
+_ALL = ('train', 'evaluate', 'describe', 'analyze', 'export', 'tradeoff', 'report', 'sweep')
 # (commands, kind, name, default, help): every flag of every command, in --help order.
 _FLAGS = (
-  (('train', 'evaluate', 'analyze', 'sweep'), 'string', 'workdir', None,
+  (('train', 'evaluate', 'analyze', 'export', 'tradeoff', 'sweep'), 'string', 'workdir', None,
    'Run directory (checkpoints, events, results); gs:// works.'),
   (('train',), 'integer', 'resume_step', None,
    'Resume from this checkpoint, not the latest (later ones are set aside).'),
-  (('evaluate', 'analyze'), 'string', 'split', None,
+  (('evaluate', 'analyze', 'tradeoff'), 'string', 'split', None,
    "Split to use (default: the config's data.eval_split)."),
+  (('export',), 'string', 'split', None,
+   'Calibration split (default: train, without augmentation).'),
   (('evaluate',), 'integer', 'step', None, 'Checkpoint step to evaluate (default: the latest).'),
+  (('evaluate',), 'float', 'gate-threshold', 0.0,
+   "Evaluation gates are 1(g' > T); 0 is the trained model, higher switches filters off."),
+  (('tradeoff',), 'string', 'thresholds', None,
+   'Gate thresholds T1,T2,... (default: -1,0,0.5,1,2,4).'),
   (('evaluate', 'describe'), 'bool', 'json', False, 'Print one JSON object.'),
   (('describe',), 'bool', 'show_config', False,
    'Print the resolved config (every field --config.FIELD= can set).'),
-  (('analyze',), 'integer', 'max-examples', None, 'Analyse at most this many examples.'),
+  (('analyze', 'export'), 'integer', 'max-examples', None, 'Use at most this many examples.'),
   (('analyze',), 'integer', 'max-embed-examples', 2000, 'Examples in the t-SNE embedding.'),
-  (('analyze', 'report'), 'string', 'out', None,
-   'Output: the analysis folder (default WORKDIR/analysis) / a Markdown file for the table.'),
+  (('analyze', 'export', 'tradeoff', 'report'), 'string', 'out', None,
+   'Output: a folder (default WORKDIR/analysis, WORKDIR/export, WORKDIR/tradeoff) / for report, '
+   'a Markdown file.'),
   (('sweep',), 'multi_string', 'sweep', [], 'FIELD=V1,V2,... (repeat for a grid).'),
   (_ALL, 'string', 'coordinator_address', None,
    'Manual multi-process launch: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).'),
@@ -153,7 +163,12 @@ def cmd_train(argv) -> None:
 
 
 def cmd_evaluate(argv) -> None:
-  result = evaluate.evaluate_workdir(_value('workdir'), split=FLAGS.split, step=FLAGS.step)
+  result = evaluate.evaluate_workdir(
+    _value('workdir'),
+    split=FLAGS.split,
+    step=FLAGS.step,
+    gate_threshold=FLAGS['gate-threshold'].value,
+  )
   if distributed.is_leader():
     print(json.dumps(result, sort_keys=True) if FLAGS.json else evaluate.format_text(result))
 
@@ -175,6 +190,23 @@ def cmd_analyze(argv) -> None:
   result = collect.analyze_workdir(workdir, split=FLAGS.split, out_dir=out, **limits)
   if result:
     print(collect.format_text(result, out))
+
+
+def cmd_export(argv) -> None:
+  result = export.export_workdir(
+    _value('workdir'), split=FLAGS.split, max_examples=FLAGS['max-examples'].value, out=FLAGS.out
+  )
+  if distributed.is_leader():
+    print(export.format_text(result))
+
+
+def cmd_tradeoff(argv) -> None:
+  thresholds = tradeoff.parse_thresholds(FLAGS.thresholds)
+  result = tradeoff.tradeoff_workdir(
+    _value('workdir'), split=FLAGS.split, thresholds=thresholds, out_dir=FLAGS.out
+  )
+  if distributed.is_leader():
+    print(tradeoff.format_text(result))
 
 
 def cmd_report(argv) -> None:

@@ -99,6 +99,38 @@ def gated_macs_per_filter(config, image_shape) -> np.ndarray:
   return np.concatenate([np.full(l.filters, l.macs_per_filter, np.int64) for l in layout])
 
 
+def mean_macs_used(stats: dict[str, Any], layout, gate_counts: np.ndarray, examples: int) -> float:
+  """Mean MACs per image actually used: the gater, and every backbone filter except gated ones
+  while their gate is off.
+
+  Args:
+    stats: `describe`'s dict of the model (its `backbone_macs` compute every filter).
+    layout: the model's gate layout.
+    gate_counts: (c,) for each gate, the examples it was on for.
+    examples: how many examples `gate_counts` counts over.
+  """
+  used = float(stats['backbone_macs'] + stats['gater_macs'])
+  counts = np.asarray(gate_counts, np.float64)
+  start = 0
+  for layer in layout:
+    on = counts[start : start + layer.filters].sum() / max(examples, 1)
+    used -= layer.macs_per_filter * (layer.filters - on)
+    start += layer.filters
+  if start != len(counts):
+    raise ValueError(f'{len(counts)} gate counts for a layout of {start} gates')
+  return used
+
+
+def plain_backbone_config(config):
+  """The config of the unpruned, ungated backbone a (gated or exported) config is built on."""
+  plain = config.copy_and_resolve_references()
+  with plain.unlocked():
+    plain.model.gated = False
+    if 'pruning' in plain.model:
+      del plain.model['pruning']
+  return plain
+
+
 # Shapes and class counts of the datasets whose layout is known without reading them.
 KNOWN_DATASETS = {
   embedded.NAME: (embedded.NUM_CLASSES, embedded.IMAGE_SHAPE),

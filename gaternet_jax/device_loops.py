@@ -187,23 +187,33 @@ class Evaluator:
       eval_one = jax.jit(functools.partial(steps.eval_step, setup=setup))  # traced once
       self._split_fn = jax.jit(
         functools.partial(_eval_split, eval_one=eval_one),
-        in_shardings=(state_sh, self._stacked),
+        in_shardings=(state_sh, self._stacked, setup.replicated),
         out_shardings=setup.replicated,
       )
     else:
       self._batch_fn = steps.compile_steps(setup)[1]
 
-  def __call__(self, state: steps.TrainState, split: str) -> dict[str, float]:
+  def __call__(
+    self, state: steps.TrainState, split: str, gate_threshold: float = 0.0
+  ) -> dict[str, float]:
+    return summarize(self.totals(state, split, gate_threshold))
+
+  def totals(
+    self, state: steps.TrainState, split: str, gate_threshold: float = 0.0
+  ) -> dict[str, np.ndarray]:
+    """The summed `steps.eval_step` counts over `split`, on the host (per-gate `gate_counts`
+    included), with gates 1(g' > gate_threshold)."""
+    threshold = np.float32(gate_threshold)  # a host value: every process passes the same
     if self.loop:
       if split not in self._resident:
         self._resident[split] = self._place(list(self._host_batches(split)))
-      totals = self._split_fn(state, self._resident[split])
+      totals = self._split_fn(state, self._resident[split], threshold)
     else:
       totals: dict[str, Any] = {}
       for batch in self._host_batches(split):
-        sums = self._batch_fn(state, feed.to_global(batch, self.setup.data_sharding))
+        sums = self._batch_fn(state, feed.to_global(batch, self.setup.data_sharding), threshold)
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-    return summarize(jax.device_get(totals))
+    return jax.tree.map(np.asarray, jax.device_get(totals))
 
   def _host_batches(self, split: str):
     local_batch = self.setup.config.eval_batch_size // jax.process_count()
@@ -219,14 +229,14 @@ class Evaluator:
     return out
 
 
-def _eval_split(state, batches, *, eval_one):
+def _eval_split(state, batches, gate_threshold, *, eval_one):
   """The summed `eval_step` counts over a stack of batches, in one loop."""
 
   def body(totals, batch):
-    return jax.tree.map(jnp.add, totals, eval_one(state, batch)), None
+    return jax.tree.map(jnp.add, totals, eval_one(state, batch, gate_threshold)), None
 
   first = jax.tree.map(lambda x: x[0], batches)
-  shapes = jax.eval_shape(eval_one, state, first)
+  shapes = jax.eval_shape(eval_one, state, first, gate_threshold)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   totals, _ = jax.lax.scan(body, zeros, batches)
   return totals
@@ -234,7 +244,8 @@ def _eval_split(state, batches, *, eval_one):
 
 def summarize(totals: dict[str, Any]) -> dict[str, float]:
   """Error rates and means from the summed counts of `steps.eval_step`."""
-  totals = {k: float(v) for k, v in totals.items()}
+  gate_counts = totals.get('gate_counts')
+  totals = {k: float(v) for k, v in totals.items() if k != 'gate_counts'}
   count = max(totals.get('count', 0.0), 1.0)
   result = {
     'top1_error': 100.0 * (1.0 - totals['top1_correct'] / count),
@@ -242,8 +253,10 @@ def summarize(totals: dict[str, Any]) -> dict[str, float]:
     'loss': totals['loss'] / count,
     'examples': int(totals['count']),
   }
-  if 'gates_on' in totals:
-    result['gate_density'] = totals['gates_on'] / count
+  if gate_counts is not None:
+    result['gate_density'] = float(np.sum(gate_counts, dtype=np.float64)) / (
+      count * max(len(gate_counts), 1)
+    )
   return result
 
 

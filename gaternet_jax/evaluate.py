@@ -4,30 +4,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from gaternet_jax import describe, device_loops, restore
+import math
+
+from gaternet_jax import describe, device_loops, models, restore
+from gaternet_jax.errors import UserError
 
 
-def evaluate_workdir(workdir: str, split: str | None = None, step: int | None = None) -> dict:
-  """Top-1/top-5 error, loss and gate density of a trained run over every example of a split.
+def evaluate_workdir(
+  workdir: str, split: str | None = None, step: int | None = None, gate_threshold: float = 0.0
+) -> dict:
+  """Top-1/top-5 error, loss, gate density and MACs used of a trained run over a whole split.
 
   Args:
     workdir: a run directory or a procedure workdir (its joint stage).
     split: the split to score (default: the config's `data.eval_split`).
     step: the checkpoint (default: the latest).
+    gate_threshold: T of the evaluation gates 1(g' > T); 0 is the trained model, a higher T
+      switches more filters off (the compute knob; gated runs only).
 
   Returns:
-    A JSON-serialisable dict: workdir, name, variant, split, step, the metrics, params and gated
-    filters.
+    A JSON-serialisable dict: workdir, name, variant, split, step, the metrics, params, gated
+    filters and `macs` (mean per image actually used: the gater and the filters that are on).
   """
+  if not math.isfinite(gate_threshold):
+    raise UserError(f'--gate-threshold must be a finite number, got {gate_threshold}')
   directory = restore.require_checkpoint(workdir)
   config, setup, state, dataset, step = restore.load_state(directory, step=step)
+  if gate_threshold != 0.0 and not config.model.gated:
+    raise UserError(f'{workdir!r} holds a {config.variant} model: it has no gates to threshold')
+  info = dataset.info
   split = split or config.data.eval_split
-  dataset.info.split_size(split)  # a clear error for an unknown split
-  metrics = device_loops.Evaluator(setup, dataset)(state, split)
-  stats = describe.describe(
-    config, num_classes=dataset.info.num_classes, image_shape=dataset.info.image_shape
-  )
-  return {
+  info.split_size(split)  # a clear error for an unknown split
+  totals = device_loops.Evaluator(setup, dataset).totals(state, split, gate_threshold)
+  metrics = device_loops.summarize(totals)
+  stats = describe.describe(config, num_classes=info.num_classes, image_shape=info.image_shape)
+  layout = models.gate_layout(config, info.image_shape) if config.model.gated else []
+  counts = totals.get('gate_counts', [])
+  result = {
     'workdir': workdir,
     'name': config.name,
     'variant': config.variant,
@@ -36,7 +49,11 @@ def evaluate_workdir(workdir: str, split: str | None = None, step: int | None = 
     **metrics,
     'params': stats['total_params'],
     'gated_filters': stats['gated_filters'],
+    'macs': describe.mean_macs_used(stats, layout, counts, metrics['examples']),
   }
+  if config.model.gated:
+    result['gate_threshold'] = float(gate_threshold)
+  return result
 
 
 def format_text(result: dict[str, Any]) -> str:
@@ -49,7 +66,9 @@ def format_text(result: dict[str, Any]) -> str:
     f'  loss          {result["loss"]:.4f}',
     f'  parameters    {result["params"]:,} ({result["params"] / 1e6:.2f}M)',
     f'  gated filters {result["gated_filters"]:,}',
+    f'  MACs/image    {result["macs"] / 1e6:.2f}M (used: the gater and the filters that are on)',
   ]
   if 'gate_density' in result:
     lines.append(f'  gate density  {result["gate_density"]:.4f} (mean fraction of gates on)')
+    lines.append(f"  gate threshold {result['gate_threshold']:g} (gates are 1(g' > T))")
   return '\n'.join(lines)

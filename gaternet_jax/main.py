@@ -17,7 +17,7 @@ import sys
 
 from gaternet_jax import environment
 
-COMMANDS = ('train', 'evaluate', 'describe', 'analyze', 'report', 'sweep')
+COMMANDS = ('train', 'evaluate', 'describe', 'analyze', 'export', 'tradeoff', 'report', 'sweep')
 
 
 def _fail(message: str) -> None:

@@ -258,18 +258,24 @@ def train_step(
   return new_state, metrics
 
 
-def _eval_forward(state: TrainState, batch: dict[str, jax.Array], setup: Setup):
-  """(logits, aux) in evaluation mode: no augmentation, running BN statistics, hard gates."""
+def _eval_forward(state: TrainState, batch: dict[str, jax.Array], setup: Setup, gate_threshold=0.0):
+  """(logits, aux) in evaluation mode: no augmentation, running BN statistics, hard gates
+  1(g' > gate_threshold)."""
   x = preprocess(setup.config, setup.info, batch['image'], None)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  return setup.model.apply(variables, x, train=False)
+  return setup.model.apply(variables, x, train=False, gate_threshold=gate_threshold)
 
 
 def eval_step(
-  state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
+  state: TrainState, batch: dict[str, jax.Array], gate_threshold=0.0, *, setup: Setup
 ) -> dict[str, jax.Array]:
-  """Sums over the masked-in examples of one eval batch (padding rows have mask 0)."""
-  logits, aux = _eval_forward(state, batch, setup)
+  """Sums over the masked-in examples of one eval batch (padding rows have mask 0).
+
+  `gate_threshold` (a traced scalar: one compilation serves every threshold) moves the gates'
+  decision point: 1(g' > T), T = 0 being the trained model. `gate_counts` counts, per gate, the
+  examples it was on for (what the compute actually used is computed from).
+  """
+  logits, aux = _eval_forward(state, batch, setup, gate_threshold)
   labels, mask = batch['label'], batch['mask']
   per_example_ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   sums = {
@@ -279,7 +285,7 @@ def eval_step(
     'top5_correct': jnp.sum(losses.topk_correct(logits, labels, 5) * mask),
   }
   if 'gates' in aux:
-    sums['gates_on'] = jnp.sum(jnp.mean(aux['gates'], axis=-1) * mask)
+    sums['gate_counts'] = jnp.sum(aux['gates'].astype(jnp.float32) * mask[:, None], axis=0)
   return sums
 
 
@@ -305,7 +311,9 @@ def compile_steps(setup: Setup):
     donate_argnums=(0,),
   )
   evaluate = jax.jit(
-    functools.partial(eval_step, setup=setup), in_shardings=(state_sh, data_sh), out_shardings=rep
+    functools.partial(eval_step, setup=setup),
+    in_shardings=(state_sh, data_sh, rep),
+    out_shardings=rep,
   )
   predict = jax.jit(
     functools.partial(predict_step, setup=setup),

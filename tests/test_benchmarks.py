@@ -34,3 +34,22 @@ def test_compile_time_reports_each_config_cold():
   row = out['experiments/default.py:plain']
   assert abs(row['total_s'] - row['trace_s'] - row['compile_s']) <= 0.02
   assert row['compile_s'] > 0 and row['init_s'] > 0 and row['params'] > 0
+
+
+def test_inference_times_the_gaternet_its_export_and_the_plain_backbone(gated_run, tmp_path):
+  workdir, _ = gated_run
+  export_dir = str(tmp_path / 'export')
+  subprocess.run(
+    [sys.executable, '-m', 'gaternet_jax.main', 'export', '--workdir', workdir, '--out', export_dir,
+     '--max-examples', '200'],
+    cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
+  )  # fmt: skip
+  out = _json_line(
+    'benchmarks/inference.py', '--workdir', workdir, '--export', export_dir, '--batch_size', '32',
+    '--rounds', '2', '--steps', '2', '--latency_calls', '3',
+  )  # fmt: skip
+  assert set(out['images_per_s']) == {'gaternet', 'export', 'plain'}
+  assert set(out['latency_ms']) == {'gaternet', 'export', 'plain', 'skip_bound'}
+  assert all(v > 0 for v in [*out['images_per_s'].values(), *out['latency_ms'].values()])
+  on, total = map(int, out['skip_bound_image_gates_on'].split('/'))
+  assert total == 112 and 0 <= on <= total and out['batch_size'] == 32

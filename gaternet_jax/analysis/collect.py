@@ -22,35 +22,44 @@ from gaternet_jax.data import feed
 from gaternet_jax.errors import UserError
 
 
-def collect_gates(
+def predict_split(
   state, dataset, split: str, setup, predict_fn, max_examples: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-  """Binary gates (n, c) and labels (n,) of the first `max_examples` examples of `split`."""
+) -> dict[str, np.ndarray]:
+  """Evaluation-mode outputs of the first `max_examples` examples of `split`, on every host:
+  `logits` (n, classes), `label` (n,) and, for a gated model, binary `gates` (n, c)."""
   total = dataset.info.split_size(split)
   if max_examples is not None:
     total = min(total, max_examples)
   local_batch = setup.config.eval_batch_size // jax.process_count()
-  gates, labels = [], []
+  parts: dict[str, list[np.ndarray]] = {}
   collected = 0
 
   def gather(array):
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
   with tqdm.tqdm(
-    total=total, desc=f'gates on {split}', unit='img', disable=not distributed.is_leader()
+    total=total, desc=f'predicting {split}', unit='img', disable=not distributed.is_leader()
   ) as bar:
     for batch in dataset.eval_iterator(split, local_batch):
       out = predict_fn(state, feed.to_global(batch, setup.data_sharding))
       local = {k: batch[k] for k in ('label', 'mask')}
       rows = feed.to_global(local, setup.data_sharding)
       keep = gather(rows['mask']) > 0
-      gates.append(gather(out['gates'])[keep])
-      labels.append(gather(rows['label'])[keep])
+      for key, value in {**out, 'label': rows['label']}.items():
+        parts.setdefault(key, []).append(gather(value)[keep])
       collected += int(keep.sum())
       bar.update(min(int(keep.sum()), total - bar.n))
       if collected >= total:
         break
-  return np.concatenate(gates)[:total], np.concatenate(labels)[:total]
+  return {key: np.concatenate(values)[:total] for key, values in parts.items()}
+
+
+def collect_gates(
+  state, dataset, split: str, setup, predict_fn, max_examples: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Binary gates (n, c) and labels (n,) of the first `max_examples` examples of `split`."""
+  out = predict_split(state, dataset, split, setup, predict_fn, max_examples)
+  return out['gates'], out['label']
 
 
 def analyze_workdir(

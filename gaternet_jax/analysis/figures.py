@@ -291,6 +291,44 @@ def class_layer_usage_figure(
   return fig
 
 
+def tradeoff_figure(
+  rows: Sequence[Mapping[str, float]],
+  *,
+  model_name: str,
+  split: str,
+  num_examples: int,
+  plain_macs: float,
+  plain_error: float | None = None,
+) -> mpl_figure.Figure:
+  """Top-1 error vs MACs per image as the gate threshold moves, the plain backbone marked.
+
+  Args:
+    rows: one per threshold: `threshold`, `top1_error` (%), `macs` (mean per image).
+    model_name, split, num_examples: for the title.
+    plain_macs: MACs of one plain backbone pass (a vertical line).
+    plain_error: the plain model's top-1 error on the same split, when known (a star).
+  """
+  fig = _new_figure(7.0, 4.6)
+  ax = fig.add_subplot()
+  macs = np.array([r['macs'] for r in rows]) / 1e6
+  errors = np.array([r['top1_error'] for r in rows])
+  ax.plot(macs, errors, '-o', color=_COLOR_ON, label="GaterNet, gates 1(g' > T)")
+  for r, x, y in zip(rows, macs, errors):
+    ax.annotate(f'T={r["threshold"]:g}', (x, y), textcoords='offset points', xytext=(4, 4),
+                fontsize=8)  # fmt: skip
+  ax.axvline(plain_macs / 1e6, color=_COLOR_OFF, linestyle='--', label='plain backbone cost')
+  if plain_error is not None:
+    ax.plot([plain_macs / 1e6], [plain_error], '*', color=_COLOR_DEPENDENT, markersize=12,
+            label='plain model')  # fmt: skip
+  ax.set_xlabel('MACs per image (millions; gater included, filters that are on)')
+  ax.set_ylabel('top-1 error (%)')
+  ax.grid(alpha=0.3)
+  ax.legend(loc='best', fontsize=8)
+  ax.set_title(_title('Accuracy vs compute as the gate threshold T moves', model_name, split,
+                      num_examples))  # fmt: skip
+  return fig
+
+
 def save_figure(fig: mpl_figure.Figure, path: str | os.PathLike) -> None:
   """Writes `fig` as a PNG to `path`, a local path or any `etils.epath` URL (e.g. ``gs://``).
 

@@ -18,8 +18,8 @@ class Classifier(nn.Module):
 
   backbone: nn.Module
 
-  def __call__(self, x: jax.Array, *, train: bool, gate_dropout_rate=0.0):
-    del gate_dropout_rate  # no gates
+  def __call__(self, x: jax.Array, *, train: bool, gate_dropout_rate=0.0, gate_threshold=0.0):
+    del gate_dropout_rate, gate_threshold  # no gates
     return self.backbone(x, train=train), {}
 
 
@@ -28,13 +28,14 @@ class GaterNet(nn.Module):
 
   Randomness comes from the Flax rng stream 'gates' (SemHash noise, the alpha/beta choice, gate
   dropout), which the training step derives from its key, so a step is a pure function of
-  (state, batch, key). Evaluation mode needs no rng.
+  (state, batch, key). Evaluation mode needs no rng; its gates are 1(g' > gate_threshold), where
+  the trained model's threshold is 0 (a higher one switches more filters off: the compute knob).
   """
 
   backbone: nn.Module
   gater: nn.Module
 
-  def __call__(self, x: jax.Array, *, train: bool, gate_dropout_rate=0.0):
+  def __call__(self, x: jax.Array, *, train: bool, gate_dropout_rate=0.0, gate_threshold=0.0):
     gate_logits = self.gater(x, train=train)
     rng = self.make_rng('gates') if train else None
     if train:
@@ -45,7 +46,8 @@ class GaterNet(nn.Module):
       keep = jax.random.bernoulli(dropout_rng, 1.0 - gate_dropout_rate, gates.shape)
       gates = gates * keep.astype(gates.dtype)
     else:
-      gates = semhash.improved_semhash(gate_logits, train=False)
+      # 1(g' > T) = 1(g' - T > 0): SemHash's evaluation-mode gate at a shifted decision point.
+      gates = semhash.improved_semhash(gate_logits - gate_threshold, train=False)
     logits = self.backbone(x, gates=gates, train=train)
     aux = {
       'gates': gates,

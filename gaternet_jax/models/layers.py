@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from gaternet_jax.layout import GatedLayer
+from gaternet_jax.models import pruning as pruning_lib
+from gaternet_jax.models.pruning import PrunedLayer, Pruning
 
 Dtype = Any
 
@@ -31,15 +33,20 @@ def ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def units_gate_layout(specs: list[UnitSpec], last_kernel_area: int) -> list[GatedLayer]:
+def units_gate_layout(
+  specs: list[UnitSpec], last_kernel_area: int, pruning: Pruning | None = None
+) -> list[GatedLayer]:
   """Gated layers of residual units gated on their last convolution (kernel area x mid channels
-  x output positions MACs per filter)."""
-  return [
-    GatedLayer(
-      s.name, s.out_channels, last_kernel_area * s.mid_channels * s.out_size[0] * s.out_size[1]
-    )
-    for s in specs
-  ]
+  x output positions MACs per filter); under an export's `pruning`, only the input-dependent
+  filters, and no layer left without one."""
+  plan = dict(pruning or ())
+  layout = []
+  for s in specs:
+    filters = pruning_lib.gate_width(plan.get(s.name), s.out_channels)
+    if filters:
+      macs = last_kernel_area * s.mid_channels * s.out_size[0] * s.out_size[1]
+      layout.append(GatedLayer(s.name, filters, macs))
+  return layout
 
 
 # He-normal (fan_out) is what the ResNet papers and torchvision use for convolutions.
@@ -136,22 +143,43 @@ class GateSlicer:
       )
 
 
-def gated_units(x, specs, gates, make_unit, *, train: bool) -> jax.Array:
+def gated_units(x, specs, gates, make_unit, *, train: bool, pruning: Pruning | None = None):
   """Applies one residual unit per spec in order, each with its slice of the gate vector.
 
   Args:
     x: the stem's output.
     specs: the backbone's unit specs (the same list its gate layout is built from).
     gates: (batch, c) gate vector, or None for the plain network.
-    make_unit: (spec, name) -> the unit module; called here so it binds to the calling module.
+    make_unit: (spec, name, pruned) -> the unit module; called here so it binds to the calling
+      module. `pruned` is the unit's PrunedLayer under an export's plan, else None.
     train: training mode.
+    pruning: an export's plan (models/pruning.py), or None.
   """
-  slicer = GateSlicer(gates, sum(spec.out_channels for spec in specs))
-  for spec in specs:
-    unit = make_unit(spec, spec.name.replace('/', '_'))
-    x = unit(x, slicer.next(spec.out_channels), train=train)
+  plan = dict(pruning or ())
+  widths = [pruning_lib.gate_width(plan.get(s.name), s.out_channels) for s in specs]
+  slicer = GateSlicer(gates, sum(widths))
+  for spec, width in zip(specs, widths):
+    unit = make_unit(spec, spec.name.replace('/', '_'), plan.get(spec.name))
+    x = unit(x, slicer.next(width) if width else None, train=train)
   slicer.check_consumed()
   return x
+
+
+def gate_kept_channels(y, gate, pruned: PrunedLayer | None):
+  """Eq. 4 on a gated layer's output, pruned or not."""
+  if pruned is None:
+    return apply_gate(y, gate)
+  return pruning_lib.apply_kept_gates(y, gate, pruned)
+
+
+def gated_features(out: int, pruned: PrunedLayer | None, se_reduction: int) -> int:
+  """Output channels the gated convolution computes: all, or the plan's kept ones."""
+  if pruned is None:
+    return out
+  if se_reduction:
+    # SE mixes every channel (removed ones included) before the gate: no exact export exists.
+    raise ValueError('a pruned unit cannot use squeeze-and-excitation')
+  return len(pruned.kept)
 
 
 def pool_and_classify(x, *, include_head: bool, num_classes: int, dtype: Dtype) -> jax.Array:
@@ -172,6 +200,8 @@ class BasicUnit(nn.Module):
     projection: where the shape changes, a 1x1 conv + BN shortcut (option B, ImageNet ResNets);
       otherwise subsample and zero-pad channels (option A, the parameter-free shortcut of the
       CIFAR ResNets).
+    pruned: an export's plan for conv2's filters (None: all computed). With none kept the unit
+      is its shortcut.
   """
 
   mid: int
@@ -180,17 +210,22 @@ class BasicUnit(nn.Module):
   se_reduction: int
   projection: bool
   dtype: Dtype = jnp.float32
+  pruned: PrunedLayer | None = None
 
   @nn.compact
   def __call__(self, x, gate, *, train):
+    shortcut = self._shortcut(x, train)
+    features = gated_features(self.out, self.pruned, self.se_reduction)
+    if not features:
+      return nn.relu(shortcut)
     y = conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv1')(x)
     y = nn.relu(batch_norm(train, dtype=self.dtype, name='bn1')(y))
-    y = conv(self.out, 3, dtype=self.dtype, name='conv2')(y)
+    y = conv(features, 3, dtype=self.dtype, name='conv2')(y)
     y = batch_norm(train, dtype=self.dtype, name='bn2')(y)
     if self.se_reduction:
       y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = apply_gate(y, gate)
-    return nn.relu(y + self._shortcut(x, train))
+    y = gate_kept_channels(y, gate, self.pruned)
+    return nn.relu(pruning_lib.add_to_shortcut(shortcut, y, self.pruned))
 
   def _shortcut(self, x, train):
     if self.stride == 1 and x.shape[-1] == self.out:

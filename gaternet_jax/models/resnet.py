@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from gaternet_jax.layout import GatedLayer
-from gaternet_jax.models import layers
+from gaternet_jax.models import layers, pruning as pruning_lib
 from gaternet_jax.models.layers import UnitSpec
+from gaternet_jax.models.pruning import PrunedLayer, Pruning
 
 STAGE_SIZES = {
   18: (2, 2, 2, 2),
@@ -39,6 +40,7 @@ class ResNet(nn.Module):
     se_reduction: squeeze-and-excitation reduction ratio in every unit; 0 disables SE.
     include_head: False drops the classifier and returns pooled features (the gater's extractor).
     dtype: computation dtype (parameters and batch statistics stay float32).
+    pruning: an export's channel plan (models/pruning.py), or None.
   """
 
   depth: int
@@ -47,6 +49,7 @@ class ResNet(nn.Module):
   se_reduction: int = 0
   include_head: bool = True
   dtype: Any = jnp.float32
+  pruning: Pruning | None = None
 
   @property
   def bottleneck(self) -> bool:
@@ -75,7 +78,8 @@ class ResNet(nn.Module):
 
   def gate_layout(self, image_shape: tuple[int, int, int] = (224, 224, 3)) -> list[GatedLayer]:
     """The gated layers (last conv of every unit), from the configuration alone."""
-    return layers.units_gate_layout(self.unit_specs(image_shape[:2]), 1 if self.bottleneck else 9)
+    specs = self.unit_specs(image_shape[:2])
+    return layers.units_gate_layout(specs, 1 if self.bottleneck else 9, self.pruning)
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
@@ -86,37 +90,44 @@ class ResNet(nn.Module):
     x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
 
-    def make_unit(spec, name):
+    def make_unit(spec, name, pruned):
       args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
       if self.bottleneck:
-        return BottleneckUnit(*args, dtype=self.dtype, name=name)
-      return layers.BasicUnit(*args, projection=True, dtype=self.dtype, name=name)
+        return BottleneckUnit(*args, dtype=self.dtype, pruned=pruned, name=name)
+      return layers.BasicUnit(*args, projection=True, dtype=self.dtype, pruned=pruned, name=name)
 
-    x = layers.gated_units(x, specs, gates, make_unit, train=train)
+    x = layers.gated_units(x, specs, gates, make_unit, train=train, pruning=self.pruning)
     return layers.pool_and_classify(
       x, include_head=self.include_head, num_classes=self.num_classes, dtype=self.dtype
     )
 
 
 class BottleneckUnit(nn.Module):
+  """Post-activation bottleneck (1x1, 3x3 with the stride, 1x1), gated on conv3's output."""
+
   mid: int
   out: int
   stride: int
   se_reduction: int
   dtype: Any
+  pruned: PrunedLayer | None = None  # an export's plan for conv3's filters
 
   @nn.compact
   def __call__(self, x, gate, *, train):
+    shortcut = x
+    if self.stride > 1 or x.shape[-1] != self.out:
+      shortcut = layers.conv(self.out, 1, self.stride, dtype=self.dtype, name='proj_conv')(x)
+      shortcut = layers.batch_norm(train, dtype=self.dtype, name='proj_bn')(shortcut)
+    features = layers.gated_features(self.out, self.pruned, self.se_reduction)
+    if not features:  # every filter removed: the unit is its shortcut
+      return nn.relu(shortcut)
     y = layers.conv(self.mid, 1, dtype=self.dtype, name='conv1')(x)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
     y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
-    y = layers.conv(self.out, 1, dtype=self.dtype, name='conv3')(y)
+    y = layers.conv(features, 1, dtype=self.dtype, name='conv3')(y)
     y = layers.batch_norm(train, dtype=self.dtype, name='bn3')(y)
     if self.se_reduction:
       y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = layers.apply_gate(y, gate)
-    if self.stride == 1 and x.shape[-1] == self.out:
-      return nn.relu(y + x)
-    shortcut = layers.conv(self.out, 1, self.stride, dtype=self.dtype, name='proj_conv')(x)
-    return nn.relu(y + layers.batch_norm(train, dtype=self.dtype, name='proj_bn')(shortcut))
+    y = layers.gate_kept_channels(y, gate, self.pruned)
+    return nn.relu(pruning_lib.add_to_shortcut(shortcut, y, self.pruned))

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from gaternet_jax.layout import GatedLayer
-from gaternet_jax.models import layers
+from gaternet_jax.models import layers, pruning as pruning_lib
 from gaternet_jax.models.layers import UnitSpec
+from gaternet_jax.models.pruning import PrunedLayer, Pruning
 
 # (mid, out) channels of each stage's units.
 BASIC_STAGES = ((16, 16), (32, 32), (64, 64))
@@ -39,6 +40,7 @@ class CifarResNet(nn.Module):
     se_reduction: squeeze-and-excitation reduction ratio in every unit; 0 disables SE.
     include_head: False drops the classifier and returns pooled features (the gater's extractor).
     dtype: computation dtype (parameters and batch statistics stay float32).
+    pruning: an export's channel plan (models/pruning.py), or None.
   """
 
   depth: int
@@ -48,6 +50,7 @@ class CifarResNet(nn.Module):
   se_reduction: int = 0
   include_head: bool = True
   dtype: Any = jnp.float32
+  pruning: Pruning | None = None
 
   def units_per_stage(self) -> int:
     per_unit = 9 if self.bottleneck else 6
@@ -74,7 +77,8 @@ class CifarResNet(nn.Module):
 
   def gate_layout(self, image_shape: tuple[int, int, int] = (32, 32, 3)) -> list[GatedLayer]:
     """The gated layers (last conv of every unit), from the configuration alone."""
-    return layers.units_gate_layout(self.unit_specs(image_shape[:2]), 1 if self.bottleneck else 9)
+    specs = self.unit_specs(image_shape[:2])
+    return layers.units_gate_layout(specs, 1 if self.bottleneck else 9, self.pruning)
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
@@ -85,13 +89,13 @@ class CifarResNet(nn.Module):
     if not self.bottleneck:  # pre-activation nets normalize at the start of each unit instead
       x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
 
-    def make_unit(spec, name):
+    def make_unit(spec, name, pruned):
       args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
       if self.bottleneck:
-        return PreActBottleneckUnit(*args, dtype=self.dtype, name=name)
-      return layers.BasicUnit(*args, projection=False, dtype=self.dtype, name=name)
+        return PreActBottleneckUnit(*args, dtype=self.dtype, pruned=pruned, name=name)
+      return layers.BasicUnit(*args, projection=False, dtype=self.dtype, pruned=pruned, name=name)
 
-    x = layers.gated_units(x, specs, gates, make_unit, train=train)
+    x = layers.gated_units(x, specs, gates, make_unit, train=train, pruning=self.pruning)
     if self.bottleneck:
       x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='final_bn')(x))
     return layers.pool_and_classify(
@@ -107,19 +111,26 @@ class PreActBottleneckUnit(nn.Module):
   stride: int
   se_reduction: int
   dtype: Any
+  pruned: PrunedLayer | None = None  # an export's plan for conv3's filters
 
   @nn.compact
   def __call__(self, x, gate, *, train):
+    features = layers.gated_features(self.out, self.pruned, self.se_reduction)
+    projection = self.stride > 1 or x.shape[-1] != self.out
+    if not features and not projection:  # every filter removed: the unit is the identity
+      return x
     pre = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(x))
     shortcut = x
-    if self.stride > 1 or x.shape[-1] != self.out:
+    if projection:
       shortcut = layers.conv(self.out, 1, self.stride, dtype=self.dtype, name='proj')(pre)
+    if not features:
+      return shortcut
     y = layers.conv(self.mid, 1, dtype=self.dtype, name='conv1')(pre)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
     y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn3')(y))
-    y = layers.conv(self.out, 1, dtype=self.dtype, name='conv3')(y)
+    y = layers.conv(features, 1, dtype=self.dtype, name='conv3')(y)
     if self.se_reduction:
       y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = layers.apply_gate(y, gate)
-    return y + shortcut
+    y = layers.gate_kept_channels(y, gate, self.pruned)
+    return pruning_lib.add_to_shortcut(shortcut, y, self.pruned)

@@ -1,0 +1,269 @@
+"""`gaternet export`: a trained GaterNet as a smaller static model that computes the same thing.
+
+The GaterNet runs in evaluation mode over a calibration split; every gated filter is then
+  - always off: removed (its output channel of the gated convolution and its batch-norm entries;
+    a residual unit's output channel becomes the shortcut alone, which is what the gate at 0 gave);
+  - always on: kept and ungated (its row of the gater's FC2 is removed);
+  - input-dependent: kept and still gated, FC2 reduced to exactly those gates.
+A layer left with no input-dependent gate runs no gating code; with none anywhere the gater is
+dropped and the export is a plain static network. On the calibration split the export computes
+the same function (checked and recorded in `export.json`); elsewhere a filter that was never on
+there may have been on, which is why the agreement on a second split is reported too.
+
+The export is an ordinary run directory (the config with its plan as `model.pruning`, an Orbax
+checkpoint), so `gaternet evaluate`, `analyze`, `tradeoff` and `load_run` take it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.traverse_util
+import jax
+import numpy as np
+
+from gaternet_jax import checkpoints, describe, distributed, models, restore, steps
+from gaternet_jax import workdir as workdir_lib
+from gaternet_jax.analysis import collect
+from gaternet_jax.data.base import TRAIN
+from gaternet_jax.errors import UserError
+from gaternet_jax.layout import GatedLayer, layer_offsets
+from gaternet_jax.models import pruning as pruning_lib
+
+EXPORT_DIR = 'export'
+EXPORT_FILE = 'export.json'
+
+
+def plan_from_gates(gates: np.ndarray, layout: list[GatedLayer]):
+  """The channel plan the calibration gates (n, c) imply, and per-layer counts.
+
+  Returns:
+    (pruning, layers, dynamic): the plan (models/pruning.py), one dict per gated layer (`name`,
+    `filters`, `gates_removed`, `gates_folded`, `gates_kept`), and the indices into the original
+    gate vector of the gates that stay (the rows FC2 keeps), ascending.
+  """
+  gates = np.asarray(gates, bool)
+  on = gates.sum(axis=0)
+  offsets = layer_offsets(layout)
+  if gates.ndim != 2 or gates.shape[1] != offsets[-1] or len(gates) == 0:
+    raise ValueError(f'need (n >= 1, {offsets[-1]}) calibration gates, got {gates.shape}')
+  plan, rows, dynamic = [], [], []
+  for layer, start in zip(layout, offsets):
+    counts = on[start : start + layer.filters]
+    kept = np.flatnonzero(counts > 0)
+    is_dynamic = (counts[kept] > 0) & (counts[kept] < len(gates))
+    plan.append(
+      (
+        layer.name,
+        pruning_lib.PrunedLayer(tuple(map(int, kept)), tuple(map(int, np.flatnonzero(is_dynamic)))),
+      )
+    )
+    dynamic.extend(start + kept[is_dynamic])
+    rows.append(
+      {
+        'name': layer.name,
+        'filters': layer.filters,
+        'gates_removed': int(layer.filters - len(kept)),
+        'gates_folded': int(len(kept) - is_dynamic.sum()),
+        'gates_kept': int(is_dynamic.sum()),
+      }
+    )
+  return tuple(plan), rows, np.asarray(dynamic, np.int64)
+
+
+def export_config(config, pruning: pruning_lib.Pruning, gated: bool):
+  """The source config with the plan as `model.pruning` (gated only if a gate stays)."""
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    out.model.pruning = pruning_lib.to_config(pruning)
+    out.model.gated = gated
+    out.variant = 'gated' if gated else 'plain'
+  return out
+
+
+def prune_tree(source: Any, target: Any, pruning: pruning_lib.Pruning, dynamic: np.ndarray):
+  """The source variables cut to the export's shapes.
+
+  Every leaf the export still has keeps its source values; where its shape changed the last axis
+  is the output-channel axis of a pruned layer: a backbone unit's gated convolution and its batch
+  norm (sliced to the unit's kept channels) or the gater's FC2 (sliced to the kept gates).
+  """
+  kept = {name.replace('/', '_'): np.asarray(p.kept, np.int64) for name, p in pruning}
+  flat_source = flax.traverse_util.flatten_dict(source)
+  out = {}
+  for path, spec in flax.traverse_util.flatten_dict(target).items():
+    value = flat_source[path]
+    module = path[1:]  # below the collection ('params', 'batch_stats')
+    if tuple(value.shape) != tuple(spec.shape):
+      if module[0] == 'backbone' and len(module) > 1 and module[1] in kept:
+        value = np.asarray(value)[..., kept[module[1]]]
+      elif module[:2] == ('gater', 'fc2'):
+        value = np.asarray(value)[..., dynamic]
+      if tuple(value.shape) != tuple(spec.shape):
+        raise ValueError(f'cannot cut {"/".join(path)} to {spec.shape}')
+    out[path] = np.asarray(value)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def _check_exportable(config, workdir: str) -> None:
+  if not config.model.gated:
+    raise UserError(f'{workdir!r} holds a {config.variant} model; export needs a gated run')
+  if 'pruning' in config.model:
+    raise UserError(f'{workdir!r} is already an export; export its source run instead')
+  if config.model.backbone not in models.PRUNABLE:
+    raise UserError(
+      f'export supports the ResNet backbones ({", ".join(models.PRUNABLE)}), '
+      f'not {config.model.backbone}'
+    )
+  if config.model.se_reduction:
+    raise UserError('export cannot prune SE units: SE mixes every channel before the gate')
+
+
+def _check_out(out: str, source: str) -> None:
+  """`out` must be new, empty, or an earlier export of the same run (which is replaced)."""
+  root = workdir_lib.path(out)
+  if root.exists() and not root.is_dir():
+    raise UserError(f'--out {out!r} is a file')
+  if not root.exists() or not any(root.iterdir()):
+    return
+  if workdir_lib.exists(out, EXPORT_FILE):
+    previous = workdir_lib.read_json(out, EXPORT_FILE).get('source')
+    if previous and os.path.abspath(previous) == os.path.abspath(source):
+      return
+  raise UserError(f'--out {out!r} holds a different run; choose an empty or new directory')
+
+
+def _agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any]:
+  return {
+    'examples': int(len(a['logits'])),
+    'top1_identical': float(np.mean(a['logits'].argmax(-1) == b['logits'].argmax(-1))),
+    'max_abs_logit_difference': float(np.max(np.abs(a['logits'] - b['logits']), initial=0.0)),
+  }
+
+
+def _macs(stats, layout, outputs) -> float:
+  gates = outputs.get('gates')
+  counts = np.zeros(0) if gates is None else gates.sum(axis=0)
+  return describe.mean_macs_used(stats, layout, counts, len(outputs['logits']))
+
+
+def export_workdir(
+  workdir: str,
+  *,
+  split: str | None = None,
+  max_examples: int | None = None,
+  out: str | None = None,
+) -> dict[str, Any]:
+  """Exports the run in `workdir` (default calibration split: the training images, unaugmented)
+  to `out` (default WORKDIR/export); returns what `export.json` records."""
+  if max_examples is not None and max_examples < 1:
+    raise UserError(f'--max-examples must be at least 1, got {max_examples}')
+  directory = restore.require_checkpoint(workdir)
+  config, setup, state, dataset, step = restore.load_state(directory)
+  _check_exportable(config, workdir)
+  split = split or TRAIN
+  info = dataset.info
+  info.split_size(split)
+  out = out or workdir_lib.join(workdir, EXPORT_DIR)
+  if os.path.abspath(out) == os.path.abspath(directory):
+    raise UserError('--out must not be the run directory itself')
+  _check_out(out, directory)
+
+  predict = steps.compile_steps(setup)[2]
+  calibration = collect.predict_split(state, dataset, split, setup, predict, max_examples)
+  layout = models.gate_layout(config, info.image_shape)
+  pruning, layer_rows, dynamic = plan_from_gates(calibration['gates'], layout)
+  new_config = export_config(config, pruning, gated=len(dynamic) > 0)
+  new_setup = steps.build(new_config, info, mesh=setup.mesh)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  target = {'params': new_setup.abstract_state.params}
+  target['batch_stats'] = new_setup.abstract_state.batch_stats
+  cut = prune_tree(jax.device_get(variables), target, pruning, dynamic)
+  new_state = steps.TrainState(
+    step=state.step,
+    params=cut['params'],
+    batch_stats=cut['batch_stats'],
+    opt_state=new_setup.tx.init(cut['params']),  # fresh optimizer state for fine-tuning
+  )
+  new_state = jax.device_put(new_state, new_setup.replicated)
+
+  # The check: the export's outputs on the calibration split (and on a second split).
+  new_predict = steps.compile_steps(new_setup)[2]
+  exported = collect.predict_split(new_state, dataset, split, new_setup, new_predict, max_examples)
+  other = config.data.eval_split if config.data.eval_split != split else TRAIN
+  agreement = {split: _agreement(calibration, exported)}
+  if other != split:
+    a = collect.predict_split(state, dataset, other, setup, predict, max_examples)
+    b = collect.predict_split(new_state, dataset, other, new_setup, new_predict, max_examples)
+    agreement[other] = _agreement(a, b)
+
+  before = describe.describe(config, num_classes=info.num_classes, image_shape=info.image_shape)
+  after = describe.describe(new_config, num_classes=info.num_classes, image_shape=info.image_shape)
+  new_layout = models.gate_layout(new_config, info.image_shape) if new_config.model.gated else []
+  totals = {
+    k: sum(r[k] for r in layer_rows) for k in ('gates_removed', 'gates_folded', 'gates_kept')
+  }
+  result = {
+    'source': os.path.abspath(directory) if not workdir_lib.is_remote(directory) else directory,
+    'source_step': int(step),
+    'out': out,
+    'calibration_split': split,
+    'calibration_examples': int(len(calibration['logits'])),
+    'params_before': before['total_params'],
+    'params_after': after['total_params'],
+    'macs_before': _macs(before, layout, calibration),
+    'macs_after': _macs(after, new_layout, exported),
+    # What the masked (dense) implementation executes per image: every filter, gated or not.
+    'dense_macs_before': before['backbone_macs'] + before['gater_macs'],
+    'dense_macs_after': after['backbone_macs'] + after['gater_macs'],
+    **totals,
+    'layers': layer_rows,
+    'agreement': agreement,
+    'exact_on_calibration': bool(agreement[split]['top1_identical'] == 1.0),
+  }
+  _write(out, new_config, new_setup, new_state, int(step), result)
+  return result
+
+
+def _write(out: str, config, setup, state, step: int, result: dict[str, Any]) -> None:
+  """Writes the export into a fresh `out` (an earlier export of the same run is replaced only
+  once the new one is complete)."""
+  staging = out.rstrip('/') + '.partial'
+  if distributed.is_leader():
+    if workdir_lib.exists(staging):  # left by an export that did not finish
+      workdir_lib.path(staging).rmtree()
+    workdir_lib.ensure_writable(staging)
+    workdir_lib.save_config(config, staging)
+  distributed.barrier('export-staging')
+  manager = checkpoints.make_manager(staging, keep=1)
+  checkpoints.save(manager, staging, step, state)
+  checkpoints.finish(manager, staging, step)
+  if distributed.is_leader():
+    workdir_lib.write_json(staging, EXPORT_FILE, result)
+    if workdir_lib.exists(out):
+      workdir_lib.path(out).rmtree()
+    workdir_lib.path(staging).rename(workdir_lib.path(out))
+  distributed.barrier('export-done')
+
+
+def format_text(result: dict[str, Any]) -> str:
+  """The summary `gaternet export` prints."""
+  calib = result['agreement'][result['calibration_split']]
+  lines = [
+    f'Exported {result["source"]} (step {result["source_step"]}) to {result["out"]}',
+    f'  calibration: {result["calibration_examples"]} examples of {result["calibration_split"]!r}',
+    f'  gates: {result["gates_removed"]} removed (always off), {result["gates_folded"]} folded '
+    f'(always on), {result["gates_kept"]} kept (input-dependent)',
+    f'  parameters {result["params_before"]:,} -> {result["params_after"]:,}',
+    f'  MACs/image used {result["macs_before"] / 1e6:.2f}M -> {result["macs_after"] / 1e6:.2f}M; '
+    f'computed {result["dense_macs_before"] / 1e6:.2f}M -> {result["dense_macs_after"] / 1e6:.2f}M',
+  ]
+  for split, a in result['agreement'].items():
+    lines.append(
+      f'  {split}: top-1 identical on {100 * a["top1_identical"]:.2f}% of {a["examples"]}, '
+      f'max |logit difference| {a["max_abs_logit_difference"]:.2e}'
+    )
+  if calib['top1_identical'] < 1.0:
+    lines.append('  warning: predictions differ on the calibration split')
+  return '\n'.join(lines)

@@ -39,16 +39,19 @@ def parse_thresholds(text: str | None) -> tuple[float, ...]:
   return tuple(sorted(set(values)))
 
 
-def plain_error(workdir: str, split: str) -> float | None:
-  """The plain model's top-1 error on `split`, if `workdir` is a procedure workdir whose stage 1
-  was evaluated on that split."""
-  stage = workdir_lib.join(workdir, workdir_lib.STAGE_BACKBONE)
-  if not workdir_lib.is_finished(stage):
-    return None
-  results = workdir_lib.read_results(stage)
-  if results.get('split') != split or 'top1_error' not in results.get('eval', {}):
-    return None
-  return float(results['eval']['top1_error'])
+def plain_error(workdir: str, config, split: str) -> float | None:
+  """The plain model's top-1 error on `split`, where the run has one: its procedure's stage 1, or
+  the run its `init.backbone` took stage 1 from, evaluated on that split."""
+  candidates = [workdir_lib.join(workdir, workdir_lib.STAGE_BACKBONE)]
+  if config.init.get('backbone'):
+    candidates.append(restore.pretrained_dir(config.init.backbone, workdir_lib.STAGE_BACKBONE))
+  for stage in candidates:
+    if not workdir_lib.is_finished(stage):
+      continue
+    results = workdir_lib.read_results(stage)
+    if results.get('split') == split and 'top1_error' in results.get('eval', {}):
+      return float(results['eval']['top1_error'])
+  return None
 
 
 def tradeoff_workdir(
@@ -98,7 +101,7 @@ def tradeoff_workdir(
     'step': int(step),
     'examples': int(metrics['examples']),
     'plain_backbone_macs': plain['backbone_macs'],
-    'plain_error': plain_error(workdir, split),
+    'plain_error': plain_error(workdir, config, split),
     'rows': rows,
   }
   if distributed.is_leader():

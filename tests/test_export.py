@@ -336,3 +336,13 @@ def test_export_refuses_what_it_cannot_prune_exactly():
   for needle, config in cases.items():
     with pytest.raises(UserError, match=needle):
       export._check_exportable(config, 'w')
+
+
+def test_tradeoff_finds_the_plain_models_error_on_the_same_split(gated_run):
+  from gaternet_jax import tradeoff  # noqa: PLC0415
+
+  workdir, _ = gated_run
+  config = workdir_lib.load_config(restore.run_dir(workdir))
+  stage1 = workdir_lib.read_results(os.path.join(workdir, workdir_lib.STAGE_BACKBONE))
+  assert tradeoff.plain_error(workdir, config, 'test') == stage1['eval']['top1_error']
+  assert tradeoff.plain_error(workdir, config, 'train') is None  # stage 1 was scored on test

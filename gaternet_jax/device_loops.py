@@ -213,7 +213,7 @@ class Evaluator:
       for batch in self._host_batches(split):
         sums = self._batch_fn(state, feed.to_global(batch, self.setup.data_sharding), threshold)
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-    return jax.tree.map(np.asarray, jax.device_get(totals))
+    return jax.device_get(totals)
 
   def _host_batches(self, split: str):
     local_batch = self.setup.config.eval_batch_size // jax.process_count()

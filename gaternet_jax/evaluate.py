@@ -36,24 +36,30 @@ def evaluate_workdir(
   split = split or config.data.eval_split
   info.split_size(split)  # a clear error for an unknown split
   totals = device_loops.Evaluator(setup, dataset).totals(state, split, gate_threshold)
-  metrics = device_loops.summarize(totals)
   stats = describe.describe(config, num_classes=info.num_classes, image_shape=info.image_shape)
   layout = models.gate_layout(config, info.image_shape) if config.model.gated else []
-  counts = totals.get('gate_counts', [])
   result = {
     'workdir': workdir,
     'name': config.name,
     'variant': config.variant,
     'split': split,
     'step': int(step),
-    **metrics,
+    **metrics_with_macs(totals, stats, layout),
     'params': stats['total_params'],
     'gated_filters': stats['gated_filters'],
-    'macs': describe.mean_macs_used(stats, layout, counts, metrics['examples']),
   }
   if config.model.gated:
     result['gate_threshold'] = float(gate_threshold)
   return result
+
+
+def metrics_with_macs(totals: dict[str, Any], stats: dict[str, Any], layout) -> dict[str, Any]:
+  """`device_loops.summarize` of an Evaluator's totals, plus `macs`: the mean MACs per image used
+  (the gater and the filters that were on), from the per-gate on-counts."""
+  metrics = device_loops.summarize(totals)
+  counts = totals.get('gate_counts', [])
+  metrics['macs'] = describe.mean_macs_used(stats, layout, counts, metrics['examples'])
+  return metrics
 
 
 def format_text(result: dict[str, Any]) -> str:

@@ -36,29 +36,33 @@ EXPORT_FILE = 'export.json'
 
 
 def plan_from_gates(gates: np.ndarray, layout: list[GatedLayer]):
-  """The channel plan the calibration gates (n, c) imply, and per-layer counts.
+  """`plan_from_counts` of calibration gates (n, c)."""
+  gates = np.asarray(gates, bool)
+  if gates.ndim != 2 or gates.shape[1] != layer_offsets(layout)[-1]:
+    raise ValueError(f'need (n, {layer_offsets(layout)[-1]}) calibration gates, got {gates.shape}')
+  return plan_from_counts(gates.sum(axis=0), len(gates), layout)
+
+
+def plan_from_counts(on: np.ndarray, examples: int, layout: list[GatedLayer]):
+  """The channel plan implied by how many of `examples` calibration examples each gate was on
+  for, and per-layer counts.
 
   Returns:
     (pruning, layers, dynamic): the plan (models/pruning.py), one dict per gated layer (`name`,
     `filters`, `gates_removed`, `gates_folded`, `gates_kept`), and the indices into the original
     gate vector of the gates that stay (the rows FC2 keeps), ascending.
   """
-  gates = np.asarray(gates, bool)
-  on = gates.sum(axis=0)
+  on = np.asarray(on)
   offsets = layer_offsets(layout)
-  if gates.ndim != 2 or gates.shape[1] != offsets[-1] or len(gates) == 0:
-    raise ValueError(f'need (n >= 1, {offsets[-1]}) calibration gates, got {gates.shape}')
+  if on.shape != (offsets[-1],) or examples < 1:
+    raise ValueError(f'need {offsets[-1]} gate counts over >= 1 examples, got {on.shape}')
   plan, rows, dynamic = [], [], []
   for layer, start in zip(layout, offsets):
     counts = on[start : start + layer.filters]
     kept = np.flatnonzero(counts > 0)
-    is_dynamic = (counts[kept] > 0) & (counts[kept] < len(gates))
-    plan.append(
-      (
-        layer.name,
-        pruning_lib.PrunedLayer(tuple(map(int, kept)), tuple(map(int, np.flatnonzero(is_dynamic)))),
-      )
-    )
+    is_dynamic = counts[kept] < examples
+    gated = tuple(map(int, np.flatnonzero(is_dynamic)))
+    plan.append((layer.name, pruning_lib.PrunedLayer(tuple(map(int, kept)), gated)))
     dynamic.extend(start + kept[is_dynamic])
     rows.append(
       {
@@ -134,18 +138,32 @@ def _check_out(out: str, source: str) -> None:
   raise UserError(f'--out {out!r} holds a different run; choose an empty or new directory')
 
 
-def _agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any]:
-  return {
-    'examples': int(len(a['logits'])),
-    'top1_identical': float(np.mean(a['logits'].argmax(-1) == b['logits'].argmax(-1))),
-    'max_abs_logit_difference': float(np.max(np.abs(a['logits'] - b['logits']), initial=0.0)),
+def _gate_counts(batches) -> tuple[np.ndarray, int]:
+  """How many examples each gate was on for, and the number of examples, over a stream of
+  `collect.predicted_batches` (the gates themselves are never held all at once)."""
+  counts, examples = 0, 0
+  for out in batches:
+    counts = counts + out['gates'].sum(axis=0, dtype=np.int64)
+    examples += len(out['gates'])
+  return np.asarray(counts), examples
+
+
+def _compare(source_batches, export_batches) -> tuple[dict[str, Any], np.ndarray]:
+  """Agreement of two models batch by batch over the same examples, and the export's gate
+  counts there (empty when it has no gates)."""
+  identical, worst, examples, counts = 0, 0.0, 0, 0
+  for a, b in zip(source_batches, export_batches, strict=True):
+    identical += int(np.sum(a['logits'].argmax(-1) == b['logits'].argmax(-1)))
+    worst = max(worst, float(np.max(np.abs(a['logits'] - b['logits']), initial=0.0)))
+    examples += len(a['logits'])
+    if 'gates' in b:
+      counts = counts + b['gates'].sum(axis=0, dtype=np.int64)
+  agreement = {
+    'examples': examples,
+    'top1_identical': identical / max(examples, 1),
+    'max_abs_logit_difference': worst,
   }
-
-
-def _macs(stats, layout, outputs) -> float:
-  gates = outputs.get('gates')
-  counts = np.zeros(0) if gates is None else gates.sum(axis=0)
-  return describe.mean_macs_used(stats, layout, counts, len(outputs['logits']))
+  return agreement, np.asarray(counts) if np.ndim(counts) else np.zeros(0, np.int64)
 
 
 def export_workdir(
@@ -170,10 +188,14 @@ def export_workdir(
     raise UserError('--out must not be the run directory itself')
   _check_out(out, directory)
 
-  predict = steps.compile_steps(setup)[2]
-  calibration = collect.predict_split(state, dataset, split, setup, predict, max_examples)
+  def batches(which, on_split, keys=('logits', 'gates')):
+    st, su, fn = which
+    return collect.predicted_batches(st, dataset, on_split, su, fn, max_examples, keys)
+
+  source = (state, setup, steps.compile_steps(setup)[2])
+  on_counts, examples = _gate_counts(batches(source, split, keys=('gates',)))
   layout = models.gate_layout(config, info.image_shape)
-  pruning, layer_rows, dynamic = plan_from_gates(calibration['gates'], layout)
+  pruning, layer_rows, dynamic = plan_from_counts(on_counts, examples, layout)
   new_config = export_config(config, pruning, gated=len(dynamic) > 0)
   new_setup = steps.build(new_config, info, mesh=setup.mesh)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -188,15 +210,13 @@ def export_workdir(
   )
   new_state = jax.device_put(new_state, new_setup.replicated)
 
-  # The check: the export's outputs on the calibration split (and on a second split).
-  new_predict = steps.compile_steps(new_setup)[2]
-  exported = collect.predict_split(new_state, dataset, split, new_setup, new_predict, max_examples)
+  # The check, streamed: both models over the calibration split (and a second split).
+  exported = (new_state, new_setup, steps.compile_steps(new_setup)[2])
+  agreement, new_counts = {}, None
   other = config.data.eval_split if config.data.eval_split != split else TRAIN
-  agreement = {split: _agreement(calibration, exported)}
-  if other != split:
-    a = collect.predict_split(state, dataset, other, setup, predict, max_examples)
-    b = collect.predict_split(new_state, dataset, other, new_setup, new_predict, max_examples)
-    agreement[other] = _agreement(a, b)
+  for on_split in dict.fromkeys((split, other)):
+    agreement[on_split], counts = _compare(batches(source, on_split), batches(exported, on_split))
+    new_counts = counts if new_counts is None else new_counts
 
   before = describe.describe(config, num_classes=info.num_classes, image_shape=info.image_shape)
   after = describe.describe(new_config, num_classes=info.num_classes, image_shape=info.image_shape)
@@ -209,11 +229,11 @@ def export_workdir(
     'source_step': int(step),
     'out': out,
     'calibration_split': split,
-    'calibration_examples': int(len(calibration['logits'])),
+    'calibration_examples': examples,
     'params_before': before['total_params'],
     'params_after': after['total_params'],
-    'macs_before': _macs(before, layout, calibration),
-    'macs_after': _macs(after, new_layout, exported),
+    'macs_before': describe.mean_macs_used(before, layout, on_counts, examples),
+    'macs_after': describe.mean_macs_used(after, new_layout, new_counts, examples),
     # What the masked (dense) implementation executes per image: every filter, gated or not.
     'dense_macs_before': before['backbone_macs'] + before['gater_macs'],
     'dense_macs_after': after['backbone_macs'] + after['gater_macs'],

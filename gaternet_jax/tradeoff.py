@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from gaternet_jax import describe, device_loops, distributed, models, restore
+from gaternet_jax import describe, device_loops, distributed, evaluate, models, restore
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.analysis import figures
 from gaternet_jax.errors import UserError
@@ -82,17 +82,10 @@ def tradeoff_workdir(
   evaluator = device_loops.Evaluator(setup, dataset)
   rows = []
   for threshold in sorted(thresholds):
-    totals = evaluator.totals(state, split, threshold)
-    metrics = device_loops.summarize(totals)
-    macs = describe.mean_macs_used(stats, layout, totals['gate_counts'], metrics['examples'])
+    metrics = evaluate.metrics_with_macs(evaluator.totals(state, split, threshold), stats, layout)
     rows.append(
-      {
-        'threshold': float(threshold),
-        'top1_error': metrics['top1_error'],
-        'top5_error': metrics['top5_error'],
-        'gate_density': metrics['gate_density'],
-        'macs': macs,
-      }
+      {'threshold': float(threshold)}
+      | {k: metrics[k] for k in ('top1_error', 'top5_error', 'gate_density', 'macs')}
     )
   result = {
     'workdir': workdir,

@@ -8,7 +8,7 @@ writes the census, histograms, t-SNE, per-class usage, compute-used numbers, fig
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -22,16 +22,16 @@ from gaternet_jax.data import feed
 from gaternet_jax.errors import UserError
 
 
-def predict_split(
-  state, dataset, split: str, setup, predict_fn, max_examples: int | None
-) -> dict[str, np.ndarray]:
-  """Evaluation-mode outputs of the first `max_examples` examples of `split`, on every host:
-  `logits` (n, classes), `label` (n,) and, for a gated model, binary `gates` (n, c)."""
+def predicted_batches(
+  state, dataset, split: str, setup, predict_fn, max_examples: int | None, keys=('logits', 'gates')
+) -> Iterator[dict[str, np.ndarray]]:
+  """Evaluation-mode outputs of the first `max_examples` examples of `split`, one batch at a
+  time, on every host: the padding dropped, `label` and the `keys` asked for (of `logits` and,
+  for a gated model, binary `gates`), so a whole split never has to fit in memory at once."""
   total = dataset.info.split_size(split)
   if max_examples is not None:
     total = min(total, max_examples)
   local_batch = setup.config.eval_batch_size // jax.process_count()
-  parts: dict[str, list[np.ndarray]] = {}
   collected = 0
 
   def gather(array):
@@ -45,20 +45,31 @@ def predict_split(
       local = {k: batch[k] for k in ('label', 'mask')}
       rows = feed.to_global(local, setup.data_sharding)
       keep = gather(rows['mask']) > 0
-      for key, value in {**out, 'label': rows['label']}.items():
-        parts.setdefault(key, []).append(gather(value)[keep])
-      collected += int(keep.sum())
-      bar.update(min(int(keep.sum()), total - bar.n))
+      wanted = {k: v for k, v in out.items() if k in keys}
+      take = min(int(keep.sum()), total - collected)
+      yield {k: gather(v)[keep][:take] for k, v in {**wanted, 'label': rows['label']}.items()}
+      collected += take
+      bar.update(take)
       if collected >= total:
         break
-  return {key: np.concatenate(values)[:total] for key, values in parts.items()}
+
+
+def predict_split(
+  state, dataset, split: str, setup, predict_fn, max_examples: int | None, keys=('logits', 'gates')
+) -> dict[str, np.ndarray]:
+  """`predicted_batches` of a whole split (or its first `max_examples`), concatenated."""
+  parts: dict[str, list[np.ndarray]] = {}
+  for out in predicted_batches(state, dataset, split, setup, predict_fn, max_examples, keys):
+    for key, value in out.items():
+      parts.setdefault(key, []).append(value)
+  return {key: np.concatenate(values) for key, values in parts.items()}
 
 
 def collect_gates(
   state, dataset, split: str, setup, predict_fn, max_examples: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
   """Binary gates (n, c) and labels (n,) of the first `max_examples` examples of `split`."""
-  out = predict_split(state, dataset, split, setup, predict_fn, max_examples)
+  out = predict_split(state, dataset, split, setup, predict_fn, max_examples, keys=('gates',))
   return out['gates'], out['label']
 
 

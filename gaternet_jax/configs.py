@@ -16,7 +16,12 @@ from ml_collections import config_dict
 
 from gaternet_jax.errors import UserError
 
-VARIANTS = ('plain', 'wider', 'se', 'gated')
+VARIANTS = ('plain', 'wider', 'se', 'gated', 'bas', 'gaternet_bas')
+# The variants with gates: GaterNet ('gated'), Batch-Shaping's locally gated units ('bas'), and a
+# GaterNet trained with the batch-shaping loss too ('gaternet_bas', which neither paper ran).
+GATED_VARIANTS = ('gated', 'bas', 'gaternet_bas')
+GATING_METHODS = ('gaternet', 'local')
+GATE_LOSSES = ('l1', 'l0', 'batch_shaping')
 
 
 def parse_variant(arg: str | None, default: str = 'gated') -> str:
@@ -60,7 +65,7 @@ def base_config(
   c.model.backbone = backbone
   c.model.width = wider_width if variant == 'wider' else 1.0
   c.model.se_reduction = se_reduction if variant == 'se' else 0
-  c.model.gated = variant == 'gated'
+  c.model.gated = variant in GATED_VARIANTS
 
   c.gater = ml_collections.ConfigDict()
   c.gater.extractor = extractor
@@ -69,6 +74,8 @@ def base_config(
   c.gater.init_bias = 1.0  # see models/gater.py: every gate starts open
   c.gater.l1_weight = 0.1  # lambda of the sparsity term (the paper does not give its value)
   c.gater.dropout_rate = 0.0  # final rate of scheduled dropout on the gates (appendix B: 0.05)
+
+  c.gating = gating_config(variant)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = dataset
@@ -119,6 +126,64 @@ def base_config(
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   return c
+
+
+def gating_config(variant: str = 'gated') -> ml_collections.ConfigDict:
+  """How a gated model gates and what shapes its gates (`config.gating`).
+
+  GaterNet's recipe (variant 'gated'): the global gater, SemHash, the L1 term (its weight is
+  `gater.l1_weight`). Batch-Shaping's ('bas'): a gating module in every unit gating its first
+  convolution, the Gumbel-sigmoid, the batch-shaping loss then L0. 'gaternet_bas': GaterNet's
+  recipe plus the batch-shaping loss. Every method x binarizer x loss combination trains; the
+  loss weights follow schedules over each run's training (fractions, like `schedule.boundaries`,
+  so a shorter run keeps the recipe's shape; the paper's 500-epoch CIFAR-10 run: BaS decays to 0
+  by epoch 100, L0 starts at epoch 100 and ramps to epoch 300).
+  """
+  # Lazy: importing this module must not import JAX (validation reads VARIANTS).
+  from gaternet_jax.gating import batch_shaping, gumbel  # noqa: PLC0415
+
+  epochs = batch_shaping.CIFAR10_EPOCHS
+  g = ml_collections.ConfigDict()
+  g.method = 'local' if variant == 'bas' else 'gaternet'  # one of GATING_METHODS
+  g.binarizer = 'gumbel' if variant == 'bas' else 'semhash'  # or 'semhash' / 'gumbel'
+  # Comma-separated names from GATE_LOSSES, each added to the cross-entropy with its weight.
+  g.losses = {'bas': 'batch_shaping,l0', 'gaternet_bas': 'l1,batch_shaping'}.get(variant, 'l1')
+  g.temperature = gumbel.GUMBEL_TEMPERATURE  # Gumbel-sigmoid temperature (gradient only)
+  g.module_hidden = batch_shaping.GATE_HIDDEN_UNITS  # local gating modules' FC1 width
+  g.module_init_bias = 1.0  # their FC2 bias at the start: P(on) = sigmoid(1) = 0.73
+  g.batch_shaping_weight = batch_shaping.BATCH_SHAPING_WEIGHT  # gamma at the start
+  g.batch_shaping_end = batch_shaping.BATCH_SHAPING_END_EPOCH / epochs  # decayed to 0 here
+  g.prior_a = batch_shaping.BETA_PRIOR_A  # the Beta(a, b) prior of the batch-shaping loss
+  g.prior_b = batch_shaping.BETA_PRIOR_B
+  # The final L0 weight is the accuracy-vs-compute knob (the paper sweeps it); 0.1 is ours.
+  g.l0_weight = 0.1
+  g.l0_start = batch_shaping.L0_START_EPOCH / epochs  # L0 off before this fraction of training
+  g.l0_ramp_end = batch_shaping.L0_RAMP_END_EPOCH / epochs  # full L0 weight from here on
+  return g
+
+
+def gating_of(config) -> ml_collections.ConfigDict:
+  """`config.gating`, or GaterNet's recipe for a run saved before the section existed."""
+  gating = config.get('gating') if hasattr(config, 'get') else None
+  return gating if gating is not None else gating_config('gated')
+
+
+def gate_losses(config) -> tuple[str, ...]:
+  """The gate losses a config trains with: `gating.losses` for a gated model, none else.
+
+  Raises:
+    UserError: an unknown or repeated name.
+  """
+  if not config.model.gated:
+    return ()
+  names = tuple(n.strip() for n in str(gating_of(config).losses).split(',') if n.strip())
+  unknown = [n for n in names if n not in GATE_LOSSES]
+  if unknown or len(set(names)) != len(names):
+    raise UserError(
+      f'config field gating.losses must be distinct names from {", ".join(GATE_LOSSES)} '
+      f'separated by commas, got {gating_of(config).losses!r}'
+    )
+  return names
 
 
 def cifar_config(
@@ -237,6 +302,79 @@ def imagenet_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 2000
   return c
+
+
+BAS_VARIANTS = ('bas', 'gaternet_bas', 'plain')
+
+
+def _bas_config(
+  arg: str | None, *, name: str, dataset: str, backbone: str, extractor: str, bottleneck: int
+) -> ml_collections.ConfigDict:
+  """The common part of the Batch-Shaping configs: the variant, the model, from scratch."""
+  variant = parse_variant(arg, default='bas')
+  if variant not in BAS_VARIANTS:
+    raise UserError(f'a _bas config has variants {", ".join(BAS_VARIANTS)}, got {variant!r}')
+  c = base_config(
+    name=name,
+    variant=variant,
+    dataset=dataset,
+    backbone=backbone,
+    extractor=extractor,
+    bottleneck=bottleneck,
+    wider_width=1.0,
+    se_reduction=0,
+  )
+  c.procedure.pretrain = False  # Batch-Shaping trains the gated network from scratch
+  return c
+
+
+def bas_cifar_config(depth: int, arg: str | None) -> ml_collections.ConfigDict:
+  """Batch-Shaping's CIFAR-10 recipe on ResNet-`depth` (variants: bas, gaternet_bas, plain).
+
+  The recipe (UNVERIFIED against the paper's text, see gaternet_jax/gating/batch_shaping.py):
+  trained from scratch for 500 epochs, batch 256, SGD with Nesterov momentum 0.9, learning rate
+  0.1 divided by 10 at epochs 300, 375 and 450, weight decay 5e-4; gates from the unit-local
+  gating modules with the Gumbel-sigmoid; the batch-shaping loss (Beta(0.6, 0.4), weight 0.75
+  decaying to 0 by epoch 100), then L0 from epoch 100 ramping to epoch 300. 'gaternet_bas' puts
+  the batch-shaping loss on a GaterNet (ResNet-20 gater, b = 8) with the same schedule.
+  """
+  from gaternet_jax.gating import batch_shaping  # noqa: PLC0415 (imports JAX)
+
+  c = _bas_config(
+    arg,
+    name=f'cifar10_resnet{depth}_bas',
+    dataset='cifar10',
+    backbone=f'cifar_resnet{depth}',
+    extractor='cifar_resnet20',
+    bottleneck=8,
+  )
+  c.batch_size = 256
+  c.optimizer.base_batch_size = 256
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4
+  epochs = batch_shaping.CIFAR10_EPOCHS
+  c.schedule.num_epochs = float(epochs)
+  c.schedule.boundaries = (300 / epochs, 375 / epochs, 450 / epochs)
+  c.eval_every_epochs = 10.0
+  return c
+
+
+def bas_imagenet_config(depth: int, arg: str | None) -> ml_collections.ConfigDict:
+  """Batch-Shaping's gating on ImageNet ResNet-`depth` (variants: bas, gaternet_bas, plain).
+
+  The paper's ImageNet recipe (epochs, loss weights and schedules) is not known here: this uses
+  the ImageNet recipe of `imagenet_recipe` and the CIFAR recipe's loss schedule as fractions of
+  training, from scratch; 'gaternet_bas' uses a ResNet-18 gater (b = 256) as Table 3 does.
+  """
+  c = _bas_config(
+    arg,
+    name=f'imagenet_resnet{depth}_bas',
+    dataset='imagenet2012',
+    backbone=f'resnet{depth}',
+    extractor='resnet18',
+    bottleneck=256,
+  )
+  return imagenet_recipe(c)
 
 
 def flatten(config: Any, prefix: str = '') -> dict[str, Any]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from gaternet_jax import models
 from gaternet_jax.data import embedded
+from gaternet_jax.gating.local import MODULE_NAME as LOCAL_GATE_MODULE
 from gaternet_jax.layout import total_filters
 
 # The numbers `gaternet describe --json` prints, in order.
@@ -35,6 +36,23 @@ def count_params(tree: Any) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def gating_owner(path: tuple[str, ...]) -> str:
+  """'gater' for the gating computation (the GaterNet's gater, or a unit's local gating module
+  `<unit>/gate`), else the top-level submodule's name."""
+  if not path:
+    return ''
+  return 'gater' if path[0] == 'gater' or LOCAL_GATE_MODULE in path[1:] else path[0]
+
+
+def split_params(params: Any) -> dict[str, int]:
+  """Parameter counts by `gating_owner` of each leaf's path."""
+  counts: dict[str, int] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    owner = gating_owner(tuple(str(getattr(k, 'key', k)) for k in path))
+    counts[owner] = counts.get(owner, 0) + math.prod(leaf.shape)
+  return counts
+
+
 def abstract_variables(model: nn.Module, image_shape) -> Any:
   """The model's variables as ShapeDtypeStructs, without running any initializer."""
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
@@ -47,7 +65,8 @@ def count_macs(model: nn.Module, variables: Any, image_shape) -> dict[str, int]:
 
   A method interceptor records each layer's input and output shapes while the forward pass is
   traced abstractly; the MACs of a convolution are kernel area x input channels / groups x output
-  elements, those of a dense layer input x output features.
+  elements, those of a dense layer input x output features. Local gating modules count as
+  'gater' (`gating_owner`).
   """
   macs: dict[str, int] = {}
 
@@ -60,7 +79,7 @@ def count_macs(model: nn.Module, variables: Any, image_shape) -> dict[str, int]:
         per_output = math.prod(module.kernel_size) * inputs.shape[-1] // module.feature_group_count
       else:
         per_output = inputs.shape[-1]
-      owner = module.path[0] if module.path else ''
+      owner = gating_owner(tuple(module.path))
       macs[owner] = macs.get(owner, 0) + per_output * math.prod(out.shape[1:])
     return out
 
@@ -76,15 +95,18 @@ def describe(config, *, num_classes: int, image_shape) -> dict[str, Any]:
   Returns:
     A dict with `backbone_params`, `gater_params`, `total_params`, `gated_filters`,
     `backbone_macs` and `gater_macs` (per image), plus `gate_layout` (list of [name, filters]).
+    `gater_*` is the gating computation: the GaterNet's gater, or a locally gated model's gating
+    modules (which are then not in `backbone_*`).
   """
   model = models.create_model(config, num_classes=num_classes, image_shape=image_shape)
   variables = abstract_variables(model, image_shape)
   params = variables['params']
   macs = count_macs(model, variables, image_shape)
   layout = models.gate_layout(config, image_shape) if config.model.gated else []
+  owners = split_params(params)
   return {
-    'backbone_params': count_params(params['backbone']),
-    'gater_params': count_params(params.get('gater', {})),
+    'backbone_params': owners.get('backbone', 0),
+    'gater_params': owners.get('gater', 0),
     'total_params': count_params(params),
     'gated_filters': total_filters(layout),
     'backbone_macs': macs.get('backbone', 0),

@@ -6,7 +6,11 @@ The GaterNet runs in evaluation mode over a calibration split; every gated filte
   - always on: kept and ungated (its row of the gater's FC2 is removed);
   - input-dependent: kept and still gated, FC2 reduced to exactly those gates.
 A layer left with no input-dependent gate runs no gating code; with none anywhere the gater is
-dropped and the export is a plain static network. On the calibration split the export computes
+dropped and the export is a plain static network. A locally gated run (Batch-Shaping) is cut the
+same way on its units' first convolutions: an always-off filter leaves the first convolution, its
+batch norm and the second convolution's input; a unit's gating module keeps only the FC2 rows of
+its input-dependent channels (none: the module goes); a unit that lost every filter feeds zeros,
+exactly what its all-off gates gave, to the rest of the unit. On the calibration split the export computes
 the same function (checked and recorded in `export.json`); elsewhere a filter that was never on
 there may have been on, which is why the agreement on a second split is reported too.
 
@@ -28,6 +32,7 @@ from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.analysis import collect
 from gaternet_jax.data.base import TRAIN
 from gaternet_jax.errors import UserError
+from gaternet_jax.gating.local import MODULE_NAME as LOCAL_GATE_MODULE
 from gaternet_jax.layout import GatedLayer, layer_offsets
 from gaternet_jax.models import pruning as pruning_lib
 
@@ -82,32 +87,49 @@ def export_config(config, pruning: pruning_lib.Pruning, gated: bool):
   with out.unlocked():
     out.model.pruning = pruning_lib.to_config(pruning)
     out.model.gated = gated
-    out.variant = 'gated' if gated else 'plain'
+    out.variant = config.variant if gated else 'plain'
   return out
 
 
 def prune_tree(source: Any, target: Any, pruning: pruning_lib.Pruning, dynamic: np.ndarray):
   """The source variables cut to the export's shapes.
 
-  Every leaf the export still has keeps its source values; where its shape changed the last axis
-  is the output-channel axis of a pruned layer: a backbone unit's gated convolution and its batch
-  norm (sliced to the unit's kept channels) or the gater's FC2 (sliced to the kept gates).
+  Every leaf the export still has keeps its source values; where its shape changed, each changed
+  axis is a channel axis of a pruned layer: in a backbone unit, the gated convolution's output
+  axis and its batch norm's (GaterNet: the last convolution; local gating: the first one, and the
+  second convolution's input axis), all cut to the unit's kept channels; a unit's local gating
+  module's FC2 cut to its input-dependent channels; the gater's FC2 cut to the kept gates.
   """
-  kept = {name.replace('/', '_'): np.asarray(p.kept, np.int64) for name, p in pruning}
+  kept, gated = {}, {}
+  for name, p in pruning:
+    unit = name.replace('/', '_')
+    kept[unit] = np.asarray(p.kept, np.int64)
+    gated[unit] = kept[unit][list(p.gated)]
   flat_source = flax.traverse_util.flatten_dict(source)
   out = {}
   for path, spec in flax.traverse_util.flatten_dict(target).items():
-    value = flat_source[path]
+    value = np.asarray(flat_source[path])
     module = path[1:]  # below the collection ('params', 'batch_stats')
     if tuple(value.shape) != tuple(spec.shape):
       if module[0] == 'backbone' and len(module) > 1 and module[1] in kept:
-        value = np.asarray(value)[..., kept[module[1]]]
+        local_gate = LOCAL_GATE_MODULE in module[2:-1]
+        value = _take_changed_axes(value, spec.shape, (gated if local_gate else kept)[module[1]])
       elif module[:2] == ('gater', 'fc2'):
-        value = np.asarray(value)[..., dynamic]
+        value = value[..., dynamic]
       if tuple(value.shape) != tuple(spec.shape):
         raise ValueError(f'cannot cut {"/".join(path)} to {spec.shape}')
-    out[path] = np.asarray(value)
+    out[path] = value
   return flax.traverse_util.unflatten_dict(out)
+
+
+def _take_changed_axes(value: np.ndarray, shape, index: np.ndarray) -> np.ndarray:
+  """`value` with `index` taken along every axis whose length differs from `shape`'s."""
+  if value.ndim != len(shape):
+    return value
+  for axis, (have, want) in enumerate(zip(value.shape, shape)):
+    if have != want:
+      value = np.take(value, index, axis=axis)
+  return value
 
 
 def _check_exportable(config, workdir: str) -> None:

@@ -1,22 +1,31 @@
 """Losses: cross-entropy, the gate regularisers, and `objective`, the one place the training loss
 is assembled from the config.
 
-The paper's loss (section 3.2.2) is
+GaterNet's loss (section 3.2.2) is
 
-    L = -log P(y | x, theta) + lambda * ||G(x)||_1 / c
+    L = -log P(y | x, theta) + lambda * ||G(x)||_1 / c                       ('l1')
 
-A regulariser is a function `(aux, config) -> scalar` of the model's auxiliary outputs (the gates);
-`REGULARIZERS` names them and `active_regularizers(config)` chooses them, so a new gate loss is a
-function and one line here, never an edit of the training step.
+and Batch-Shaping's (ICLR 2020)
+
+    L = -log P(y | x, theta) + gamma_BaS(t) L_BaS(P(g on | x)) + gamma_L0(t) L_0   ('batch_shaping', 'l0')
+
+with P(g on | x) the binarizer's on-probability (gating/binarizers.py) and the weights' schedules
+of gating/batch_shaping.py. `config.gating.losses` chooses any of the three terms for any gating
+method. A regulariser is a function `(aux, config, progress) -> scalar` of the model's auxiliary
+outputs (the gates and their logits) and the training progress; `REGULARIZERS` names them, so a
+new gate loss is a function and one line here, never an edit of the training step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from gaternet_jax import configs
+from gaternet_jax.gating import batch_shaping, binarizers
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -46,32 +55,83 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-Regularizer = Callable[[Mapping[str, jax.Array], Any], jax.Array]
+class Progress(NamedTuple):
+  """Where training is: `step` (may be traced) of `total_steps` (a Python int)."""
+
+  step: Any
+  total_steps: int
+
+  def at(self, fraction: float) -> int:
+    """The step at `fraction` of training (a Python int)."""
+    return round(fraction * self.total_steps)
 
 
-def _l1_term(aux: Mapping[str, jax.Array], config) -> jax.Array:
+Regularizer = Callable[[Mapping[str, jax.Array], Any, Progress], jax.Array]
+
+
+def _on_probability(aux: Mapping[str, jax.Array], config) -> jax.Array:
+  return binarizers.on_probability(aux['gate_logits'], configs.gating_of(config).binarizer)
+
+
+def _l1_term(aux: Mapping[str, jax.Array], config, progress: Progress) -> jax.Array:
+  del progress  # constant weight
   return gate_l1(aux['gates'], config.gater.l1_weight)
 
 
-# name -> (aux, config) -> weighted scalar term. Each is added to the cross-entropy.
-REGULARIZERS: dict[str, Regularizer] = {'l1': _l1_term}
+def _l0_term(aux: Mapping[str, jax.Array], config, progress: Progress) -> jax.Array:
+  g = configs.gating_of(config)
+  start = progress.at(g.l0_start)
+  weight = batch_shaping.l0_weight(
+    progress.step,
+    final_weight=g.l0_weight,
+    start_step=start,
+    ramp_end_step=max(start, progress.at(g.l0_ramp_end)),  # equal: the full weight at `start`
+  )
+  return weight * jnp.mean(_on_probability(aux, config))
+
+
+def _batch_shaping_term(aux: Mapping[str, jax.Array], config, progress: Progress) -> jax.Array:
+  g = configs.gating_of(config)
+  weight = batch_shaping.batch_shaping_weight(
+    progress.step,
+    end_step=max(1, progress.at(g.batch_shaping_end)),
+    initial_weight=g.batch_shaping_weight,
+  )
+  # On the GLOBAL batch: under jit with the batch sharded, the sort is a global sort.
+  return weight * batch_shaping.batch_shaping_loss(
+    _on_probability(aux, config), g.prior_a, g.prior_b
+  )
+
+
+# name -> (aux, config, progress) -> weighted scalar term. Each is added to the cross-entropy.
+REGULARIZERS: dict[str, Regularizer] = {
+  'l1': _l1_term,
+  'l0': _l0_term,
+  'batch_shaping': _batch_shaping_term,
+}
 
 
 def active_regularizers(config) -> tuple[str, ...]:
-  """The regularisers a config trains with: the paper's L1 term for a gated model, none else."""
-  return ('l1',) if config.model.gated else ()
+  """The regularisers a config trains with: `gating.losses` for a gated model, none else."""
+  return configs.gate_losses(config)
 
 
 def objective(
-  logits: jax.Array, labels: jax.Array, aux: Mapping[str, jax.Array], config
+  logits: jax.Array,
+  labels: jax.Array,
+  aux: Mapping[str, jax.Array],
+  config,
+  progress: Progress = Progress(0, 1),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss: cross-entropy plus every active regulariser.
 
   Args:
     logits: (batch, classes).
     labels: (batch,) integer labels.
-    aux: the model's auxiliary outputs (`gates` for a GaterNet; empty for a plain model).
+    aux: the model's auxiliary outputs (`gates` and `gate_logits` for a gated model; empty for a
+      plain model).
     config: the run's config (chooses and weights the regularisers).
+    progress: the training step and the run's total steps (the loss weights' schedules).
 
   Returns:
     (loss, terms): the scalar loss, and `cross_entropy`, `sparsity` (the sum of the
@@ -82,7 +142,7 @@ def objective(
   sparsity = jnp.zeros((), jnp.float32)
   if 'gates' in aux:
     for name in active_regularizers(config):
-      terms[name] = REGULARIZERS[name](aux, config)
+      terms[name] = REGULARIZERS[name](aux, config, progress)
       sparsity = sparsity + terms[name]
   terms['sparsity'] = sparsity
   return ce + sparsity, terms

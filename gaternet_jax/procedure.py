@@ -7,6 +7,9 @@ A gated config trains in three stages, each a complete, resumable run in its own
   stage3_joint/     the GaterNet, backbone from stage 1, extractor from stage 2 (its head dropped),
                     the gater's FC layers fresh, trained jointly.
 
+A locally gated config (`gating.method=local`, Batch-Shaping's gating modules) has no gater: it
+skips stage 2, and its joint stage starts from stage 1's backbone with fresh gating modules.
+
 A stage whose `results.json` exists is finished and never rerun; an interrupted stage resumes from
 its latest checkpoint. `init.backbone` / `init.gater` name existing runs that replace stages 1 / 2.
 Anything else (a plain config, or a gated one with `procedure.pretrain=False`) is one run.
@@ -20,10 +23,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from gaternet_jax import checkpoints, distributed, restore, steps, train, validation
+from gaternet_jax import checkpoints, distributed, models, restore, steps, train, validation
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax import workdir_lock
 from gaternet_jax.errors import CheckpointError, UserError
+from gaternet_jax.gating.local import MODULE_NAME as LOCAL_GATE_MODULE
 from gaternet_jax.workdir import STAGE_BACKBONE, STAGE_GATER, STAGE_JOINT, STAGES
 
 
@@ -170,7 +174,10 @@ def run(
     return stage_dir
 
   backbone_dir = pretrain(STAGE_BACKBONE, backbone_stage_config(config), config.init.backbone)
-  gater_dir = pretrain(STAGE_GATER, gater_stage_config(config), config.init.gater)
+  local = models.is_local(config)
+  gater_dir = (
+    None if local else pretrain(STAGE_GATER, gater_stage_config(config), config.init.gater)
+  )
   joint_dir = workdir_lib.join(workdir, STAGE_JOINT)
   if distributed.agree(lambda: workdir_lib.is_finished(joint_dir)):
     results = workdir_lib.read_results(joint_dir)
@@ -189,6 +196,7 @@ def run(
   # wall_time_s stays the joint stage's; the procedure's is every stage trained in this
   # workdir, each counted over all of its resumed pieces.
   stages = {STAGE_BACKBONE: backbone_dir, STAGE_GATER: gater_dir, STAGE_JOINT: joint_dir}
+  stages = {s: d for s, d in stages.items() if d is not None}
   own = [d for s, d in stages.items() if d == workdir_lib.join(workdir, s)]
   wall = sum(workdir_lib.read_results(d)['wall_time_s'] for d in own if d != joint_dir)
   results = dict(
@@ -200,23 +208,43 @@ def run(
   return results
 
 
+def _without_local_gates(tree: Any) -> Any:
+  """A variables subtree minus every local gating module (`<unit>/gate`)."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: _without_local_gates(v) for k, v in tree.items() if k != LOCAL_GATE_MODULE}
+
+
+def _overlay(fresh: Any, pretrained: Any) -> Any:
+  """`fresh` with every entry `pretrained` has replaced by the pretrained one."""
+  if not isinstance(fresh, dict):
+    return pretrained
+  return {k: _overlay(v, pretrained[k]) if k in pretrained else v for k, v in fresh.items()}
+
+
 def init_from_pretrained(
-  state: steps.TrainState, setup: steps.Setup, backbone_dir: str, gater_dir: str
+  state: steps.TrainState, setup: steps.Setup, backbone_dir: str, gater_dir: str | None
 ) -> steps.TrainState:
-  """Stage 3's starting point: stage 1's backbone, stage 2's extractor, fresh gater FC layers.
+  """Stage 3's starting point: stage 1's backbone, stage 2's extractor, fresh gater FC layers
+  (a locally gated model, `gater_dir` None: stage 1's backbone with fresh gating modules).
 
   Parameters and batch statistics are copied exactly; the optimizer state starts fresh.
   Architecture mismatches raise CheckpointError naming the parameter.
   """
   params, stats = dict(state.params), dict(state.batch_stats)  # shallow copies we may edit
   backbone_state = restore.load_state(backbone_dir, info=setup.info, mesh=setup.mesh).state
-  gater_state = restore.load_state(gater_dir, info=setup.info, mesh=setup.mesh).state
 
   checkpoints.check_compatible(
-    backbone_state.params['backbone'], params['backbone'], backbone_dir, prefix='backbone/'
+    backbone_state.params['backbone'],
+    _without_local_gates(params['backbone']),
+    backbone_dir,
+    prefix='backbone/',
   )
-  params['backbone'] = backbone_state.params['backbone']
-  stats['backbone'] = backbone_state.batch_stats['backbone']
+  params['backbone'] = _overlay(params['backbone'], backbone_state.params['backbone'])
+  stats['backbone'] = _overlay(stats['backbone'], backbone_state.batch_stats['backbone'])
+  if gater_dir is None:
+    return _fresh_optimizer(state, setup, params, stats)
+  gater_state = restore.load_state(gater_dir, info=setup.info, mesh=setup.mesh).state
 
   extractor_params = {k: v for k, v in gater_state.params['backbone'].items() if k != 'head'}
   gater_params, gater_stats = dict(params['gater']), dict(stats['gater'])
@@ -226,7 +254,11 @@ def init_from_pretrained(
   gater_params['extractor'] = extractor_params
   gater_stats['extractor'] = gater_state.batch_stats['backbone']
   params['gater'], stats['gater'] = gater_params, gater_stats
+  return _fresh_optimizer(state, setup, params, stats)
 
+
+def _fresh_optimizer(state, setup, params, stats) -> steps.TrainState:
+  """The state with these variables and a fresh optimizer state, in its shardings."""
   shardings = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
   fresh = steps.TrainState(
     step=state.step, params=params, batch_stats=stats, opt_state=setup.tx.init(params)

@@ -13,7 +13,14 @@ from typing import Any
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.errors import UserError
 
-VARIANT_SUFFIX = {'plain': '', 'wider': '-Wider', 'se': '-SE', 'gated': '-Gated'}
+VARIANT_SUFFIX = {
+  'plain': '',
+  'wider': '-Wider',
+  'se': '-SE',
+  'gated': '-Gated',
+  'bas': '-BaS',  # Batch-Shaping's locally gated units
+  'gaternet_bas': '-Gated+BaS',  # a GaterNet trained with the batch-shaping loss too
+}
 
 # (dataset, depth, variant) -> (parameters in millions, error %) from Table 1, and
 # ('imagenet2012', depth, variant) -> (parameters, top-1 %, top-5 %) from Table 3.

@@ -217,8 +217,8 @@ def train_step(
   x = preprocess(config, setup.info, batch['image'], augment_key)
   labels = batch['label']
   # Scheduled dropout on the gates (appendix B): the rate rises linearly from 0 to its final value.
-  progress = state.step.astype(jnp.float32) / setup.plan.total_steps
-  gate_dropout_rate = config.gater.dropout_rate * jnp.minimum(progress, 1.0)
+  fraction = state.step.astype(jnp.float32) / setup.plan.total_steps
+  gate_dropout_rate = config.gater.dropout_rate * jnp.minimum(fraction, 1.0)
 
   def loss_fn(params):
     (logits, aux), new_vars = setup.model.apply(
@@ -229,7 +229,8 @@ def train_step(
       rngs={'gates': gates_key},
       mutable=['batch_stats'],
     )
-    loss, terms = losses.objective(logits, labels, aux, config)
+    progress = losses.Progress(state.step, setup.plan.total_steps)
+    loss, terms = losses.objective(logits, labels, aux, config, progress)
     density = aux['density'] if 'density' in aux else jnp.zeros((), jnp.float32)
     return loss, (new_vars, logits, terms, density)
 

@@ -71,6 +71,14 @@ def _fractions(v) -> str | None:
   return None
 
 
+def _gate_losses(v: str) -> str | None:
+  """Distinct names from GATE_LOSSES separated by commas ('' for none)."""
+  names = [n.strip() for n in v.split(',') if n.strip()]
+  if any(n not in configs.GATE_LOSSES for n in names) or len(set(names)) != len(names):
+    return f'must be distinct names from {", ".join(configs.GATE_LOSSES)} separated by commas'
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """What one field may hold.
@@ -100,6 +108,19 @@ RULES: dict[str, Rule] = {
   'gater.init_bias': Rule(float),
   'gater.l1_weight': Rule(float, _at_least(0)),
   'gater.dropout_rate': Rule(float, _within(0, 1, low_open=False, high_open=True)),
+  'gating.method': Rule(str, _one_of(lambda: configs.GATING_METHODS)),
+  'gating.binarizer': Rule(str, _one_of(lambda: ('semhash', 'gumbel'))),
+  'gating.losses': Rule(str, _gate_losses),
+  'gating.temperature': Rule(float, _above(0)),
+  'gating.module_hidden': Rule(int, _at_least(1)),
+  'gating.module_init_bias': Rule(float),
+  'gating.batch_shaping_weight': Rule(float, _at_least(0)),
+  'gating.batch_shaping_end': Rule(float, _within(0, 1, low_open=True, high_open=False)),
+  'gating.prior_a': Rule(float, _above(0)),
+  'gating.prior_b': Rule(float, _above(0)),
+  'gating.l0_weight': Rule(float, _at_least(0)),
+  'gating.l0_start': Rule(float, _within(0, 1, low_open=False, high_open=False)),
+  'gating.l0_ramp_end': Rule(float, _within(0, 1, low_open=False, high_open=False)),
   'data.name': Rule(str, _one_of(_datasets)),
   'data.data_dir': Rule(str, optional=True),
   'data.eval_split': Rule(str),
@@ -136,8 +157,12 @@ RULES: dict[str, Rule] = {
   'keep_checkpoints': Rule(int, _at_least(1)),
 }
 
-# (field, other): field must be < other. A warm-up as long as training never reaches the peak.
-LESS_THAN: tuple[tuple[str, str], ...] = (('schedule.warmup_epochs', 'schedule.num_epochs'),)
+# (field, other, strict): field must be < other (strict) or <= other. A warm-up as long as
+# training never reaches the peak; L0's ramp cannot end before it starts (equal: a step).
+LESS_THAN: tuple[tuple[str, str, bool], ...] = (
+  ('schedule.warmup_epochs', 'schedule.num_epochs', True),
+  ('gating.l0_start', 'gating.l0_ramp_end', False),
+)
 
 _KIND_NAMES = {int: 'an int', float: 'a number', str: 'a string', bool: 'a bool', tuple: 'a tuple'}
 
@@ -196,7 +221,7 @@ def validate_config(config: Any) -> None:
     value = _lookup(config, field)
     if value is not _MISSING and (problem := _problem(field, rule, value)):
       problems[field] = problem
-  for field, other in LESS_THAN:
+  for field, other, strict in LESS_THAN:
     value, limit = _lookup(config, field), _lookup(config, other)
     # Only between two present, individually valid values: one message per mistake.
     if (
@@ -205,8 +230,11 @@ def validate_config(config: Any) -> None:
       or any(v is _MISSING or v is None for v in (value, limit))
     ):
       continue
-    if not value < limit:
-      problems[field] = f'config field {field} must be < {other} ({limit!r}), got {value!r}'
+    if not (value < limit if strict else value <= limit):
+      relation = '<' if strict else '<='
+      problems[field] = (
+        f'config field {field} must be {relation} {other} ({limit!r}), got {value!r}'
+      )
   if problems:
     raise UserError('; '.join(problems.values()))
 

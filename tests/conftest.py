@@ -17,6 +17,7 @@ _CACHE = os.environ.setdefault(
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_compilation_cache_dir', _CACHE)
@@ -105,3 +106,19 @@ def gated_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('gated_run'))
   results = procedure.train_and_evaluate(tiny_default('gated'), workdir)
   return workdir, results
+
+
+def perturbed(tree, seed):
+  """Batch-norm parameters and statistics moved off their initial values (a mis-sliced BN entry
+  then shows in the logits); kernels keep their (random) initialisation."""
+  rng = np.random.default_rng(seed)
+
+  def move(path, x):
+    name = path[-1].key
+    if name == 'var':
+      return x * rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
+    if name in ('scale', 'mean') or (name == 'bias' and 'bn' in str(path[-2].key)):
+      return x + rng.normal(0, 0.2, x.shape).astype(np.float32)
+    return x
+
+  return jax.tree_util.tree_map_with_path(move, tree)

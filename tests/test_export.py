@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
 from gaternet_jax import checkpoints, export, layout, restore, steps
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.data import embedded
@@ -54,22 +55,6 @@ def gate_kinds(model_layout, seed: int, empty_layers=()) -> np.ndarray:
     k[:3] = (OFF, ON, DYNAMIC)
     kinds.append(np.full(layer.filters, OFF) if i in empty_layers else k)
   return np.concatenate(kinds)
-
-
-def perturbed(tree, seed):
-  """Batch-norm parameters and statistics moved off their initial values (a mis-sliced BN entry
-  then shows in the logits); kernels keep their (random) initialisation."""
-  rng = np.random.default_rng(seed)
-
-  def move(path, x):
-    name = path[-1].key
-    if name == 'var':
-      return x * rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
-    if name in ('scale', 'mean') or (name == 'bias' and 'bn' in str(path[-2].key)):
-      return x + rng.normal(0, 0.2, x.shape).astype(np.float32)
-    return x
-
-  return jax.tree_util.tree_map_with_path(move, tree)
 
 
 def gaternet(backbone_fn, plan=None):

@@ -8,9 +8,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from gaternet_jax import configs
 from gaternet_jax.errors import UserError
 from gaternet_jax.models.gater import Gater
-from gaternet_jax.models.gaternet import Classifier, GaterNet
+from gaternet_jax.models.gaternet import Classifier, GaterNet, LocallyGated
 from gaternet_jax.layout import GatedLayer, total_filters
 from gaternet_jax.models import densenet, inception_v4, pruning as pruning_lib, shake_shake
 from gaternet_jax.models.resnet import ResNet
@@ -23,8 +24,11 @@ for _depth in (164, 1001):
   BACKBONES[f'cifar_resnet{_depth}'] = functools.partial(CifarResNet, depth=_depth, bottleneck=True)
 for _depth in (18, 34, 50, 101, 152):
   BACKBONES[f'resnet{_depth}'] = functools.partial(ResNet, depth=_depth)
-# The backbones `gaternet export` can prune (their units take a models/pruning.py plan).
+# The backbones `gaternet export` can prune (their units take a models/pruning.py plan), and the
+# ones that can be gated locally (their units gate their first convolution from a LocalGates):
+# the ResNets, whose four unit types do both.
 PRUNABLE = tuple(sorted(BACKBONES))
+LOCALLY_GATEABLE = PRUNABLE
 # Table 2's CIFAR backbones and Inception-v4 register their own names.
 for _module in (densenet, shake_shake, inception_v4):
   BACKBONES.update(_module.BACKBONES)
@@ -39,10 +43,12 @@ def create_backbone(
   include_head: bool = True,
   dtype: Any = jnp.float32,
   pruning: pruning_lib.Pruning | None = None,
+  gate_placement: str = 'last',
 ) -> nn.Module:
   """A registered backbone by name; unknown names raise UserError listing the known ones.
 
-  `pruning` (an export's channel plan) is accepted by the backbones in `PRUNABLE` only.
+  `pruning` (an export's channel plan) is accepted by the backbones in `PRUNABLE` only;
+  `gate_placement='first'` (local gating) by those in `LOCALLY_GATEABLE` only.
   """
   if name not in BACKBONES:
     raise UserError(f'unknown model name {name!r}; known: {", ".join(sorted(BACKBONES))}')
@@ -51,6 +57,13 @@ def create_backbone(
     if name not in PRUNABLE:
       raise UserError(f'{name} cannot be pruned by export; these can: {", ".join(PRUNABLE)}')
     extra['pruning'] = pruning
+  if gate_placement != 'last':
+    if name not in LOCALLY_GATEABLE:
+      raise UserError(
+        f'{name} cannot be gated locally (gating.method=local); these can: '
+        f'{", ".join(LOCALLY_GATEABLE)}'
+      )
+    extra['gate_placement'] = gate_placement
   return BACKBONES[name](
     num_classes=num_classes,
     width=width,
@@ -62,7 +75,8 @@ def create_backbone(
 
 
 def backbone_from_config(config, *, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
-  """`config.model`'s backbone, under its export plan (`model.pruning`) when it has one."""
+  """`config.model`'s backbone, under its export plan (`model.pruning`) when it has one, gated
+  on its units' first convolutions when the config gates locally."""
   m = config.model
   return create_backbone(
     m.backbone,
@@ -71,7 +85,20 @@ def backbone_from_config(config, *, num_classes: int, dtype: Any = jnp.float32) 
     se_reduction=m.se_reduction,
     dtype=dtype,
     pruning=pruning_lib.from_config(m.get('pruning')),
+    gate_placement='first' if is_local(config) else 'last',
   )
+
+
+def is_local(config) -> bool:
+  """Whether a config's model is gated locally (Batch-Shaping's gating modules), or is the
+  export of such a model (its plan then prunes the units' first convolutions)."""
+  method = configs.gating_of(config).method
+  if method not in configs.GATING_METHODS:
+    raise UserError(
+      f'config field gating.method must be one of {", ".join(configs.GATING_METHODS)}, '
+      f'got {method!r}'
+    )
+  return method == 'local' and (bool(config.model.gated) or bool(config.model.get('pruning')))
 
 
 def gate_layout(config, image_shape) -> list[GatedLayer]:
@@ -80,7 +107,8 @@ def gate_layout(config, image_shape) -> list[GatedLayer]:
 
 
 def create_model(config, *, num_classes: int, image_shape, dtype: Any = jnp.float32) -> nn.Module:
-  """The model a config describes: a Classifier, or a GaterNet when `config.model.gated`.
+  """The model a config describes: a Classifier, or when `config.model.gated` a GaterNet
+  (`gating.method='gaternet'`) or a LocallyGated backbone (`'local'`).
 
   Args:
     config: an experiment config (uses `config.model` and `config.gater`).
@@ -91,6 +119,15 @@ def create_model(config, *, num_classes: int, image_shape, dtype: Any = jnp.floa
   backbone = backbone_from_config(config, num_classes=num_classes, dtype=dtype)
   if not config.model.gated:
     return Classifier(backbone)
+  gating = configs.gating_of(config)
+  if is_local(config):
+    return LocallyGated(
+      backbone,
+      binarizer=gating.binarizer,
+      temperature=gating.temperature,
+      hidden=gating.module_hidden,
+      init_bias=gating.module_init_bias,
+    )
   layout = backbone.gate_layout(tuple(image_shape))
   g = config.gater
   extractor = create_backbone(
@@ -103,4 +140,4 @@ def create_model(config, *, num_classes: int, image_shape, dtype: Any = jnp.floa
     init_bias=g.init_bias,
     dtype=dtype,
   )
-  return GaterNet(backbone, gater)
+  return GaterNet(backbone, gater, binarizer=gating.binarizer, temperature=gating.temperature)

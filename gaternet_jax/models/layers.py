@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gaternet_jax.gating.local import LocalGates
 from gaternet_jax.layout import GatedLayer
 from gaternet_jax.models import pruning as pruning_lib
 from gaternet_jax.models.pruning import PrunedLayer, Pruning
@@ -47,6 +48,49 @@ def units_gate_layout(
       macs = last_kernel_area * s.mid_channels * s.out_size[0] * s.out_size[1]
       layout.append(GatedLayer(s.name, filters, macs))
   return layout
+
+
+GATE_PLACEMENTS = ('last', 'first')
+
+
+def first_conv_gate_layout(
+  specs: list[UnitSpec], *, bottleneck: bool, pruning: Pruning | None = None
+) -> list[GatedLayer]:
+  """Gated layers of units gated on their FIRST convolution (local gating, Batch-Shaping).
+
+  An off filter of the first convolution saves that filter and, its channel being zero, the
+  second convolution's work on that input channel: basic units, 3x3 (stride s) then 3x3 (out
+  channels); bottleneck units, 1x1 at the input's resolution then 3x3 (stride s, mid channels).
+  Under an export's `pruning`, only the input-dependent filters, and no layer left without one.
+  """
+  plan = dict(pruning or ())
+  layout = []
+  in_size = specs[0].out_size if specs else (0, 0)  # the first unit has stride 1
+  for s in specs:
+    out_positions = s.out_size[0] * s.out_size[1]
+    if bottleneck:
+      macs = s.in_channels * in_size[0] * in_size[1] + 9 * s.mid_channels * out_positions
+    else:
+      macs = 9 * s.in_channels * out_positions + 9 * s.out_channels * out_positions
+    filters = pruning_lib.gate_width(plan.get(s.name), s.mid_channels)
+    if filters:
+      layout.append(GatedLayer(s.name, filters, macs))
+    in_size = s.out_size
+  return layout
+
+
+def gate_layout_for(
+  specs: list[UnitSpec], placement: str, *, bottleneck: bool, pruning: Pruning | None
+) -> list[GatedLayer]:
+  """A ResNet's gate layout: its units' last convolutions (GaterNet) or first (local gating).
+
+  An export's `pruning` plans the gated convolution: the last one, or the first one.
+  """
+  if placement == 'first':
+    return first_conv_gate_layout(specs, bottleneck=bottleneck, pruning=pruning)
+  if placement != 'last':
+    raise ValueError(f'gate_placement must be one of {GATE_PLACEMENTS}, got {placement!r}')
+  return units_gate_layout(specs, 1 if bottleneck else 9, pruning)
 
 
 # He-normal (fan_out) is what the ResNet papers and torchvision use for convolutions.
@@ -149,13 +193,19 @@ def gated_units(x, specs, gates, make_unit, *, train: bool, pruning: Pruning | N
   Args:
     x: the stem's output.
     specs: the backbone's unit specs (the same list its gate layout is built from).
-    gates: (batch, c) gate vector, or None for the plain network.
+    gates: (batch, c) gate vector, None for the plain network, or a `LocalGates` (local gating:
+      every unit computes its own gates from its input and records them there).
     make_unit: (spec, name, pruned) -> the unit module; called here so it binds to the calling
       module. `pruned` is the unit's PrunedLayer under an export's plan, else None.
     train: training mode.
     pruning: an export's plan (models/pruning.py), or None.
   """
   plan = dict(pruning or ())
+  if isinstance(gates, LocalGates):
+    for spec in specs:
+      unit = make_unit(spec, spec.name.replace('/', '_'), plan.get(spec.name))
+      x = unit(x, gates, train=train)
+    return x
   widths = [pruning_lib.gate_width(plan.get(s.name), s.out_channels) for s in specs]
   slicer = GateSlicer(gates, sum(widths))
   for spec, width in zip(specs, widths):
@@ -163,6 +213,47 @@ def gated_units(x, specs, gates, make_unit, *, train: bool, pruning: Pruning | N
     x = unit(x, slicer.next(width) if width else None, train=train)
   slicer.check_consumed()
   return x
+
+
+def split_gate(gate):
+  """(the unit's last-conv gate or None, the LocalGates or None) from a unit's `gate` argument."""
+  if isinstance(gate, LocalGates):
+    return None, gate
+  return gate, None
+
+
+def gate_first_conv(y, x, local: LocalGates | None, pruned: PrunedLayer | None = None):
+  """Local gating: the first convolution's activated output y times the gates the unit's
+  gating module computes from the unit's input x (binary gates commute with the ReLU).
+
+  Under an export's plan for the first convolution (`pruned`), y holds the kept channels and the
+  gating module produces only the input-dependent ones' gates (none: no gating module at all).
+  """
+  if local is None:
+    return y
+  if pruned is None:
+    return apply_gate(y, local.gate(x, y.shape[-1]))
+  if not pruned.gated:
+    return y
+  return pruning_lib.apply_kept_gates(y, local.gate(x, len(pruned.gated)), pruned)
+
+
+def plans_by_conv(pruned: PrunedLayer | None, gate_first: bool):
+  """(the plan of the first convolution, the plan of the last) from a unit's one plan."""
+  return (pruned, None) if gate_first else (None, pruned)
+
+
+def first_conv_width(mid: int, first: PrunedLayer | None) -> int:
+  """Filters the first convolution computes: all, or the plan's kept ones."""
+  return mid if first is None else len(first.kept)
+
+
+def zeros_of_conv(x, features: int, stride: int, dtype):
+  """What a bias-free 'SAME' convolution of stride `stride` computes from an all-zero input x:
+  zeros of its output shape. A unit whose first convolution lost every filter feeds these to
+  the rest of the unit, exactly what the gated model computed with all those gates off."""
+  n, h, w = x.shape[0], ceil_div(x.shape[1], stride), ceil_div(x.shape[2], stride)
+  return jnp.zeros((n, h, w, features), dtype)
 
 
 def gate_kept_channels(y, gate, pruned: PrunedLayer | None):
@@ -200,8 +291,12 @@ class BasicUnit(nn.Module):
     projection: where the shape changes, a 1x1 conv + BN shortcut (option B, ImageNet ResNets);
       otherwise subsample and zero-pad channels (option A, the parameter-free shortcut of the
       CIFAR ResNets).
-    pruned: an export's plan for conv2's filters (None: all computed). With none kept the unit
-      is its shortcut.
+    pruned: an export's plan for the gated convolution's filters (None: all computed): conv2's
+      (GaterNet; with none kept the unit is its shortcut) or conv1's (`gate_first`).
+    gate_first: the unit is gated on conv1 (local gating) rather than conv2.
+
+  `gate` is conv2's slice of the gate vector (GaterNet), None, or a `LocalGates` (conv1's
+  channels gated from the unit's input, Batch-Shaping).
   """
 
   mid: int
@@ -211,21 +306,29 @@ class BasicUnit(nn.Module):
   projection: bool
   dtype: Dtype = jnp.float32
   pruned: PrunedLayer | None = None
+  gate_first: bool = False
 
   @nn.compact
   def __call__(self, x, gate, *, train):
+    gate, local = split_gate(gate)
+    first, last = plans_by_conv(self.pruned, self.gate_first)
     shortcut = self._shortcut(x, train)
-    features = gated_features(self.out, self.pruned, self.se_reduction)
+    features = gated_features(self.out, last, self.se_reduction)
     if not features:
       return nn.relu(shortcut)
-    y = conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv1')(x)
-    y = nn.relu(batch_norm(train, dtype=self.dtype, name='bn1')(y))
-    y = conv(features, 3, dtype=self.dtype, name='conv2')(y)
+    mid = first_conv_width(self.mid, first)
+    if mid:
+      y = conv(mid, 3, self.stride, dtype=self.dtype, name='conv1')(x)
+      y = nn.relu(batch_norm(train, dtype=self.dtype, name='bn1')(y))
+      y = gate_first_conv(y, x, local, first)
+      y = conv(features, 3, dtype=self.dtype, name='conv2')(y)
+    else:
+      y = zeros_of_conv(x, features, self.stride, self.dtype)
     y = batch_norm(train, dtype=self.dtype, name='bn2')(y)
     if self.se_reduction:
       y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = gate_kept_channels(y, gate, self.pruned)
-    return nn.relu(pruning_lib.add_to_shortcut(shortcut, y, self.pruned))
+    y = gate_kept_channels(y, gate, last)
+    return nn.relu(pruning_lib.add_to_shortcut(shortcut, y, last))
 
   def _shortcut(self, x, train):
     if self.stride == 1 and x.shape[-1] == self.out:

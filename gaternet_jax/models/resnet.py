@@ -3,7 +3,8 @@
 The standard torchvision/flax layout: a 7x7/2 stem and a 3x3/2 max-pool, four stages of 64, 128,
 256, 512 (x4 for bottlenecks) channels, projection shortcuts (option B) where the shape changes,
 the stride on the 3x3 convolution of a bottleneck. ResNet-34 has 21.80M parameters, -101 44.55M,
--152 60.19M, as in the paper's Table 3. The gated layer of each unit is its last convolution.
+-152 60.19M, as in the paper's Table 3. The gated layer of each unit is its last convolution
+(GaterNet), or its first one under local gating (`gate_placement='first'`, Batch-Shaping).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ResNet(nn.Module):
     include_head: False drops the classifier and returns pooled features (the gater's extractor).
     dtype: computation dtype (parameters and batch statistics stay float32).
     pruning: an export's channel plan (models/pruning.py), or None.
+    gate_placement: 'last' (GaterNet) or 'first' (local gating), as in `CifarResNet`.
   """
 
   depth: int
@@ -50,6 +52,7 @@ class ResNet(nn.Module):
   include_head: bool = True
   dtype: Any = jnp.float32
   pruning: Pruning | None = None
+  gate_placement: str = 'last'
 
   @property
   def bottleneck(self) -> bool:
@@ -77,9 +80,11 @@ class ResNet(nn.Module):
     return specs
 
   def gate_layout(self, image_shape: tuple[int, int, int] = (224, 224, 3)) -> list[GatedLayer]:
-    """The gated layers (last conv of every unit), from the configuration alone."""
+    """The gated layers (last or first conv of every unit), from the configuration alone."""
     specs = self.unit_specs(image_shape[:2])
-    return layers.units_gate_layout(specs, 1 if self.bottleneck else 9, self.pruning)
+    return layers.gate_layout_for(
+      specs, self.gate_placement, bottleneck=self.bottleneck, pruning=self.pruning
+    )
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
@@ -92,9 +97,12 @@ class ResNet(nn.Module):
 
     def make_unit(spec, name, pruned):
       args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
+      first = self.gate_placement == 'first'
       if self.bottleneck:
-        return BottleneckUnit(*args, dtype=self.dtype, pruned=pruned, name=name)
-      return layers.BasicUnit(*args, projection=True, dtype=self.dtype, pruned=pruned, name=name)
+        return BottleneckUnit(*args, dtype=self.dtype, pruned=pruned, gate_first=first, name=name)
+      return layers.BasicUnit(
+        *args, projection=True, dtype=self.dtype, pruned=pruned, gate_first=first, name=name
+      )
 
     x = layers.gated_units(x, specs, gates, make_unit, train=train, pruning=self.pruning)
     return layers.pool_and_classify(
@@ -110,24 +118,32 @@ class BottleneckUnit(nn.Module):
   stride: int
   se_reduction: int
   dtype: Any
-  pruned: PrunedLayer | None = None  # an export's plan for conv3's filters
+  pruned: PrunedLayer | None = None  # an export's plan for conv3's filters (conv1's: gate_first)
+  gate_first: bool = False  # gated on conv1 (local gating) rather than conv3
 
   @nn.compact
   def __call__(self, x, gate, *, train):
+    gate, local = layers.split_gate(gate)
+    first, last = layers.plans_by_conv(self.pruned, self.gate_first)
     shortcut = x
     if self.stride > 1 or x.shape[-1] != self.out:
       shortcut = layers.conv(self.out, 1, self.stride, dtype=self.dtype, name='proj_conv')(x)
       shortcut = layers.batch_norm(train, dtype=self.dtype, name='proj_bn')(shortcut)
-    features = layers.gated_features(self.out, self.pruned, self.se_reduction)
+    features = layers.gated_features(self.out, last, self.se_reduction)
     if not features:  # every filter removed: the unit is its shortcut
       return nn.relu(shortcut)
-    y = layers.conv(self.mid, 1, dtype=self.dtype, name='conv1')(x)
-    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
-    y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
+    mid = layers.first_conv_width(self.mid, first)
+    if mid:
+      y = layers.conv(mid, 1, dtype=self.dtype, name='conv1')(x)
+      y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
+      y = layers.gate_first_conv(y, x, local, first)
+      y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
+    else:
+      y = layers.zeros_of_conv(x, self.mid, self.stride, self.dtype)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
     y = layers.conv(features, 1, dtype=self.dtype, name='conv3')(y)
     y = layers.batch_norm(train, dtype=self.dtype, name='bn3')(y)
     if self.se_reduction:
       y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = layers.gate_kept_channels(y, gate, self.pruned)
-    return nn.relu(pruning_lib.add_to_shortcut(shortcut, y, self.pruned))
+    y = layers.gate_kept_channels(y, gate, last)
+    return nn.relu(pruning_lib.add_to_shortcut(shortcut, y, last))

@@ -7,7 +7,9 @@ the paper says, its first stage's units are 16-4-16 (then 32-32-128 and 64-64-25
 parameters and 7,200 gated filters.
 
 The gated layer of every residual unit is its last convolution: the gate multiplies that
-convolution's (batch-normalized) output channels before the residual addition.
+convolution's (batch-normalized) output channels before the residual addition. Under local gating
+(`gate_placement='first'`, Batch-Shaping) it is the unit's first convolution instead, gated by
+the unit's own gating module (gating/local.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class CifarResNet(nn.Module):
     include_head: False drops the classifier and returns pooled features (the gater's extractor).
     dtype: computation dtype (parameters and batch statistics stay float32).
     pruning: an export's channel plan (models/pruning.py), or None.
+    gate_placement: 'last' (GaterNet: each unit's last convolution) or 'first' (local gating,
+      Batch-Shaping: each unit's first convolution).
   """
 
   depth: int
@@ -51,6 +55,7 @@ class CifarResNet(nn.Module):
   include_head: bool = True
   dtype: Any = jnp.float32
   pruning: Pruning | None = None
+  gate_placement: str = 'last'
 
   def units_per_stage(self) -> int:
     per_unit = 9 if self.bottleneck else 6
@@ -76,9 +81,11 @@ class CifarResNet(nn.Module):
     return specs
 
   def gate_layout(self, image_shape: tuple[int, int, int] = (32, 32, 3)) -> list[GatedLayer]:
-    """The gated layers (last conv of every unit), from the configuration alone."""
+    """The gated layers (last or first conv of every unit), from the configuration alone."""
     specs = self.unit_specs(image_shape[:2])
-    return layers.units_gate_layout(specs, 1 if self.bottleneck else 9, self.pruning)
+    return layers.gate_layout_for(
+      specs, self.gate_placement, bottleneck=self.bottleneck, pruning=self.pruning
+    )
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: jax.Array | None = None, *, train: bool) -> jax.Array:
@@ -91,9 +98,14 @@ class CifarResNet(nn.Module):
 
     def make_unit(spec, name, pruned):
       args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
+      first = self.gate_placement == 'first'
       if self.bottleneck:
-        return PreActBottleneckUnit(*args, dtype=self.dtype, pruned=pruned, name=name)
-      return layers.BasicUnit(*args, projection=False, dtype=self.dtype, pruned=pruned, name=name)
+        return PreActBottleneckUnit(
+          *args, dtype=self.dtype, pruned=pruned, gate_first=first, name=name
+        )
+      return layers.BasicUnit(
+        *args, projection=False, dtype=self.dtype, pruned=pruned, gate_first=first, name=name
+      )
 
     x = layers.gated_units(x, specs, gates, make_unit, train=train, pruning=self.pruning)
     if self.bottleneck:
@@ -111,11 +123,14 @@ class PreActBottleneckUnit(nn.Module):
   stride: int
   se_reduction: int
   dtype: Any
-  pruned: PrunedLayer | None = None  # an export's plan for conv3's filters
+  pruned: PrunedLayer | None = None  # an export's plan for conv3's filters (conv1's: gate_first)
+  gate_first: bool = False  # gated on conv1 (local gating) rather than conv3
 
   @nn.compact
   def __call__(self, x, gate, *, train):
-    features = layers.gated_features(self.out, self.pruned, self.se_reduction)
+    gate, local = layers.split_gate(gate)
+    first, last = layers.plans_by_conv(self.pruned, self.gate_first)
+    features = layers.gated_features(self.out, last, self.se_reduction)
     projection = self.stride > 1 or x.shape[-1] != self.out
     if not features and not projection:  # every filter removed: the unit is the identity
       return x
@@ -125,12 +140,17 @@ class PreActBottleneckUnit(nn.Module):
       shortcut = layers.conv(self.out, 1, self.stride, dtype=self.dtype, name='proj')(pre)
     if not features:
       return shortcut
-    y = layers.conv(self.mid, 1, dtype=self.dtype, name='conv1')(pre)
-    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
-    y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
+    mid = layers.first_conv_width(self.mid, first)
+    if mid:
+      y = layers.conv(mid, 1, dtype=self.dtype, name='conv1')(pre)
+      y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
+      y = layers.gate_first_conv(y, x, local, first)
+      y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
+    else:
+      y = layers.zeros_of_conv(x, self.mid, self.stride, self.dtype)
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn3')(y))
     y = layers.conv(features, 1, dtype=self.dtype, name='conv3')(y)
     if self.se_reduction:
       y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = layers.gate_kept_channels(y, gate, self.pruned)
-    return pruning_lib.add_to_shortcut(shortcut, y, self.pruned)
+    y = layers.gate_kept_channels(y, gate, last)
+    return pruning_lib.add_to_shortcut(shortcut, y, last)

@@ -208,7 +208,7 @@ def test_bad_gating_fields_are_refused_with_one_line():
     config.gating.method = 'local'
   with pytest.raises(UserError, match='cannot be gated locally'):
     describe.summary(config)
-  with pytest.raises(UserError, match='variants bas, gaternet_bas and plain'):
+  with pytest.raises(UserError, match='a _bas config has variants bas, gaternet_bas, plain'):
     load_experiment('cifar10_resnet20_bas', 'wider')
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_experiment, perturbed, tiny_default
+from conftest import load_experiment, perturbed, run_on_cpu_devices, tiny_default
 from gaternet_jax import analysis, configs, describe, export, models, procedure, restore, steps
 from gaternet_jax import data as data_lib
 from gaternet_jax import evaluate, tradeoff, validation
@@ -353,3 +353,38 @@ def test_export_of_a_local_run_end_to_end(local_run, tmp_path):
   config = workdir_lib.load_config(out)
   assert config.gating.method == 'local' and 'pruning' in config.model
   assert evaluate.evaluate_workdir(out)['examples'] > 0
+
+
+ONE_VS_FOUR_DEVICES = """
+import json, sys
+sys.path.insert(0, 'tests')
+import jax, numpy as np
+from jax.sharding import Mesh
+from conftest import tiny_default
+from gaternet_jax import steps
+from gaternet_jax import data as data_lib
+
+config = tiny_default('bas', **{'schedule.warmup_epochs': 0.0, 'gating.losses': 'batch_shaping,l0',
+                                'gating.l0_start': 0.0, 'gating.l0_ramp_end': 0.0})
+dataset = data_lib.load_dataset(config.data)
+images, labels = dataset.train_arrays()
+out = {}
+for n in (1, 4):
+  setup = steps.build(config, dataset.info, mesh=Mesh(np.asarray(jax.devices()[:n]), ('data',)))
+  train_step, _, _ = steps.compile_steps(setup)
+  batch = {'image': images[:config.batch_size], 'label': labels[:config.batch_size]}
+  batch = jax.device_put(batch, setup.data_sharding)
+  _, metrics = train_step(steps.create_state(setup, 0), batch, jax.random.key(0))
+  out[n] = {k: float(metrics[k]) for k in ('loss', 'batch_shaping', 'l0', 'gate_density')}
+print(json.dumps(out))
+"""
+
+
+def test_batch_shaping_training_step_on_four_devices_equals_one_device():
+  """The batch-shaping term of a data-parallel step is the global batch's (GSPMD sorts across
+  the devices), so 4 devices give what 1 device gives for the same global batch and key."""
+  values = run_on_cpu_devices(ONE_VS_FOUR_DEVICES, 4, timeout=300)
+  one, four = values['1'], values['4']
+  assert one['batch_shaping'] > 0 and one['l0'] > 0
+  for name in one:
+    np.testing.assert_allclose(four[name], one[name], rtol=1e-4, err_msg=name)

@@ -168,22 +168,26 @@ def gating_of(config) -> ml_collections.ConfigDict:
   return gating if gating is not None else gating_config('gated')
 
 
-def gate_losses(config) -> tuple[str, ...]:
-  """The gate losses a config trains with: `gating.losses` for a gated model, none else.
+GATE_LOSSES_RULE = f'must be distinct names from {", ".join(GATE_LOSSES)} separated by commas'
+
+
+def parse_gate_losses(text: str) -> tuple[str, ...]:
+  """The names in a `gating.losses` string ('' for none).
 
   Raises:
     UserError: an unknown or repeated name.
   """
+  names = tuple(n.strip() for n in str(text).split(',') if n.strip())
+  if any(n not in GATE_LOSSES for n in names) or len(set(names)) != len(names):
+    raise UserError(f'config field gating.losses {GATE_LOSSES_RULE}, got {text!r}')
+  return names
+
+
+def gate_losses(config) -> tuple[str, ...]:
+  """The gate losses a config trains with: `gating.losses` for a gated model, none else."""
   if not config.model.gated:
     return ()
-  names = tuple(n.strip() for n in str(gating_of(config).losses).split(',') if n.strip())
-  unknown = [n for n in names if n not in GATE_LOSSES]
-  if unknown or len(set(names)) != len(names):
-    raise UserError(
-      f'config field gating.losses must be distinct names from {", ".join(GATE_LOSSES)} '
-      f'separated by commas, got {gating_of(config).losses!r}'
-    )
-  return names
+  return parse_gate_losses(gating_of(config).losses)
 
 
 def cifar_config(

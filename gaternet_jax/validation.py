@@ -73,10 +73,17 @@ def _fractions(v) -> str | None:
 
 def _gate_losses(v: str) -> str | None:
   """Distinct names from GATE_LOSSES separated by commas ('' for none)."""
-  names = [n.strip() for n in v.split(',') if n.strip()]
-  if any(n not in configs.GATE_LOSSES for n in names) or len(set(names)) != len(names):
-    return f'must be distinct names from {", ".join(configs.GATE_LOSSES)} separated by commas'
+  try:
+    configs.parse_gate_losses(v)
+  except UserError:
+    return configs.GATE_LOSSES_RULE
   return None
+
+
+def _binarizers() -> Sequence[str]:
+  from gaternet_jax.gating import binarizers  # noqa: PLC0415 (imports JAX)
+
+  return binarizers.BINARIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +116,7 @@ RULES: dict[str, Rule] = {
   'gater.l1_weight': Rule(float, _at_least(0)),
   'gater.dropout_rate': Rule(float, _within(0, 1, low_open=False, high_open=True)),
   'gating.method': Rule(str, _one_of(lambda: configs.GATING_METHODS)),
-  'gating.binarizer': Rule(str, _one_of(lambda: ('semhash', 'gumbel'))),
+  'gating.binarizer': Rule(str, _one_of(_binarizers)),
   'gating.losses': Rule(str, _gate_losses),
   'gating.temperature': Rule(float, _above(0)),
   'gating.module_hidden': Rule(int, _at_least(1)),

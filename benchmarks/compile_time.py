@@ -24,11 +24,11 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from gaternet_jax import describe, device_loops, steps  # noqa: E402
-from gaternet_jax.data.base import DatasetInfo, InMemoryDataset  # noqa: E402
+import synthetic  # noqa: E402 - benchmarks/synthetic.py
+
+from gaternet_jax import device_loops, steps  # noqa: E402
 
 TABLE1_GATED = [
   f'experiments/cifar10_resnet{depth}.py:{variant}'
@@ -40,41 +40,16 @@ flags.DEFINE_string('one', None, 'Measure this one config in this process (inter
 FLAGS = flags.FLAGS
 
 
-def load(spec: str):
-  """`path.py:arg` -> the config, as `--config path.py:arg` would give it."""
-  path, _, arg = spec.partition(':')
-  import importlib.util  # noqa: PLC0415
-
-  module_spec = importlib.util.spec_from_file_location('experiment', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def measure_one(spec: str) -> dict:
   jax.config.update('jax_enable_compilation_cache', False)
-  config = load(spec)
-  num_classes, shape = describe.dataset_spec(config.data)
-  b = config.batch_size
-  images = np.zeros((2 * b, *shape), np.uint8)
-  labels = np.zeros((2 * b,), np.int32)
-  channels = shape[-1]
-  info = DatasetInfo(
-    'synthetic', num_classes, tuple(shape), (127.0,) * channels, (64.0,) * channels, 2 * b, {}, True
-  )
-  setup = steps.build(config, info)
+  config = synthetic.load_config(spec)
+  dataset, _, _ = synthetic.resident_dataset(config, 2 * config.batch_size)
+  setup = steps.build(config, dataset.info)
   start = time.perf_counter()
   state = jax.block_until_ready(steps.create_state(setup, 0))  # compiles and runs the init
   init_s = time.perf_counter() - start
   key = jax.random.key(0)
-  dispatch = device_loops.TrainDispatch(
-    setup,
-    InMemoryDataset(info, (images, labels), {}, process_count=1),
-    start_step=0,
-    seed=0,
-    data_key=key,
-    key=key,
-  )
+  dispatch = device_loops.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
   start = time.perf_counter()
   lowered = dispatch.lower(state)
   traced = time.perf_counter()

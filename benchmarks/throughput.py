@@ -37,9 +37,10 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from gaternet_jax import describe, device_loops, steps  # noqa: E402
+import synthetic  # noqa: E402 - benchmarks/synthetic.py
+
+from gaternet_jax import device_loops, steps  # noqa: E402
 from gaternet_jax.data import feed  # noqa: E402
-from gaternet_jax.data.base import DatasetInfo, InMemoryDataset  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'experiments/cifar10_resnet20.py', 'Experiment config.')
 flags.DEFINE_integer('batch_size', None, "Global batch (default: the config's).")
@@ -67,23 +68,9 @@ class Measurement:
       config.half_precision = FLAGS.half_precision
     if FLAGS.steps_per_dispatch is not None:
       config.steps_per_dispatch = FLAGS.steps_per_dispatch
-    num_classes, shape = describe.dataset_spec(config.data)
     b = self.batch_size = config.batch_size
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (4 * b, *shape), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, (4 * b,), dtype=np.int32)
-    info = DatasetInfo(
-      name='synthetic',
-      num_classes=num_classes,
-      image_shape=tuple(shape),
-      mean=(127.0,) * shape[-1],
-      std=(64.0,) * shape[-1],
-      num_train=len(images),
-      split_sizes={},
-      in_memory=True,
-    )
-    dataset = InMemoryDataset(info, (images, labels), {}, process_count=1)
-    self.setup = setup = steps.build(config, info)
+    dataset, images, labels = synthetic.resident_dataset(config, 4 * b)
+    self.setup = setup = steps.build(config, dataset.info)
     self.state, self.step = steps.create_state(setup, 0), 0
     key = jax.random.key(0)
     self.dispatch = device_loops.TrainDispatch(

@@ -218,10 +218,14 @@ def run(
         with report.timed('eval'):
           eval_metrics = evaluator(state, config.data.eval_split)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
-      if step % config.checkpoint_every_steps == 0 or is_last:
+      saved = step % config.checkpoint_every_steps == 0 or is_last
+      if saved:
         save(step)
-      elif stop.should_stop(step):
-        save(step)
+      # Asked at every boundary but the last, checkpoint step or not: a run that checkpoints at
+      # every boundary (e.g. checkpoint_every_steps = steps_per_dispatch) must still stop.
+      if not is_last and stop.should_stop(step):
+        if not saved:
+          save(step)
         checkpoints.finish(manager, workdir, step)
         writer.close()
         raise Interrupted(

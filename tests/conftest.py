@@ -122,3 +122,41 @@ def perturbed(tree, seed):
     return x
 
   return jax.tree_util.tree_map_with_path(move, tree)
+
+
+def check_zero_gate(
+  monkeypatch, model, variables, x, layout, layer, channel, sample=1, neighbour=1
+):
+  """Evaluation mode with one gate at 0 (`sample`, gated layer `layer`, filter `channel`): that
+  channel of that layer's eq.-4 output (`layers.apply_gate`) is exactly zero for that sample
+  while channel `channel + neighbour` and the other samples' channel are not; every other
+  sample's output is bit-identical to the all-open one, this sample's is not; gates=None is all
+  gates open. Returns the gated layers' eq.-4 outputs in call order."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from gaternet_jax.layout import layer_offsets, total_filters  # noqa: PLC0415
+  from gaternet_jax.models import layers  # noqa: PLC0415
+
+  n, c = x.shape[0], total_filters(layout)
+  gates = jnp.ones((n, c)).at[sample, layer_offsets(layout)[layer] + channel].set(0.0)
+  products = []
+  original = layers.apply_gate
+
+  def spy(y, gate):
+    out = original(y, gate)
+    products.append(np.asarray(out))
+    return out
+
+  monkeypatch.setattr(layers, 'apply_gate', spy)
+  masked = np.asarray(model.apply(variables, x, gates=gates, train=False))
+  monkeypatch.setattr(layers, 'apply_gate', original)
+  gated_output = products[layer]
+  np.testing.assert_array_equal(gated_output[sample, ..., channel], 0.0)
+  assert np.abs(gated_output[sample, ..., channel + neighbour]).sum() > 0
+  assert np.abs(gated_output[sample - 1, ..., channel]).sum() > 0
+  full = np.asarray(model.apply(variables, x, gates=jnp.ones((n, c)), train=False))
+  others = [i for i in range(n) if i != sample]
+  np.testing.assert_array_equal(full[others], masked[others])
+  assert not np.allclose(full[sample], masked[sample])
+  np.testing.assert_array_equal(full, np.asarray(model.apply(variables, x, train=False)))
+  return products

@@ -36,6 +36,13 @@ def test_compile_time_reports_each_config_cold():
   assert row['compile_s'] > 0 and row['init_s'] > 0 and row['params'] > 0
 
 
+def test_conv_width_times_every_stage_and_width():
+  out = _json_line('benchmarks/conv_width.py', '--batch_size', '2', '--rounds', '1', '--calls', '1')
+  times = out['ms_per_call']
+  assert len(times) == 12 and '32x32x16->4' in times and '8x8x64->64' in times
+  assert all(t > 0 for t in times.values())
+
+
 def test_inference_times_the_gaternet_its_export_and_the_plain_backbone(gated_run, tmp_path):
   workdir, _ = gated_run
   export_dir = str(tmp_path / 'export')

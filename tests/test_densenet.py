@@ -4,14 +4,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from conftest import load_experiment, tiny_default
+from conftest import check_zero_gate, load_experiment, tiny_default
 from gaternet_jax import describe
 from gaternet_jax.errors import UserError
-from gaternet_jax.layout import layer_offsets, total_filters
-from gaternet_jax.models import BACKBONES, create_backbone, layers
+from gaternet_jax.layout import total_filters
+from gaternet_jax.models import BACKBONES, create_backbone
 from gaternet_jax.models.densenet import DenseNetBC
 
 # Table 2: (gated filters, plain parameters, gated parameters).
@@ -64,34 +63,11 @@ def test_zero_gate_zeroes_exactly_that_channel_of_that_sample(monkeypatch):
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
   variables = model.init(jax.random.key(0), x, train=False)
   layout = model.gate_layout((32, 32, 3))
-  c = total_filters(layout)
-  layer, channel, sample = 6, 2, 1  # block2/layer3: past a transition
+  layer = 6  # block2/layer3: past a transition
   assert layout[layer].name == 'block2/layer3'
-  gates = jnp.ones((3, c)).at[sample, layer_offsets(layout)[layer] + channel].set(0.0)
-  products = []
-  original = layers.apply_gate
-
-  def spy(y, gate):
-    out = original(y, gate)
-    products.append(out)
-    return out
-
-  monkeypatch.setattr(layers, 'apply_gate', spy)
-  masked = model.apply(variables, x, gates=gates, train=False)
+  products = check_zero_gate(monkeypatch, model, variables, x, layout, layer, channel=2)
   assert len(products) == len(layout)  # only the gated layers pass through eq. 4
-  gated_output = np.asarray(products[layer])
-  assert gated_output.shape == (3, 16, 16, 4)
-  np.testing.assert_array_equal(gated_output[sample, ..., channel], 0.0)
-  assert np.abs(gated_output[sample, ..., channel + 1]).sum() > 0
-  assert np.abs(gated_output[sample - 1, ..., channel]).sum() > 0
-  monkeypatch.setattr(layers, 'apply_gate', original)
-  full = np.asarray(model.apply(variables, x, gates=jnp.ones((3, c)), train=False))
-  masked = np.asarray(masked)
-  others = [i for i in range(3) if i != sample]
-  np.testing.assert_array_equal(full[others], masked[others])
-  assert not np.allclose(full[sample], masked[sample])
-  plain = np.asarray(model.apply(variables, x, train=False))
-  np.testing.assert_array_equal(plain, full)  # gates=None is all gates open
+  assert products[layer].shape == (3, 16, 16, 4)
 
 
 def test_gate_vector_length_is_checked_and_features_without_head():

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_experiment
+from conftest import check_zero_gate, load_experiment
 from gaternet_jax import describe, models
 from gaternet_jax.errors import UserError
-from gaternet_jax.layout import layer_offsets, total_filters
+from gaternet_jax.layout import total_filters
 from gaternet_jax.models import layers
 from gaternet_jax.models.inception_v4 import InceptionV4
 
@@ -128,28 +128,7 @@ def test_zero_gate_zeroes_exactly_that_channel_of_that_sample(
   x, variables, layout = tiny
   layer = [l.name for l in layout].index(layer_name)
   channel %= layout[layer].filters
-  sample, c = 1, total_filters(layout)
-  gates = jnp.ones((3, c)).at[sample, layer_offsets(layout)[layer] + channel].set(0.0)
-  products = []
-  original = layers.apply_gate
-
-  def spy(y, gate):
-    out = original(y, gate)
-    products.append(out)
-    return out
-
-  monkeypatch.setattr(layers, 'apply_gate', spy)
-  masked = np.asarray(TINY.apply(variables, x, gates=gates, train=False))
-  monkeypatch.setattr(layers, 'apply_gate', original)
-  gated_output = np.asarray(products[layer])
-  np.testing.assert_array_equal(gated_output[sample, ..., channel], 0.0)
-  assert np.abs(gated_output[sample, ..., channel - 1]).sum() > 0
-  assert np.abs(gated_output[sample - 1, ..., channel]).sum() > 0
-  full = np.asarray(TINY.apply(variables, x, gates=jnp.ones((3, c)), train=False))
-  others = [i for i in range(3) if i != sample]
-  np.testing.assert_array_equal(full[others], masked[others])
-  assert not np.allclose(full[sample], masked[sample])
-  np.testing.assert_array_equal(full, np.asarray(TINY.apply(variables, x, train=False)))
+  check_zero_gate(monkeypatch, TINY, variables, x, layout, layer, channel, neighbour=-1)
 
 
 def test_dropout_only_in_training_from_the_gates_stream(tiny):

@@ -6,9 +6,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import check_zero_gate
 from gaternet_jax import losses, models
 from gaternet_jax.errors import UserError
-from gaternet_jax.layout import layer_offsets, total_filters
+from gaternet_jax.layout import total_filters
 from gaternet_jax.models.resnet import ResNet
 from gaternet_jax.models.resnet_cifar import CifarResNet
 
@@ -28,34 +29,11 @@ def _init(model, x):
 def test_zero_gate_zeroes_exactly_that_channel_of_that_sample(model, monkeypatch):
   """Evaluation mode: gate 0 zeroes that channel of the gated layer's output for that sample,
   and every other sample of the batch is untouched."""
-  from gaternet_jax.models import layers
-
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
   variables = _init(model, x)
-  layout = model.gate_layout((32, 32, 3))
-  c = total_filters(layout)
-  layer, channel, sample = 1, 2, 1
-  gates = jnp.ones((3, c)).at[sample, layer_offsets(layout)[layer] + channel].set(0.0)
-  products = []
-  original = layers.apply_gate
-
-  def spy(y, gate):
-    out = original(y, gate)
-    products.append(out)
-    return out
-
-  monkeypatch.setattr(layers, 'apply_gate', spy)
-  masked = model.apply(variables, x, gates=gates, train=False)
-  gated_output = np.asarray(products[layer])
-  np.testing.assert_array_equal(gated_output[sample, ..., channel], 0.0)
-  assert np.abs(gated_output[sample, ..., channel + 1]).sum() > 0
-  assert np.abs(gated_output[sample - 1, ..., channel]).sum() > 0
-  monkeypatch.setattr(layers, 'apply_gate', original)
-  full = np.asarray(model.apply(variables, x, gates=jnp.ones((3, c)), train=False))
-  masked = np.asarray(masked)
-  others = [i for i in range(3) if i != sample]
-  np.testing.assert_array_equal(full[others], masked[others])
-  assert not np.allclose(full[sample], masked[sample])
+  check_zero_gate(
+    monkeypatch, model, variables, x, model.gate_layout((32, 32, 3)), layer=1, channel=2
+  )
 
 
 def test_apply_gate_is_eq4_per_sample_and_channel():

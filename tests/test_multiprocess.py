@@ -4,15 +4,17 @@ through the `gaternet train` command, launched by hand as a user without a clust
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from conftest import REPO
-from gaternet_jax import environment
+from gaternet_jax import environment, restore
 
 
 def _free_port():
@@ -37,14 +39,9 @@ STREAMED = [
 ]  # fmt: skip
 
 
-def _train(workdir, data, processes, devices, extra):
-  """`gaternet train` of the default gated config on `processes` x `devices` CPU devices."""
+def _launch(data, processes, devices, flags):
+  """`gaternet train FLAGS` as `processes` local hosts of `devices` CPU devices each."""
   port = _free_port()
-  flags = [
-    '--config', 'experiments/default.py', '--workdir', workdir, '--config.max_steps=4',
-    '--config.batch_size=8', '--config.eval_batch_size=8', '--config.checkpoint_every_steps=2',
-    '--config.log_every_steps=2', '--config.eval_every_epochs=100', *extra,
-  ]  # fmt: skip
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {environment.CPU_XLA_FLAGS}')  # fmt: skip
   procs = []
   for i in range(processes):
@@ -61,10 +58,30 @@ def _train(workdir, data, processes, devices, extra):
         text=True,
       )
     )
-  outputs = [p.communicate(timeout=900) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  return json.loads(outputs[0][0].strip().splitlines()[-1])
+  return procs
+
+
+def _finish(procs, timeout=900):
+  """Every process's (returncode, stdout, stderr); kills them all if one hangs."""
+  try:
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def _train(workdir, data, processes, devices, extra):
+  """`gaternet train` of the default gated config on `processes` x `devices` CPU devices."""
+  flags = [
+    '--config', 'experiments/default.py', '--workdir', workdir, '--config.max_steps=4',
+    '--config.batch_size=8', '--config.eval_batch_size=8', '--config.checkpoint_every_steps=2',
+    '--config.log_every_steps=2', '--config.eval_every_epochs=100', *extra,
+  ]  # fmt: skip
+  finished = _finish(_launch(data, processes, devices, flags))
+  for code, _, err in finished:
+    assert code == 0, err[-3000:]
+  return json.loads(finished[0][1].strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize('data', ['memory', 'mock'])
@@ -89,3 +106,41 @@ def test_gated_procedure_on_two_processes_matches_one(tmp_path, data):
   # In memory, each device trains on the same examples whatever the process layout.
   for key in ('loss', 'top1_error', 'gate_density'):
     assert abs(two['eval'][key] - one['eval'][key]) <= 1e-3 * max(1.0, abs(one['eval'][key])), key
+
+
+def test_sigterm_on_one_host_stops_every_host_at_one_step_and_resumes(tmp_path):
+  """A preemption notice reaching one host (SIGTERM to process 1 only): JAX's preemption service
+  makes both processes stop after the same step, write that step's checkpoint once, and exit 143;
+  the same command on both then resumes from it and finishes."""
+  workdir = str(tmp_path / 'w')
+  flags = [
+    '--config', 'experiments/default.py:plain', '--workdir', workdir, '--config.max_steps=60',
+    '--config.batch_size=8', '--config.eval_batch_size=8', '--config.log_every_steps=5',
+    '--config.eval_every_epochs=100', '--config.checkpoint_every_steps=1000',
+  ]  # fmt: skip
+  procs = _launch('memory', 2, 1, flags)
+
+  def logged():  # the first scalars are in the event file: training is under way
+    names = (
+      [f for f in os.listdir(workdir) if f.startswith('events')] if os.path.isdir(workdir) else []
+    )
+    return names and os.path.getsize(os.path.join(workdir, names[0])) > 200
+
+  deadline = time.time() + 300
+  while not logged():
+    assert time.time() < deadline and all(p.poll() is None for p in procs), 'training did not start'
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  stopped = _finish(procs, timeout=300)
+  lines = []
+  for code, _, err in stopped:
+    assert code == 143, err[-3000:]
+    lines += [l for l in err.splitlines() if l.startswith('gaternet: stopped by SIGTERM at step')]
+  assert len(lines) == 2 and lines[0] == lines[1], lines  # the same step on both hosts
+  step = int(lines[0].split('at step ')[1].split(';')[0])
+  assert 0 < step < 60 and restore.checkpoints.steps(workdir) == [step]
+  resumed = _finish(_launch('memory', 2, 1, flags))
+  for code, _, err in resumed:
+    assert code == 0, err[-3000:]
+  assert f'Resumed {workdir} from step {step}' in resumed[0][2]
+  assert json.loads(resumed[0][1].strip().splitlines()[-1])['step'] == 60

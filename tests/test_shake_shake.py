@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_experiment, tiny_default
+from conftest import check_zero_gate, load_experiment, tiny_default
 
 from gaternet_jax import describe, models
 from gaternet_jax.errors import UserError
-from gaternet_jax.layout import layer_offsets, total_filters
-from gaternet_jax.models import layers, shake_shake
+from gaternet_jax.layout import total_filters
+from gaternet_jax.models import shake_shake
 from gaternet_jax.models.shake_shake import ShakeShake, shake, shake_eval
 
 TINY = 'shake_shake8_2x4d'
@@ -124,31 +124,10 @@ def test_zero_gate_zeroes_exactly_that_channel_of_that_branch_and_sample(monkeyp
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
   variables = model.init(jax.random.key(0), x, train=False)
   layout = model.gate_layout((32, 32, 3))
-  c = total_filters(layout)
-  assert c == 56
+  assert total_filters(layout) == 56
   for layer in (1, 4):  # stage1/block1/branch2 and stage3/block1/branch1
-    channel, sample = 2, 1
-    gates = jnp.ones((3, c)).at[sample, layer_offsets(layout)[layer] + channel].set(0.0)
-    products = []
-    original = layers.apply_gate
-
-    def spy(y, gate):
-      out = original(y, gate)
-      products.append(out)
-      return out
-
-    monkeypatch.setattr(layers, 'apply_gate', spy)
-    masked = np.asarray(model.apply(variables, x, gates=gates, train=False))
-    monkeypatch.setattr(layers, 'apply_gate', original)
+    products = check_zero_gate(monkeypatch, model, variables, x, layout, layer, channel=2)
     assert len(products) == len(layout)
-    gated_output = np.asarray(products[layer])
-    np.testing.assert_array_equal(gated_output[sample, ..., channel], 0.0)
-    assert np.abs(gated_output[sample, ..., channel + 1]).sum() > 0
-    assert np.abs(gated_output[sample - 1, ..., channel]).sum() > 0
-    full = np.asarray(model.apply(variables, x, gates=jnp.ones((3, c)), train=False))
-    np.testing.assert_array_equal(full[[0, 2]], masked[[0, 2]])
-    assert not np.allclose(full[sample], masked[sample])
-    np.testing.assert_array_equal(full, np.asarray(model.apply(variables, x, train=False)))
 
 
 def test_width_scaling_and_features():

@@ -6,28 +6,29 @@ of it and stops with a line saying how to resume, instead of losing up to
 `checkpoint_every_steps` of work.
 
 On one process a handler records the signal and the loop asks `should_stop(step)` after every
-step. On several processes every host must stop at the *same* step: JAX's preemption service
-(started by `jax.distributed.initialize`) owns SIGTERM there and agrees on a step through
-`multihost_utils.reached_preemption_sync_point`; a SIGINT seen by any process is agreed on at
-the next multiple of `sync_every` steps.
-
-The preemption service expects one call per training step with ids that rise by one and never
-restart in a process (it picks "the largest id seen + 1" as the step to stop at). The loop asks
-once per *dispatch* (several steps) and the procedure runs several stages in one process, so the
-service is given its own counter of `should_stop` calls, never the training step; every process
-makes the same calls in the same order, so their counters agree.
+dispatch. On several processes every host must stop at the *same* step, and JAX's preemption
+service (started by `jax.distributed.initialize`) owns SIGTERM there: the host that gets it posts
+a notice to the coordination service, every host then reports the last id it passed to
+`multihost_utils.reached_preemption_sync_point` and the service answers True at "the largest id
++ 1". The ids must be training steps, one per step: Orbax's CheckpointManager reports the step
+of every checkpoint it saves to the same service, so any other numbering gets a sync point that
+is never reached (it did: with one id per `should_stop` call, a notice during the procedure's
+joint stage was set to stage 2's last step + 1 and ignored). So `should_stop` passes every step
+of the dispatch that just ran. A stage restarts its steps at 0, and a notice that lands between
+two stages gets a sync point the next stage may never reach; so every `sync_every` steps the hosts
+also agree (one all-gather) on whether any of them saw the service's notice or a Ctrl-C.
 """
 
 from __future__ import annotations
 
-import itertools
 import signal
 import threading
 
 import jax
 
-# Ids for the preemption service: one per `should_stop` call of this process (see above).
-_SYNC_IDS = itertools.count()
+# The coordination-service key JAX's preemption service writes when a host is told it will be
+# preempted (`kPreemptionNoticeKey` in XLA's tsl preemption_sync_manager.cc).
+PREEMPTION_NOTICE_KEY = 'RECEIVED_PREEMPTION_NOTICE'
 
 
 class StopRequests:
@@ -37,10 +38,11 @@ class StopRequests:
   handlers) it only polls the multi-host preemption service.
   """
 
-  def __init__(self, *, sync_every: int = 1):
+  def __init__(self, *, start_step: int = 0, sync_every: int = 1):
     self._signal: int | None = None
     self._previous: dict[int, object] = {}
     self._sync_every = max(1, sync_every)
+    self._polled = start_step  # the preemption service has seen every step up to this one
 
   def __enter__(self) -> StopRequests:
     if threading.current_thread() is threading.main_thread():
@@ -70,15 +72,22 @@ class StopRequests:
       return self._signal is not None
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
-    if multihost_utils.reached_preemption_sync_point(next(_SYNC_IDS)):
+    reached = False
+    for s in range(self._polled + 1, step + 1):  # one id per training step, as Orbax uses
+      reached |= multihost_utils.reached_preemption_sync_point(s)
+    self._polled = step
+    if reached:
       self._signal = self._signal or signal.SIGTERM
       return True
     if step % self._sync_every:
       return False
-    # Any process's Ctrl-C stops all: process 0 alone cannot see the others' signals, so sum.
-    flags = multihost_utils.process_allgather(jax.numpy.int32(self._signal is not None))
-    if int(jax.numpy.sum(flags)) > 0:
-      self._signal = self._signal or signal.SIGINT
+    # Any process's Ctrl-C or a notice the sync point missed stops all: process 0 alone cannot
+    # see the others' signals, so every process contributes its flags.
+    local = [self._signal is not None, _preemption_notice_posted()]
+    flags = multihost_utils.process_allgather(jax.numpy.array(local, jax.numpy.int32))
+    interrupted, noticed = (int(x) > 0 for x in jax.numpy.sum(flags.reshape(-1, 2), axis=0))
+    if interrupted or noticed:
+      self._signal = self._signal or (signal.SIGINT if interrupted else signal.SIGTERM)
       return True
     return False
 
@@ -90,3 +99,16 @@ class StopRequests:
   def exit_code(self) -> int:
     """128 + the signal's number, the shell's convention (143 for SIGTERM, 130 for SIGINT)."""
     return 128 + int(self._signal or signal.SIGTERM)
+
+
+def _preemption_notice_posted() -> bool:
+  """Whether JAX's preemption service has posted a notice in this job (any host)."""
+  from jax._src import distributed  # noqa: PLC0415 - the client has no public accessor
+
+  client = distributed.global_state.client
+  if client is None:
+    return False
+  try:
+    return client.key_value_try_get(PREEMPTION_NOTICE_KEY) is not None
+  except Exception:  # noqa: BLE001 - NOT_FOUND comes as a runtime error of the C++ client
+    return False

@@ -198,7 +198,7 @@ def run(
     checkpoints.save(manager, workdir, step, state)
     _record_elapsed(workdir, elapsed_before + time.time() - started)
 
-  with preemption.StopRequests(sync_every=config.log_every_steps) as stop:
+  with preemption.StopRequests(start_step=step, sync_every=config.log_every_steps) as stop:
     while step < plan.total_steps:
       # A chunk never crosses a log, eval or checkpoint step, so each happens where the config
       # puts it, whatever the steps per dispatch.

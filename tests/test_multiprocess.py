@@ -109,26 +109,26 @@ def test_gated_procedure_on_two_processes_matches_one(tmp_path, data):
 
 
 def test_sigterm_on_one_host_stops_every_host_at_one_step_and_resumes(tmp_path):
-  """A preemption notice reaching one host (SIGTERM to process 1 only): JAX's preemption service
-  makes both processes stop after the same step, write that step's checkpoint once, and exit 143;
-  the same command on both then resumes from it and finishes."""
+  """A preemption notice reaching one host (SIGTERM to process 1 only) in the procedure's joint
+  stage, after both processes ran stages 1 and 2 (so the preemption service's ids have passed
+  through two earlier loops): both stop after the same step, write that step's checkpoint once
+  and exit 143; the same command on both then resumes the joint stage from it and finishes."""
   workdir = str(tmp_path / 'w')
+  joint = os.path.join(workdir, 'stage3_joint')
   flags = [
-    '--config', 'experiments/default.py:plain', '--workdir', workdir, '--config.max_steps=60',
+    '--config', 'experiments/default.py', '--workdir', workdir, '--config.max_steps=20',
     '--config.batch_size=8', '--config.eval_batch_size=8', '--config.log_every_steps=5',
     '--config.eval_every_epochs=100', '--config.checkpoint_every_steps=1000',
   ]  # fmt: skip
   procs = _launch('memory', 2, 1, flags)
 
-  def logged():  # the first scalars are in the event file: training is under way
-    names = (
-      [f for f in os.listdir(workdir) if f.startswith('events')] if os.path.isdir(workdir) else []
-    )
-    return names and os.path.getsize(os.path.join(workdir, names[0])) > 200
+  def joint_stage_logging():  # its first scalars are in the event file: the stage is under way
+    names = [f for f in os.listdir(joint) if f.startswith('events')] if os.path.isdir(joint) else []
+    return names and os.path.getsize(os.path.join(joint, names[0])) > 200
 
-  deadline = time.time() + 300
-  while not logged():
-    assert time.time() < deadline and all(p.poll() is None for p in procs), 'training did not start'
+  deadline = time.time() + 600
+  while not joint_stage_logging():
+    assert time.time() < deadline and all(p.poll() is None for p in procs), 'no joint stage'
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)
   stopped = _finish(procs, timeout=300)
@@ -137,10 +137,12 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step_and_resumes(tmp_path):
     assert code == 143, err[-3000:]
     lines += [l for l in err.splitlines() if l.startswith('gaternet: stopped by SIGTERM at step')]
   assert len(lines) == 2 and lines[0] == lines[1], lines  # the same step on both hosts
+  assert f'checkpoint written to {joint}' in lines[0]
   step = int(lines[0].split('at step ')[1].split(';')[0])
-  assert 0 < step < 60 and restore.checkpoints.steps(workdir) == [step]
+  assert 0 < step < 20 and restore.checkpoints.steps(joint) == [step]
   resumed = _finish(_launch('memory', 2, 1, flags))
   for code, _, err in resumed:
     assert code == 0, err[-3000:]
-  assert f'Resumed {workdir} from step {step}' in resumed[0][2]
-  assert json.loads(resumed[0][1].strip().splitlines()[-1])['step'] == 60
+  assert f'Resumed {joint} from step {step}' in resumed[0][2]
+  results = json.loads(resumed[0][1].strip().splitlines()[-1])
+  assert results['stage'] == 'stage3_joint' and results['step'] == 20

@@ -25,6 +25,7 @@ import signal
 import threading
 
 import jax
+import numpy as np
 
 # The coordination-service key JAX's preemption service writes when a host is told it will be
 # preempted (`kPreemptionNoticeKey` in XLA's tsl preemption_sync_manager.cc).
@@ -83,9 +84,9 @@ class StopRequests:
       return False
     # Any process's Ctrl-C or a notice the sync point missed stops all: process 0 alone cannot
     # see the others' signals, so every process contributes its flags.
-    local = [self._signal is not None, _preemption_notice_posted()]
-    flags = multihost_utils.process_allgather(jax.numpy.array(local, jax.numpy.int32))
-    interrupted, noticed = (int(x) > 0 for x in jax.numpy.sum(flags.reshape(-1, 2), axis=0))
+    local = np.array([self._signal is not None, _preemption_notice_posted()], np.int32)
+    flags = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2)
+    interrupted, noticed = flags.any(axis=0)
     if interrupted or noticed:
       self._signal = self._signal or (signal.SIGINT if interrupted else signal.SIGTERM)
       return True

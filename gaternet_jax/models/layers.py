@@ -243,17 +243,27 @@ def plans_by_conv(pruned: PrunedLayer | None, gate_first: bool):
   return (pruned, None) if gate_first else (None, pruned)
 
 
-def first_conv_width(mid: int, first: PrunedLayer | None) -> int:
-  """Filters the first convolution computes: all, or the plan's kept ones."""
-  return mid if first is None else len(first.kept)
+def first_conv_pair(
+  inputs, x, local: LocalGates | None, first: PrunedLayer | None, *, mid: int, kernel1: int,
+  stride1: int, out2: int, kernel2: int, stride2: int, bn1: str, train: bool, dtype: Dtype,
+):  # fmt: skip
+  """A residual unit's first two convolutions: conv1 (`mid` filters, or the plan's kept ones) on
+  `inputs` -> batch norm `bn1` -> ReLU -> local gates (read from the unit's input `x`) -> conv2
+  (`out2` filters). Parameters are the calling unit's ('conv1', `bn1`, 'conv2').
 
-
-def zeros_of_conv(x, features: int, stride: int, dtype):
-  """What a bias-free 'SAME' convolution of stride `stride` computes from an all-zero input x:
-  zeros of its output shape. A unit whose first convolution lost every filter feeds these to
-  the rest of the unit, exactly what the gated model computed with all those gates off."""
-  n, h, w = x.shape[0], ceil_div(x.shape[1], stride), ceil_div(x.shape[2], stride)
-  return jnp.zeros((n, h, w, features), dtype)
+  A plan that removed every conv1 filter leaves zeros of conv2's output shape: what a bias-free
+  'SAME' convolution computes from an all-zero input, exactly what the gated model computed with
+  all those gates off.
+  """
+  width = mid if first is None else len(first.kept)
+  if not width:
+    stride = stride1 * stride2
+    n, h, w = x.shape[0], ceil_div(x.shape[1], stride), ceil_div(x.shape[2], stride)
+    return jnp.zeros((n, h, w, out2), dtype)
+  y = conv(width, kernel1, stride1, dtype=dtype, name='conv1')(inputs)
+  y = nn.relu(batch_norm(train, dtype=dtype, name=bn1)(y))
+  y = gate_first_conv(y, x, local, first)
+  return conv(out2, kernel2, stride2, dtype=dtype, name='conv2')(y)
 
 
 def gate_kept_channels(y, gate, pruned: PrunedLayer | None):
@@ -316,14 +326,10 @@ class BasicUnit(nn.Module):
     features = gated_features(self.out, last, self.se_reduction)
     if not features:
       return nn.relu(shortcut)
-    mid = first_conv_width(self.mid, first)
-    if mid:
-      y = conv(mid, 3, self.stride, dtype=self.dtype, name='conv1')(x)
-      y = nn.relu(batch_norm(train, dtype=self.dtype, name='bn1')(y))
-      y = gate_first_conv(y, x, local, first)
-      y = conv(features, 3, dtype=self.dtype, name='conv2')(y)
-    else:
-      y = zeros_of_conv(x, features, self.stride, self.dtype)
+    y = first_conv_pair(
+      x, x, local, first, mid=self.mid, kernel1=3, stride1=self.stride, out2=features,
+      kernel2=3, stride2=1, bn1='bn1', train=train, dtype=self.dtype,
+    )  # fmt: skip
     y = batch_norm(train, dtype=self.dtype, name='bn2')(y)
     if self.se_reduction:
       y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)

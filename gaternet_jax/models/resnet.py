@@ -132,14 +132,10 @@ class BottleneckUnit(nn.Module):
     features = layers.gated_features(self.out, last, self.se_reduction)
     if not features:  # every filter removed: the unit is its shortcut
       return nn.relu(shortcut)
-    mid = layers.first_conv_width(self.mid, first)
-    if mid:
-      y = layers.conv(mid, 1, dtype=self.dtype, name='conv1')(x)
-      y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(y))
-      y = layers.gate_first_conv(y, x, local, first)
-      y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
-    else:
-      y = layers.zeros_of_conv(x, self.mid, self.stride, self.dtype)
+    y = layers.first_conv_pair(
+      x, x, local, first, mid=self.mid, kernel1=1, stride1=1, out2=self.mid, kernel2=3,
+      stride2=self.stride, bn1='bn1', train=train, dtype=self.dtype,
+    )  # fmt: skip
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
     y = layers.conv(features, 1, dtype=self.dtype, name='conv3')(y)
     y = layers.batch_norm(train, dtype=self.dtype, name='bn3')(y)

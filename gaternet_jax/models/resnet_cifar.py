@@ -140,14 +140,10 @@ class PreActBottleneckUnit(nn.Module):
       shortcut = layers.conv(self.out, 1, self.stride, dtype=self.dtype, name='proj')(pre)
     if not features:
       return shortcut
-    mid = layers.first_conv_width(self.mid, first)
-    if mid:
-      y = layers.conv(mid, 1, dtype=self.dtype, name='conv1')(pre)
-      y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
-      y = layers.gate_first_conv(y, x, local, first)
-      y = layers.conv(self.mid, 3, self.stride, dtype=self.dtype, name='conv2')(y)
-    else:
-      y = layers.zeros_of_conv(x, self.mid, self.stride, self.dtype)
+    y = layers.first_conv_pair(
+      pre, x, local, first, mid=self.mid, kernel1=1, stride1=1, out2=self.mid, kernel2=3,
+      stride2=self.stride, bn1='bn2', train=train, dtype=self.dtype,
+    )  # fmt: skip
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn3')(y))
     y = layers.conv(features, 1, dtype=self.dtype, name='conv3')(y)
     if self.se_reduction:

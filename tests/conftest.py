@@ -40,6 +40,15 @@ def run_cli(*args, timeout=600, env=None):
   )
 
 
+def has_logged(workdir: str) -> bool:
+  """Whether a training run in `workdir` has written its first scalars to its TensorBoard event
+  file (so it is past compilation and under way)."""
+  names = (
+    [f for f in os.listdir(workdir) if f.startswith('events')] if os.path.isdir(workdir) else []
+  )
+  return bool(names) and os.path.getsize(os.path.join(workdir, names[0])) > 200
+
+
 def run_on_cpu_devices(script: str, devices: int, timeout: int = 600) -> dict:
   """Runs `python -c script` on `devices` simulated CPU devices; returns its last line as JSON."""
   flags = f'--xla_force_host_platform_device_count={devices} {environment.CPU_XLA_FLAGS}'

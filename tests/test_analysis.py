@@ -415,3 +415,24 @@ def test_analyze_runs_without_importing_a_framework(tmp_path):
   )
   assert out.stdout.strip() == '[]', out.stdout
   assert (tmp_path / analysis.JSON_FILE).exists()
+
+
+def test_tradeoff_labels_of_nearby_thresholds_do_not_overlap():
+  from gaternet_jax.analysis import figures  # noqa: PLC0415
+
+  # The real λ=1.0 curve (README): T = 0, -0.5 and -1 land a few pixels apart.
+  points = [(-4, 79.7, 65.6), (-2, 67.5, 39.1), (-1, 63.7, 37.8), (-0.5, 62.7, 36.7),
+            (0, 62.0, 36.6), (0.5, 61.5, 38.2), (1, 61.0, 43.5), (2, 60.5, 59.2)]  # fmt: skip
+  rows = [{'threshold': t, 'macs': m * 1e6, 'top1_error': e} for t, m, e in points]
+  fig = figures.tradeoff_figure(
+    rows, model_name='m', split='holdout', num_examples=10, plain_macs=40.5e6, plain_error=35.8
+  )
+  fig.draw_without_rendering()
+  renderer = fig.canvas.get_renderer()
+  texts = [t for t in fig.axes[0].texts if t.get_text().startswith('T=')]
+  assert sorted(t.get_text() for t in texts) == sorted(f'T={t:g}' for t, _, _ in points)
+  boxes = [t.get_window_extent(renderer) for t in texts]
+  for a, b in itertools.combinations(boxes, 2):
+    assert not a.overlaps(b)
+  frame = fig.axes[0].get_window_extent(renderer)
+  assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)  # T=-4 sits at the right edge

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, has_logged
 from gaternet_jax import environment, restore
 
 
@@ -122,12 +122,8 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step_and_resumes(tmp_path):
   ]  # fmt: skip
   procs = _launch('memory', 2, 1, flags)
 
-  def joint_stage_logging():  # its first scalars are in the event file: the stage is under way
-    names = [f for f in os.listdir(joint) if f.startswith('events')] if os.path.isdir(joint) else []
-    return names and os.path.getsize(os.path.join(joint, names[0])) > 200
-
   deadline = time.time() + 600
-  while not joint_stage_logging():
+  while not has_logged(joint):  # the joint stage is under way
     assert time.time() < deadline and all(p.poll() is None for p in procs), 'no joint stage'
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)

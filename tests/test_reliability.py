@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_FLAGS, tiny_default
+from conftest import REPO, TINY_FLAGS, has_logged, tiny_default
 from gaternet_jax import procedure, restore
 from gaternet_jax import workdir as workdir_lib
 
@@ -91,8 +91,7 @@ def test_signal_checkpoints_the_current_step_and_resumes_bit_identically(
   args = [*PLAIN, '--workdir', workdir, *LONG, f'--config.checkpoint_every_steps={every}']
   proc = _start(args)
   try:
-    events = lambda: [f for f in os.listdir(workdir) if f.startswith('events')] if os.path.isdir(workdir) else []  # noqa: E731
-    assert _wait_for(lambda: events() and os.path.getsize(os.path.join(workdir, events()[0])) > 200)
+    assert _wait_for(lambda: has_logged(workdir))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
   finally:

@@ -313,9 +313,6 @@ def tradeoff_figure(
   macs = np.array([r['macs'] for r in rows]) / 1e6
   errors = np.array([r['top1_error'] for r in rows])
   ax.plot(macs, errors, '-o', color=_COLOR_ON, label="GaterNet, gates 1(g' > T)")
-  for r, x, y in zip(rows, macs, errors):
-    ax.annotate(f'T={r["threshold"]:g}', (x, y), textcoords='offset points', xytext=(4, 4),
-                fontsize=8)  # fmt: skip
   ax.axvline(plain_macs / 1e6, color=_COLOR_OFF, linestyle='--', label='plain backbone cost')
   if plain_error is not None:
     ax.plot([plain_macs / 1e6], [plain_error], '*', color=_COLOR_DEPENDENT, markersize=12,
@@ -326,7 +323,46 @@ def tradeoff_figure(
   ax.legend(loc='best', fontsize=8)
   ax.set_title(_title('Accuracy vs compute as the gate threshold T moves', model_name, split,
                       num_examples))  # fmt: skip
+  labels = [f'T={r["threshold"]:g}' for r in rows]
+  _label_points(fig, ax, list(zip(macs, errors)), labels)
   return fig
+
+
+# Where a point's label may go (offset points from it, and which end of the text sits there),
+# tried in order until its box overlaps no label placed before it and stays inside the axes:
+# thresholds a step apart often land a few pixels apart on the curve.
+_LABEL_PLACES = (
+  (4, 4, 'left'), (4, -12, 'left'), (-4, 4, 'right'), (-4, -12, 'right'),
+  (6, 14, 'left'), (6, -22, 'left'), (-6, 14, 'right'), (-6, -22, 'right'),
+)  # fmt: skip
+
+
+def _label_points(fig, ax, points, labels) -> None:
+  """Annotates each (x, y) with its label at the first place that overlaps no earlier label and
+  stays inside the axes (the first place if none does)."""
+  fig.draw_without_rendering()  # runs the constrained layout, so the boxes are where they end
+  renderer = fig.canvas.get_renderer()
+  frame = ax.get_window_extent(renderer)
+
+  def put(label, x, y, place):
+    dx, dy, align = place
+    text = ax.annotate(label, (x, y), textcoords='offset points', xytext=(dx, dy), fontsize=8,
+                       ha=align)  # fmt: skip
+    return text, text.get_window_extent(renderer)
+
+  placed = []
+  for (x, y), label in zip(points, labels):
+    for place in _LABEL_PLACES:
+      text, box = put(label, x, y, place)
+      inside = (
+        frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 <= box.y1 <= frame.y1
+      )
+      if inside and not any(box.overlaps(other) for other in placed):
+        break
+      text.remove()
+    else:  # no free place
+      text, box = put(label, x, y, _LABEL_PLACES[0])
+    placed.append(box)
 
 
 def save_figure(fig: mpl_figure.Figure, path: str | os.PathLike) -> None:

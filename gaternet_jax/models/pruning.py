@@ -93,10 +93,18 @@ def add_to_shortcut(shortcut: jax.Array, y: jax.Array, pruned: PrunedLayer | Non
   """The residual addition with the kept channels at their original positions.
 
   A removed channel's output is the shortcut alone, exactly what the gated model computed with
-  its gate at 0.
+  its gate at 0. The kept channels are placed by a product with a 0/1 selection matrix (k, C):
+  every output is one y times 1 plus zeros, so it is exact (HIGHEST precision: no bf16 or TF32
+  passes on TPU/GPU). On this CPU it measured 1.08x the images/s of the scatter
+  `shortcut.at[..., kept].add(y)` for a whole exported ResNet-20 (README, export section).
   """
   if pruned is None or len(pruned.kept) == shortcut.shape[-1]:
     return shortcut + y
   if not pruned.kept:
     return shortcut
-  return shortcut.at[..., np.asarray(pruned.kept)].add(y)
+  select = np.zeros((len(pruned.kept), shortcut.shape[-1]), np.float32)
+  select[np.arange(len(pruned.kept)), np.asarray(pruned.kept)] = 1.0
+  placed = jnp.einsum(
+    '...k,kc->...c', y, jnp.asarray(select, y.dtype), precision=jax.lax.Precision.HIGHEST
+  )
+  return shortcut + placed.astype(shortcut.dtype)

@@ -79,14 +79,13 @@ def test_second_run_on_a_workdir_is_refused_and_the_first_is_untouched(tmp_path,
   assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released at the end
 
 
-@pytest.mark.parametrize(
-  'sig,code,every',
-  [(signal.SIGTERM, 143, 1000), (signal.SIGINT, 130, 1000), (signal.SIGTERM, 143, 1)],
-)
+@pytest.mark.parametrize('sig,code,every', [(signal.SIGINT, 130, 1000), (signal.SIGTERM, 143, 1)])
 def test_signal_checkpoints_the_current_step_and_resumes_bit_identically(
   tmp_path, cli, undisturbed, sig, code, every
 ):
-  """Also when every step is a checkpoint step (every=1): the stop is still honoured there."""
+  """Ctrl-C between checkpoint steps, and SIGTERM when every step is a checkpoint step (every=1:
+  the stop is still honoured there). The two cases cover both signals and both kinds of step;
+  SIGTERM between checkpoint steps is also in test_device_loops and test_multiprocess."""
   workdir = str(tmp_path / 'w')
   args = [*PLAIN, '--workdir', workdir, *LONG, f'--config.checkpoint_every_steps={every}']
   proc = _start(args)

@@ -102,9 +102,6 @@ def add_to_shortcut(shortcut: jax.Array, y: jax.Array, pruned: PrunedLayer | Non
     return shortcut + y
   if not pruned.kept:
     return shortcut
-  select = np.zeros((len(pruned.kept), shortcut.shape[-1]), np.float32)
-  select[np.arange(len(pruned.kept)), np.asarray(pruned.kept)] = 1.0
-  placed = jnp.einsum(
-    '...k,kc->...c', y, jnp.asarray(select, y.dtype), precision=jax.lax.Precision.HIGHEST
-  )
+  select = jax.nn.one_hot(np.asarray(pruned.kept), shortcut.shape[-1], dtype=y.dtype)  # (k, C)
+  placed = jnp.einsum('...k,kc->...c', y, select, precision=jax.lax.Precision.HIGHEST)
   return shortcut + placed.astype(shortcut.dtype)

@@ -12,8 +12,12 @@ Times the evaluation-mode forward pass (normalisation, gater, backbone; logits t
     (no gather of kernels, no branch on the gates), so if it is not faster than `gaternet`, no
     skipping path can be.
 Images come from the run's evaluation split (real images, so the gates are the model's own).
-Throughput: images/s at `--batch_size`, median over `--rounds` rounds; latency: the median of
-`--latency_calls` batch-1 calls (milliseconds), measured round-robin over the models.
+Throughput: images/s at `--batch_size` (each round times `--steps` batches of every model, the
+models taking turns batch by batch), median over `--rounds` rounds (every round listed in
+`round_images_per_s`); `export_vs_gaternet`: the export's images/s over the GaterNet's in the same
+round (paired, so a machine that speeds up or slows down between rounds cancels out): median, min,
+max and the number of rounds the export was faster. Latency: the median of `--latency_calls` batch-1
+calls (milliseconds), measured round-robin over the models.
 """
 
 from __future__ import annotations
@@ -104,12 +108,16 @@ def main(argv):
     jax.block_until_ready(fn(v, images))
     jax.block_until_ready(fn(v, one))
   for _ in range(FLAGS.rounds):
-    for name, (fn, v) in models_to_time.items():
-      start = time.perf_counter()
-      for _ in range(FLAGS.steps):
-        out = fn(v, images)
-      jax.block_until_ready(out)
-      throughput[name].append(FLAGS.steps * len(images) / (time.perf_counter() - start))
+    # Batches alternate between the models, so a slow spell of a shared machine falls on all of
+    # them alike and the per-round ratios compare like with like.
+    seconds = dict.fromkeys(models_to_time, 0.0)
+    for _ in range(FLAGS.steps):
+      for name, (fn, v) in models_to_time.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(v, images))
+        seconds[name] += time.perf_counter() - start
+    for name, spent in seconds.items():
+      throughput[name].append(FLAGS.steps * len(images) / spent)
 
   # Batch 1: the skipping bound is the gater and the per-image pruned backbone in one call.
   skip_model, skip_vars, on, total = _per_image_model(loaded, images[0])
@@ -133,12 +141,21 @@ def main(argv):
       latency[name].append(1e3 * (time.perf_counter() - start))
 
   med = {name: statistics.median(values) for name, values in latency.items()}
+  paired = {}
+  if 'export' in throughput:
+    ratios = [e / g for e, g in zip(throughput['export'], throughput['gaternet'], strict=True)]
+    faster = sum(r > 1 for r in ratios)
+    summary = {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios)}
+    summary = {k: round(v, 3) for k, v in summary.items()}
+    paired = {'export_vs_gaternet': {**summary, 'export_faster_rounds': f'{faster}/{len(ratios)}'}}
   result = {
     'workdir': FLAGS.workdir,
     'device_kind': jax.devices()[0].device_kind,
     'backend': jax.default_backend(),
     'batch_size': len(images),
     'images_per_s': {k: round(statistics.median(v), 1) for k, v in throughput.items()},
+    'round_images_per_s': {k: [round(x, 1) for x in v] for k, v in throughput.items()},
+    **paired,
     'latency_ms': {k: round(v, 3) for k, v in med.items()},
     'skip_bound_image_gates_on': f'{on}/{total}',
     'rounds': FLAGS.rounds,

@@ -60,3 +60,12 @@ def test_inference_times_the_gaternet_its_export_and_the_plain_backbone(gated_ru
   assert all(v > 0 for v in [*out['images_per_s'].values(), *out['latency_ms'].values()])
   on, total = map(int, out['skip_bound_image_gates_on'].split('/'))
   assert total == 112 and 0 <= on <= total and out['batch_size'] == 32
+  rounds = out['round_images_per_s']
+  assert set(rounds) == {'gaternet', 'export', 'plain'} and all(
+    len(v) == 2 for v in rounds.values()
+  )
+  ratios = [e / g for e, g in zip(rounds['export'], rounds['gaternet'])]
+  paired = out['export_vs_gaternet']
+  assert paired['min'] <= paired['median'] <= paired['max']
+  assert abs(paired['median'] - sum(ratios) / 2) < 2e-3  # the median of two rounds is their mean
+  assert paired['export_faster_rounds'] == f'{sum(r > 1 for r in ratios)}/2'

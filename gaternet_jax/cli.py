@@ -25,7 +25,10 @@ FLAGS = flags.FLAGS
 
 USAGE = {
   'train': 'gaternet train --config FILE[:variant] --workdir DIR [--config.FIELD=VALUE ...]',
-  'evaluate': 'gaternet evaluate --workdir DIR [--split S] [--step N] [--gate-threshold T] [--json]',
+  'evaluate': (
+    'gaternet evaluate --workdir DIR [--split S] [--step N] [--gate-threshold T] '
+    '[--skip-off-units] [--json]'
+  ),
   'describe': 'gaternet describe --config FILE[:variant] [--json] [--show_config]',
   'analyze': 'gaternet analyze --workdir DIR [--split S] [--max-examples N] [--out DIR]',
   'export': 'gaternet export --workdir DIR [--split S] [--max-examples N] [--out DIR]',
@@ -53,6 +56,8 @@ _FLAGS = (
   (('evaluate',), 'integer', 'step', None, 'Checkpoint step to evaluate (default: the latest).'),
   (('evaluate',), 'float', 'gate-threshold', 0.0,
    "Evaluation gates are 1(g' > T); 0 is the trained model, higher switches filters off."),
+  (('evaluate',), 'bool', 'skip-off-units', False,
+   'Skip every unit whose gates are all off for the whole batch (same results; ResNets).'),
   (('tradeoff',), 'string', 'thresholds', None,
    'Gate thresholds T1,T2,... (default: -1,0,0.5,1,2,4).'),
   (('evaluate', 'describe'), 'bool', 'json', False, 'Print one JSON object.'),
@@ -168,6 +173,7 @@ def cmd_evaluate(argv) -> None:
     split=FLAGS.split,
     step=FLAGS.step,
     gate_threshold=FLAGS['gate-threshold'].value,
+    skip_off_units=FLAGS['skip-off-units'].value,
   )
   if distributed.is_leader():
     print(json.dumps(result, sort_keys=True) if FLAGS.json else evaluate.format_text(result))

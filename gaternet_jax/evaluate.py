@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+import dataclasses
 import math
+from typing import Any
 
 from gaternet_jax import describe, device_loops, models, restore
 from gaternet_jax.errors import UserError
 
 
 def evaluate_workdir(
-  workdir: str, split: str | None = None, step: int | None = None, gate_threshold: float = 0.0
+  workdir: str,
+  split: str | None = None,
+  step: int | None = None,
+  gate_threshold: float = 0.0,
+  skip_off_units: bool = False,
 ) -> dict:
   """Top-1/top-5 error, loss, gate density and MACs used of a trained run over a whole split.
 
@@ -21,6 +25,8 @@ def evaluate_workdir(
     step: the checkpoint (default: the latest).
     gate_threshold: T of the evaluation gates 1(g' > T); 0 is the trained model, a higher T
       switches more filters off (the compute knob; gated runs only).
+    skip_off_units: skip every unit whose gates are all off for the whole batch
+      (`models.with_unit_skipping`: the same results; GaterNets of the ResNets only).
 
   Returns:
     A JSON-serialisable dict: workdir, name, variant, split, step, the metrics, params, gated
@@ -32,6 +38,8 @@ def evaluate_workdir(
   config, setup, state, dataset, step = restore.load_state(directory, step=step)
   if gate_threshold != 0.0 and not config.model.gated:
     raise UserError(f'{workdir!r} holds a {config.variant} model: it has no gates to threshold')
+  if skip_off_units:
+    setup = dataclasses.replace(setup, model=models.with_unit_skipping(setup.model))
   info = dataset.info
   split = split or config.data.eval_split
   info.split_size(split)  # a clear error for an unknown split

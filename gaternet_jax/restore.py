@@ -180,24 +180,38 @@ class Run:
     return np.concatenate(logits), (np.concatenate(gates) if self.gated else None)
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
+def load_run(
+  workdir: str,
+  step: int | None = None,
+  *,
+  skip_off_units: bool = False,
+  batch_size: int | None = None,
+) -> Run:
   """Loads a trained run for analysis: a plain run, a procedure workdir (its joint stage) or any
-  stage folder; `step` picks a checkpoint (default: the latest).
+  stage folder; `step` picks a checkpoint (default: the latest). `skip_off_units`: the model
+  skips every unit whose gates are all off for the whole batch (`models.with_unit_skipping`:
+  the same outputs, faster where images leave units off, above all one image at a time).
+  `batch_size`: the batch `predict` runs in (default: the config's evaluation batch, at most 256).
 
   Raises:
     UserError: the workdir does not exist or holds no checkpoint (one clear line).
   """
+  if batch_size is not None and batch_size < 1:
+    raise UserError(f'batch_size must be at least 1, got {batch_size}')
   directory = require_checkpoint(workdir)
   loaded = load_state(directory, step=step)
   state = loaded.state
   info = loaded.setup.info
+  model = loaded.setup.model
+  if skip_off_units:
+    model = models.with_unit_skipping(model)
   return Run(
     workdir=directory,
     config=loaded.config,
-    model=loaded.setup.model,
+    model=model,
     variables={'params': state.params, 'batch_stats': state.batch_stats},
     step=loaded.step,
     image_shape=tuple(info.image_shape),
     info=info,
-    batch_size=max(1, min(256, int(loaded.config.eval_batch_size))),
+    batch_size=batch_size or max(1, min(256, int(loaded.config.eval_batch_size))),
   )

@@ -48,6 +48,10 @@ def test_load_run_of_a_stage_and_of_a_plain_model(gated_run):
   images, _ = embedded.load_arrays()['test']
   logits, gates = stage.predict(images[:5])
   assert logits.shape == (5, 10) and gates is None and not stage.gated
+  with pytest.raises(UserError, match='needs a GaterNet'):  # a plain model has no units to skip
+    gaternet_jax.load_run(
+      workdir_lib.join(workdir, workdir_lib.STAGE_BACKBONE), skip_off_units=True
+    )
 
 
 def test_load_run_errors_are_one_line(tmp_path):
@@ -55,6 +59,8 @@ def test_load_run_errors_are_one_line(tmp_path):
     gaternet_jax.load_run(str(tmp_path / 'missing'))
   with pytest.raises(UserError, match='no checkpoint'):
     gaternet_jax.load_run(str(tmp_path))
+  with pytest.raises(UserError, match='batch_size must be at least 1'):
+    gaternet_jax.load_run(str(tmp_path), batch_size=0)
 
 
 def test_predict_refuses_images_of_another_shape(gated_run):

@@ -1,6 +1,7 @@
 """The benchmark scripts run and print the one JSON line their docstrings promise."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -55,17 +56,27 @@ def test_inference_times_the_gaternet_its_export_and_the_plain_backbone(gated_ru
     'benchmarks/inference.py', '--workdir', workdir, '--export', export_dir, '--batch_size', '32',
     '--rounds', '2', '--steps', '2', '--latency_calls', '3',
   )  # fmt: skip
-  assert set(out['images_per_s']) == {'gaternet', 'export', 'plain'}
-  assert set(out['latency_ms']) == {'gaternet', 'export', 'plain', 'skip_bound'}
+  timed = {'gaternet', 'gaternet_skip', 'export', 'plain'}
+  if json.load(open(os.path.join(export_dir, 'export.json')))['gates_kept']:
+    timed.add('export_skip')  # an export with gates left is a GaterNet, and skips units too
+  assert set(out['images_per_s']) == timed
+  assert set(out['latency_ms']) == timed | {'skip_bound'}
+  assert set(out['latency_ms_images']) == timed
   assert all(v > 0 for v in [*out['images_per_s'].values(), *out['latency_ms'].values()])
   on, total = map(int, out['skip_bound_image_gates_on'].split('/'))
   assert total == 112 and 0 <= on <= total and out['batch_size'] == 32
+  units_on, units = map(int, out['units_on_first_image'].split('/'))
+  assert units == 3 and 0 <= units_on <= units and 0 <= out['units_on_per_image_mean'] <= units
   rounds = out['round_images_per_s']
-  assert set(rounds) == {'gaternet', 'export', 'plain'} and all(
-    len(v) == 2 for v in rounds.values()
-  )
+  assert set(rounds) == timed and all(len(v) == 2 for v in rounds.values())
+  assert set(out['vs_gaternet']) == timed - {'gaternet'}
   ratios = [e / g for e, g in zip(rounds['export'], rounds['gaternet'])]
-  paired = out['export_vs_gaternet']
+  paired = out['vs_gaternet']['export']
   assert paired['min'] <= paired['median'] <= paired['max']
   assert abs(paired['median'] - sum(ratios) / 2) < 2e-3  # the median of two rounds is their mean
-  assert paired['export_faster_rounds'] == f'{sum(r > 1 for r in ratios)}/2'
+  assert paired['faster'] == f'{sum(r > 1 for r in ratios)}/2'
+  for key in ('latency_vs_gaternet', 'latency_images_vs_gaternet'):
+    for name, ratio in out[key].items():
+      assert ratio['min'] <= ratio['median'] <= ratio['max'], (key, name)
+      assert int(ratio['faster'].split('/')[1]) == 3
+  assert set(out['latency_vs_gaternet']) == timed - {'gaternet'} | {'skip_bound'}

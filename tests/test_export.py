@@ -225,6 +225,12 @@ def test_export_command_end_to_end(engineered_run, tmp_path, cli):
   source_logits, source_gates = source_run.predict(images)
   np.testing.assert_allclose(logits, source_logits, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(gates, source_gates[:, kinds == DYNAMIC])
+  skipping = gaternet_jax.load_run(workdir, skip_off_units=True, batch_size=16)
+  assert skipping.batch_size == 16
+  assert skipping.model.backbone.skip_off_units and not source_run.model.backbone.skip_off_units
+  skip_logits, skip_gates = skipping.predict(images)
+  np.testing.assert_allclose(skip_logits, source_logits, rtol=1e-5, atol=1e-5)  # other batch
+  np.testing.assert_array_equal(skip_gates, source_gates)
 
   # Exporting again to the same place replaces the earlier export of the same run.
   again = cli('export', '--workdir', workdir, '--out', str(out), '--max-examples', '300')
@@ -250,6 +256,7 @@ def test_export_bad_input(gated_run, engineered_run, tmp_path, cli):
   one_error_line(cli('export', '--workdir', str(empty)), 'no checkpoint')
   plain = os.path.join(source, 'stage1_backbone')
   one_error_line(cli('export', '--workdir', plain), 'plain model', 'gated run')
+  one_error_line(cli('evaluate', '--workdir', plain, '--skip-off-units'), 'needs a GaterNet')
   # An --out holding another run is left as it was.
   other = tmp_path / 'other'
   shutil.copytree(plain, other)
@@ -262,7 +269,8 @@ def test_export_bad_input(gated_run, engineered_run, tmp_path, cli):
 def test_gate_threshold_and_tradeoff(engineered_run, tmp_path, cli):
   workdir, _ = engineered_run
   at_zero = json.loads(cli('evaluate', '--workdir', workdir, '--json').stdout)
-  higher = json.loads(cli('evaluate', '--workdir', workdir, '--json', '--gate-threshold=2').stdout)
+  higher = cli('evaluate', '--workdir', workdir, '--json', '--gate-threshold=2', '--skip-off-units')
+  higher = json.loads(higher.stdout)  # skipping off units: the same numbers as rows[3] below
   assert at_zero['gate_threshold'] == 0.0 and higher['gate_threshold'] == 2.0
   assert higher['gate_density'] < at_zero['gate_density']
   assert higher['macs'] < at_zero['macs']
@@ -277,6 +285,8 @@ def test_gate_threshold_and_tradeoff(engineered_run, tmp_path, cli):
   zero = rows[1]
   assert zero['top1_error'] == pytest.approx(at_zero['top1_error'])
   assert zero['macs'] == pytest.approx(at_zero['macs'])
+  for key in ('top1_error', 'top5_error', 'gate_density', 'macs'):
+    assert rows[3][key] == pytest.approx(higher[key]), key
   assert (out / 'tradeoff.png').stat().st_size > 10_000
   one_error_line(cli('tradeoff', '--workdir', workdir, '--thresholds=1,x'), 'numbers')
   one_error_line(cli('evaluate', '--workdir', workdir, '--gate-threshold=abc'), 'gate-threshold')

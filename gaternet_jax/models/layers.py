@@ -187,7 +187,9 @@ class GateSlicer:
       )
 
 
-def gated_units(x, specs, gates, make_unit, *, train: bool, pruning: Pruning | None = None):
+def gated_units(
+  x, specs, gates, make_unit, *, train: bool, pruning: Pruning | None = None, skip_in=None
+):
   """Applies one residual unit per spec in order, each with its slice of the gate vector.
 
   Args:
@@ -199,6 +201,8 @@ def gated_units(x, specs, gates, make_unit, *, train: bool, pruning: Pruning | N
       module. `pruned` is the unit's PrunedLayer under an export's plan, else None.
     train: training mode.
     pruning: an export's plan (models/pruning.py), or None.
+    skip_in: the calling backbone module, to skip off units (`skip_if_all_off`) in evaluation;
+      None computes every unit.
   """
   plan = dict(pruning or ())
   if isinstance(gates, LocalGates):
@@ -206,13 +210,40 @@ def gated_units(x, specs, gates, make_unit, *, train: bool, pruning: Pruning | N
       unit = make_unit(spec, spec.name.replace('/', '_'), plan.get(spec.name))
       x = unit(x, gates, train=train)
     return x
+  skip = skip_in is not None and not train and not skip_in.is_initializing()
   widths = [pruning_lib.gate_width(plan.get(s.name), s.out_channels) for s in specs]
   slicer = GateSlicer(gates, sum(widths))
   for spec, width in zip(specs, widths):
-    unit = make_unit(spec, spec.name.replace('/', '_'), plan.get(spec.name))
-    x = unit(x, slicer.next(width) if width else None, train=train)
+    name, pruned = spec.name.replace('/', '_'), plan.get(spec.name)
+    gate = slicer.next(width) if width else None
+    if skip and gate is not None and pruning_lib.every_kept_gated(pruned):
+      x = skip_if_all_off(skip_in, x, gate, lambda p, s=spec, n=name: make_unit(s, n, p), pruned)
+    else:
+      x = make_unit(spec, name, pruned)(x, gate, train=train)
   slicer.check_consumed()
   return x
+
+
+def skip_if_all_off(parent: nn.Module, x, gate, make_unit, pruned: PrunedLayer | None):
+  """One GaterNet unit in evaluation, computed only if one of its gates is on in the batch.
+
+  With every gate of the unit at 0, eq. 4 makes every gated output 0, so the unit is exactly
+  its version with every filter removed (`make_unit(PrunedLayer((), ()))`: the shortcut, and
+  the ReLU after the addition where the unit has one), which needs none of its convolutions.
+  `lax.cond` (`nn.cond`) runs only the branch taken; at batch 1 a unit whose gates the image
+  left off costs nothing but the test. Only for units whose every computed filter is gated
+  (under an export's plan: no always-on filter kept).
+  """
+
+  def computed(module, x, gate):
+    del module  # the units bind to it through the call stack
+    return make_unit(pruned)(x, gate, train=False)
+
+  def skipped(module, x, gate):
+    del module, gate
+    return make_unit(PrunedLayer((), ()))(x, None, train=False)
+
+  return nn.cond(jnp.any(gate > 0), computed, skipped, parent, x, gate)
 
 
 def split_gate(gate):

@@ -65,6 +65,11 @@ def gate_width(pruned: PrunedLayer | None, filters: int) -> int:
   return filters if pruned is None else len(pruned.gated)
 
 
+def every_kept_gated(pruned: PrunedLayer | None) -> bool:
+  """Whether every filter a layer still computes is gated (always so without a plan)."""
+  return pruned is None or len(pruned.gated) == len(pruned.kept)
+
+
 def apply_kept_gates(y: jax.Array, gate: jax.Array | None, pruned: PrunedLayer) -> jax.Array:
   """Eq. 4 on the kept channels: the input-dependent ones times their gate, the others times 1.
 

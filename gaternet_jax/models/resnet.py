@@ -43,6 +43,8 @@ class ResNet(nn.Module):
     dtype: computation dtype (parameters and batch statistics stay float32).
     pruning: an export's channel plan (models/pruning.py), or None.
     gate_placement: 'last' (GaterNet) or 'first' (local gating), as in `CifarResNet`.
+    skip_off_units: in evaluation, a GaterNet unit whose gates are all off for the whole batch
+      is not computed (layers.skip_if_all_off); the outputs are the same.
   """
 
   depth: int
@@ -53,6 +55,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   pruning: Pruning | None = None
   gate_placement: str = 'last'
+  skip_off_units: bool = False
 
   @property
   def bottleneck(self) -> bool:
@@ -104,7 +107,10 @@ class ResNet(nn.Module):
         *args, projection=True, dtype=self.dtype, pruned=pruned, gate_first=first, name=name
       )
 
-    x = layers.gated_units(x, specs, gates, make_unit, train=train, pruning=self.pruning)
+    skip_in = self if self.skip_off_units else None
+    x = layers.gated_units(
+      x, specs, gates, make_unit, train=train, pruning=self.pruning, skip_in=skip_in
+    )
     return layers.pool_and_classify(
       x, include_head=self.include_head, num_classes=self.num_classes, dtype=self.dtype
     )

@@ -45,6 +45,8 @@ class CifarResNet(nn.Module):
     pruning: an export's channel plan (models/pruning.py), or None.
     gate_placement: 'last' (GaterNet: each unit's last convolution) or 'first' (local gating,
       Batch-Shaping: each unit's first convolution).
+    skip_off_units: in evaluation, a GaterNet unit whose gates are all off for the whole batch
+      is not computed (layers.skip_if_all_off); the outputs are the same.
   """
 
   depth: int
@@ -56,6 +58,7 @@ class CifarResNet(nn.Module):
   dtype: Any = jnp.float32
   pruning: Pruning | None = None
   gate_placement: str = 'last'
+  skip_off_units: bool = False
 
   def units_per_stage(self) -> int:
     per_unit = 9 if self.bottleneck else 6
@@ -107,7 +110,10 @@ class CifarResNet(nn.Module):
         *args, projection=False, dtype=self.dtype, pruned=pruned, gate_first=first, name=name
       )
 
-    x = layers.gated_units(x, specs, gates, make_unit, train=train, pruning=self.pruning)
+    skip_in = self if self.skip_off_units else None
+    x = layers.gated_units(
+      x, specs, gates, make_unit, train=train, pruning=self.pruning, skip_in=skip_in
+    )
     if self.bottleneck:
       x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='final_bn')(x))
     return layers.pool_and_classify(

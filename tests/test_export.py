@@ -160,16 +160,13 @@ def test_pruned_units_refuse_squeeze_excitation():
     backbone.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
 
-@pytest.fixture(scope='module')
-def engineered_run(gated_run, tmp_path_factory):
-  """The tiny trained GaterNet with FC2 set so that every layer has all three kinds of gate."""
-  source, _ = gated_run
-  workdir = str(tmp_path_factory.mktemp('engineered'))
-  run_dir = restore.run_dir(source)
-  loaded = restore.load_state(run_dir)
+def engineer(source_dir: str, workdir: str, seed: int) -> np.ndarray:
+  """Writes the trained run in `source_dir` to `workdir` with its gater's FC2 set so that every
+  layer has all three kinds of gate (always off, always on, input-dependent); returns the kinds."""
+  loaded = restore.load_state(source_dir)
   info = loaded.setup.info
   model_layout = loaded.setup.model.backbone.gate_layout(info.image_shape)
-  kinds = gate_kinds(model_layout, seed=7)
+  kinds = gate_kinds(model_layout, seed=seed)
   variables = {'params': loaded.state.params, 'batch_stats': loaded.state.batch_stats}
   images = embedded.load_arrays()['train'][0][:512]
   x = steps.preprocess(loaded.config, info, jnp.asarray(images), None)
@@ -178,11 +175,43 @@ def engineered_run(gated_run, tmp_path_factory):
   fc2 = engineered_fc2(kinds, loaded.config.gater.bottleneck, logits_of)
   params = with_fc2(variables, fc2)['params']
   state = loaded.state.replace(params=jax.device_put(params, loaded.setup.replicated))
+  os.makedirs(workdir, exist_ok=True)
   workdir_lib.save_config(loaded.config, workdir)
   manager = checkpoints.make_manager(workdir, keep=1)
   checkpoints.save(manager, workdir, loaded.step, state)
   checkpoints.finish(manager, workdir, loaded.step)
-  return workdir, kinds
+  return kinds
+
+
+@pytest.fixture(scope='module')
+def engineered_run(gated_run, tmp_path_factory):
+  """The tiny trained GaterNet with FC2 set so that every layer has all three kinds of gate."""
+  workdir = str(tmp_path_factory.mktemp('engineered'))
+  return workdir, engineer(restore.run_dir(gated_run[0]), workdir, seed=7)
+
+
+def test_export_of_a_trained_preactivation_bottleneck_gaternet(tmp_path):
+  """The second family, trained: CIFAR pre-activation bottleneck units (ResNet-164's kind), every
+  layer with always-off, always-on and input-dependent gates."""
+  from conftest import tiny_default  # noqa: PLC0415
+
+  from gaternet_jax import procedure  # noqa: PLC0415
+
+  source = str(tmp_path / 'source')
+  overrides = {'model.backbone': 'cifar_resnet11', 'procedure.pretrain': False}
+  procedure.train_and_evaluate(tiny_default('gated', **overrides), source)
+  workdir = str(tmp_path / 'engineered')
+  kinds = engineer(restore.run_dir(source), workdir, seed=11)
+  result = export.export_workdir(workdir, max_examples=500)
+  assert result['exact_on_calibration'] and result['calibration_examples'] == 500
+  calibration = result['agreement']['train']
+  assert calibration['top1_identical'] == 1.0 and calibration['max_abs_logit_difference'] < 1e-3
+  counts = tuple(int((kinds == kind).sum()) for kind in (OFF, ON, DYNAMIC))
+  assert (result['gates_removed'], result['gates_folded'], result['gates_kept']) == counts
+  assert all(r['gates_removed'] and r['gates_folded'] and r['gates_kept'] for r in result['layers'])
+  assert [r['filters'] for r in result['layers']] == [16, 128, 256]
+  assert result['params_after'] < result['params_before']
+  assert result['macs_after'] < result['macs_before']
 
 
 def test_export_command_end_to_end(engineered_run, tmp_path, cli):

@@ -20,7 +20,7 @@ from gaternet_jax.models.resnet_cifar import CifarResNet
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 for _depth in (8, 14, 20, 32, 44, 56, 110):
   BACKBONES[f'cifar_resnet{_depth}'] = functools.partial(CifarResNet, depth=_depth)
-for _depth in (164, 1001):
+for _depth in (11, 164, 1001):  # 11: one unit per stage, a tiny one for tests
   BACKBONES[f'cifar_resnet{_depth}'] = functools.partial(CifarResNet, depth=_depth, bottleneck=True)
 for _depth in (18, 34, 50, 101, 152):
   BACKBONES[f'resnet{_depth}'] = functools.partial(ResNet, depth=_depth)

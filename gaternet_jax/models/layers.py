@@ -308,8 +308,9 @@ def gated_features(out: int, pruned: PrunedLayer | None, se_reduction: int) -> i
   """Output channels the gated convolution computes: all, or the plan's kept ones."""
   if pruned is None:
     return out
-  if se_reduction:
+  if se_reduction and pruned.kept:
     # SE mixes every channel (removed ones included) before the gate: no exact export exists.
+    # (With none kept there is nothing to mix: the unit is its shortcut, as when skipped.)
     raise ValueError('a pruned unit cannot use squeeze-and-excitation')
   return len(pruned.kept)
 

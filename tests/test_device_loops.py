@@ -23,13 +23,19 @@ def _assert_states_close(a, b):
     np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
 
 
-def _train_8_steps(variant, k):
+def _difference_per_change(a, b, start):
+  """|a - b| over |a - start|, all parameters and batch statistics as one vector."""
+  a, b, start = (np.concatenate([x.ravel() for x in _leaves(s)]) for s in (a, b, start))
+  return np.linalg.norm(a - b) / np.linalg.norm(a - start)
+
+
+def _train_8_steps(variant, k, data_seed=1):
   """8 steps from the same state and keys in chunks of k: (final state, per-step metrics)."""
   config = tiny_default(variant, steps_per_dispatch=k)
   dataset = data_lib.load_dataset(config.data)
   setup = steps.build(config, dataset.info)
   dispatch = device_loops.TrainDispatch(
-    setup, dataset, start_step=0, seed=0, data_key=jax.random.key(1), key=jax.random.key(2)
+    setup, dataset, start_step=0, seed=0, data_key=jax.random.key(data_seed), key=jax.random.key(2)
   )
   state, per_step = steps.create_state(setup, 0), {}
   for start in range(0, 8, k):
@@ -40,12 +46,25 @@ def _train_8_steps(variant, k):
 
 
 def test_k_steps_per_dispatch_equal_k_single_steps():
-  """8 steps as 2 chunks of 4 (a loop on the device) give the single steps' parameters."""
+  """8 steps as 2 chunks of 4 (a loop on the device) give the single steps' parameters.
+
+  Within float tolerance: the loop body and the single step are compiled apart, so XLA fuses (and
+  rounds) them differently (bitwise equal on an AVX2 host, ~1e-6 apart after 2 steps on an AVX-512
+  one), and training this tiny model amplifies that: after 8 steps the difference is 0.3% of what
+  the 8 steps changed (losses within 4e-4). The same steps on another data order land 16% away,
+  so 3% lies 10x above the one and 5x below the other.
+  """
   single, single_metrics = _train_8_steps('plain', 1)
   chunked, chunked_metrics = _train_8_steps('plain', 4)
+  config = tiny_default('plain')
+  start = steps.create_state(steps.build(config, data_lib.load_dataset(config.data).info), 0)
   assert int(chunked.step) == 8
-  _assert_states_close(single, chunked)
-  np.testing.assert_allclose(single_metrics['loss'], chunked_metrics['loss'], rtol=2e-5)
+  assert _difference_per_change(single, chunked, start) < 0.03
+  np.testing.assert_allclose(single_metrics['loss'][:3], chunked_metrics['loss'][:3], rtol=1e-6)
+  np.testing.assert_allclose(single_metrics['loss'], chunked_metrics['loss'], rtol=2e-3)
+  # What the tolerance must catch: the same steps on another data order.
+  other_data, _ = _train_8_steps('plain', 4, data_seed=3)
+  assert _difference_per_change(single, other_data, start) > 0.1
 
 
 def test_gated_chunks_draw_each_steps_randomness():

@@ -64,7 +64,9 @@ def test_skipping_off_units_changes_no_output(family):
 
   logits, aux = masked_fn(variables, x)
   skip_logits, skip_aux = skip_fn(variables, x)
-  np.testing.assert_array_equal(skip_logits, logits)  # the all-off layers skipped for all 12
+  # The same values up to the rounding of a separately compiled branch (on an AVX-512 host XLA
+  # fuses a conditional's branch differently; ~1 ulp); a unit skipped wrongly is off by far more.
+  np.testing.assert_allclose(skip_logits, logits, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(skip_aux['gates'], aux['gates'])
 
   gates = np.asarray(aux['gates']) > 0.5

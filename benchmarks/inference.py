@@ -47,6 +47,7 @@ from absl import app, flags  # noqa: E402
 from gaternet_jax import describe, export, models, restore, steps  # noqa: E402
 from gaternet_jax import workdir as workdir_lib  # noqa: E402
 from gaternet_jax.errors import UserError  # noqa: E402
+from gaternet_jax.layout import layer_offsets  # noqa: E402
 from gaternet_jax.models.gaternet import Classifier  # noqa: E402
 
 flags.DEFINE_string('workdir', None, 'A trained gated run (or procedure workdir).', required=True)
@@ -94,8 +95,8 @@ def _units_on(loaded, images: np.ndarray) -> tuple[np.ndarray, int]:
   variables = {'params': loaded.state.params, 'batch_stats': loaded.state.batch_stats}
   x = steps.preprocess(config, info, jnp.asarray(images), None)
   gates = np.asarray(loaded.setup.model.apply(variables, x, train=False)[1]['gates']) > 0.5
-  ends = np.cumsum([layer.filters for layer in models.gate_layout(config, info.image_shape)])
-  per_unit = np.stack([g.any(axis=1) for g in np.split(gates, ends[:-1], axis=1)], axis=1)
+  starts = layer_offsets(models.gate_layout(config, info.image_shape))[:-1]
+  per_unit = np.logical_or.reduceat(gates, starts, axis=1)
   return per_unit.sum(axis=1), per_unit.shape[1]
 
 

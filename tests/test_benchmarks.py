@@ -80,3 +80,48 @@ def test_inference_times_the_gaternet_its_export_and_the_plain_backbone(gated_ru
       assert ratio['min'] <= ratio['median'] <= ratio['max'], (key, name)
       assert int(ratio['faster'].split('/')[1]) == 3
   assert set(out['latency_vs_gaternet']) == timed - {'gaternet'} | {'skip_bound'}
+
+
+def test_step_profile_times_each_variant_and_precision():
+  out = _json_line(
+    'benchmarks/step_profile.py', '--config', 'experiments/default.py', '--variants', 'plain',
+    '--precisions', 'float32,bfloat16', '--steps_per_dispatch', '2', '--chunks', '1',
+  )  # fmt: skip
+  assert out['backend'] == 'cpu'
+  for precision in ('float32', 'bfloat16'):
+    row = out[f'plain/{precision}']
+    assert row['wall_ms_per_step'] > 0 and row['steps_per_dispatch'] == 2
+    assert 'kernels_per_step' not in row  # the CPU trace has no device plane
+
+
+# A device plane as an H100 trace has it: kernels on a stream line, repeated by HLO op on 'XLA Ops'.
+_TRACE = """
+planes { name: "/device:GPU:0"
+  lines { name: "Stream #13(Compute)"
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 5000000 }
+    events { metadata_id: 2 offset_ps: 6000000 duration_ps: 3000000 }
+    events { metadata_id: 3 offset_ps: 9000000 duration_ps: 1000000 } }
+  lines { name: "XLA Ops" events { metadata_id: 2 offset_ps: 0 duration_ps: 9000000 } }
+  event_metadata { key: 1 value { id: 1 name: "sm90_xmma_fprop_implicit_gemm_f32f32" } }
+  event_metadata { key: 2 value { id: 2 name: "input_reduce_fusion_7" } }
+  event_metadata { key: 3 value { id: 3 name: "loop_convert_fusion" } } }
+planes { name: "/host:CPU" lines { name: "python" events { metadata_id: 1 duration_ps: 7 } }
+  event_metadata { key: 1 value { id: 1 name: "host work" } } }
+"""
+
+
+def test_step_profile_reads_the_kernels_of_device_stream_lines(tmp_path):
+  from jax.profiler import ProfileData
+
+  (tmp_path / 'host.xplane.pb').write_bytes(ProfileData.text_proto_to_serialized_xspace(_TRACE))
+  script = (
+    'import json, sys; sys.path.insert(0, "benchmarks"); import step_profile as p; '
+    f'k = p.device_kernels({str(tmp_path)!r}); '
+    'print(json.dumps([k, [p.kernel_group(name) for name, _ in k]]))'
+  )
+  kernels, groups = _json_line('-c', script)
+  assert kernels == [
+    ['sm90_xmma_fprop_implicit_gemm_f32f32', 0.005], ['input_reduce_fusion_7', 0.003],
+    ['loop_convert_fusion', 0.001],
+  ]  # fmt: skip
+  assert groups == ['conv_or_matmul', 'reduction', 'convert']

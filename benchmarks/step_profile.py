@@ -34,8 +34,6 @@ from ml_collections import config_flags  # noqa: E402
 
 import synthetic  # noqa: E402 - benchmarks/synthetic.py
 
-from gaternet_jax import device_loops, steps  # noqa: E402
-
 config_flags.DEFINE_config_file('config', 'experiments/cifar10_resnet20.py', 'Experiment config.')
 flags.DEFINE_integer('batch_size', None, "Global batch (default: the config's).")
 flags.DEFINE_list('variants', ['plain', 'gated'], 'Variants to profile.')
@@ -84,19 +82,14 @@ def device_kernels(trace_dir: str) -> list[tuple[str, float]]:
 
 
 def profile(config, variant: str, precision: str) -> dict:
-  config = config.copy_and_resolve_references()
-  config.variant = variant
-  config.model.gated = variant == 'gated'
-  config.half_precision = precision == 'bfloat16'
-  if FLAGS.batch_size:
-    config.batch_size = config.eval_batch_size = FLAGS.batch_size
-  if FLAGS.steps_per_dispatch is not None:
-    config.steps_per_dispatch = FLAGS.steps_per_dispatch
-  dataset, _, _ = synthetic.resident_dataset(config, 4 * config.batch_size)
-  setup = steps.build(config, dataset.info)
-  state = steps.create_state(setup, 0)
-  key = jax.random.key(0)
-  dispatch = device_loops.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
+  config = synthetic.variant_config(
+    config,
+    variant,
+    batch_size=FLAGS.batch_size,
+    half_precision=precision == 'bfloat16',
+    steps_per_dispatch=FLAGS.steps_per_dispatch,
+  )
+  _, state, dispatch, _, _ = synthetic.resident_training(config)
   k = dispatch.max_steps
   state, metrics = dispatch(state, 0, k)  # compiles
   jax.block_until_ready(metrics)

@@ -7,10 +7,12 @@ the import path); it is not part of the library.
 from __future__ import annotations
 
 import importlib.util
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
-from gaternet_jax import describe
+from gaternet_jax import describe, device_loops, steps
 from gaternet_jax.data.base import DatasetInfo, InMemoryDataset
 
 
@@ -41,3 +43,44 @@ def resident_dataset(config, examples: int, seed: int = 0):
     in_memory=True,
   )
   return InMemoryDataset(info, (images, labels), {}, process_count=1), images, labels
+
+
+def variant_config(
+  config,
+  variant: str,
+  *,
+  batch_size: int | None = None,
+  half_precision: bool | None = None,
+  steps_per_dispatch: int | None = None,
+):
+  """A copy of `config` as its `variant` ('plain' or 'gated') with a benchmark's overrides
+  (None keeps the config's value; `batch_size` sets the evaluation batch too)."""
+  config = config.copy_and_resolve_references()
+  config.variant = variant
+  config.model.gated = variant == 'gated'
+  if batch_size:
+    config.batch_size = config.eval_batch_size = batch_size
+  if half_precision is not None:
+    config.half_precision = half_precision
+  if steps_per_dispatch is not None:
+    config.steps_per_dispatch = steps_per_dispatch
+  return config
+
+
+class Training(NamedTuple):
+  """A config's real training dispatch on resident synthetic data, with its initial state."""
+
+  setup: steps.Setup
+  state: Any
+  dispatch: device_loops.TrainDispatch
+  images: np.ndarray
+  labels: np.ndarray
+
+
+def resident_training(config) -> Training:
+  """Builds the model and state and the training dispatch over 4 batches of synthetic images."""
+  dataset, images, labels = resident_dataset(config, 4 * config.batch_size)
+  setup = steps.build(config, dataset.info)
+  key = jax.random.key(0)
+  dispatch = device_loops.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
+  return Training(setup, steps.create_state(setup, 0), dispatch, images, labels)

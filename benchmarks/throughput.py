@@ -39,7 +39,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import synthetic  # noqa: E402 - benchmarks/synthetic.py
 
-from gaternet_jax import device_loops, steps  # noqa: E402
+from gaternet_jax import steps  # noqa: E402
 from gaternet_jax.data import feed  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'experiments/cifar10_resnet20.py', 'Experiment config.')
@@ -59,23 +59,16 @@ class Measurement:
   """One variant, built and compiled once; `train()` and `infer()` time it (images/s)."""
 
   def __init__(self, config, variant: str):
-    config = config.copy_and_resolve_references()
-    config.variant = variant
-    config.model.gated = variant == 'gated'
-    if FLAGS.batch_size:
-      config.batch_size = config.eval_batch_size = FLAGS.batch_size
-    if FLAGS.half_precision is not None:
-      config.half_precision = FLAGS.half_precision
-    if FLAGS.steps_per_dispatch is not None:
-      config.steps_per_dispatch = FLAGS.steps_per_dispatch
-    b = self.batch_size = config.batch_size
-    dataset, images, labels = synthetic.resident_dataset(config, 4 * b)
-    self.setup = setup = steps.build(config, dataset.info)
-    self.state, self.step = steps.create_state(setup, 0), 0
-    key = jax.random.key(0)
-    self.dispatch = device_loops.TrainDispatch(
-      setup, dataset, start_step=0, seed=0, data_key=key, key=key
+    config = synthetic.variant_config(
+      config,
+      variant,
+      batch_size=FLAGS.batch_size,
+      half_precision=FLAGS.half_precision,
+      steps_per_dispatch=FLAGS.steps_per_dispatch,
     )
+    b = self.batch_size = config.batch_size
+    setup, self.state, self.dispatch, images, labels = synthetic.resident_training(config)
+    self.setup, self.step = setup, 0
     self.k = self.dispatch.max_steps
     eval_fn = steps.compile_steps(setup)[1]
     batch = {'image': images[:b], 'label': labels[:b], 'mask': np.ones((b,), np.float32)}

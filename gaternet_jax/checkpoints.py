@@ -28,6 +28,7 @@ RESUMABLE_FIELDS = frozenset(
     'steps_per_dispatch',
     'eval_every_epochs',
     'checkpoint_every_steps',
+    'checkpoint_min_interval_s',
     'keep_checkpoints',
     'data.data_dir',
     'eval_batch_size',
@@ -35,6 +36,22 @@ RESUMABLE_FIELDS = frozenset(
     'init.gater',
   }
 )
+
+
+# Periodic checkpoints are at least this many seconds apart on a GPU or TPU when
+# `config.checkpoint_min_interval_s` is None. There a CIFAR ResNet-20 step takes 2-5 ms, so
+# 1,000 steps pass in seconds, and on one H100 the synchronous save every 1,000 steps (0.55 s
+# plain, 0.95 s gated, 57 saves) was 14-17% of the 164-epoch runs' wall time. On the CPU 1,000
+# steps take minutes: no floor. A hard kill loses at most this long (or `checkpoint_every_steps`)
+# of training; SIGTERM and Ctrl-C still checkpoint the step they stop at.
+ACCELERATOR_MIN_INTERVAL_S = 60.0
+
+
+def min_interval_s(config, platform: str | None = None) -> float:
+  """Seconds at least between periodic checkpoints: the config's, else the platform's."""
+  if config.checkpoint_min_interval_s is not None:
+    return float(config.checkpoint_min_interval_s)
+  return 0.0 if (platform or jax.default_backend()) == 'cpu' else ACCELERATOR_MIN_INTERVAL_S
 
 
 def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:

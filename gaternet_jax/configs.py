@@ -124,6 +124,9 @@ def base_config(
   c.steps_per_dispatch = config_dict.placeholder(int)
   c.eval_every_epochs = 4.0
   c.checkpoint_every_steps = 1000
+  # Seconds at least between two periodic checkpoints (None: the platform's default, see
+  # checkpoints.min_interval_s); the last step and a stop by SIGTERM/Ctrl-C are always saved.
+  c.checkpoint_min_interval_s = config_dict.placeholder(float)
   c.keep_checkpoints = 3
   return c
 

@@ -219,6 +219,21 @@ def preprocess(config, info, images: jax.Array, key: jax.Array | None) -> jax.Ar
   return augment.normalize(images, info.mean, info.std, compute_dtype(config))
 
 
+def all_finite(tree) -> jax.Array:
+  """True iff every element of every array in `tree` is finite (a bool scalar).
+
+  One reduction over all leaves laid end to end, not one per leaf as `optax.global_norm` does:
+  ResNet-164-Gated has 556 parameter arrays, and the per-leaf reductions were 555 more reduce
+  instructions (505 more fusions) in its compiled train step, 1.7 s more of its cold XLA:CPU
+  trace + compile (medians 19.2 vs 17.5 s; README, Throughput). Exact, unlike a norm, which
+  overflows to inf for huge but finite values.
+  """
+  leaves = [jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
+
+
 def train_step(
   state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, setup: Setup
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -259,7 +274,7 @@ def train_step(
   )
   # Checked on the host before any checkpoint is written: a finite loss with non-finite updates
   # (possible in bfloat16) must not slip a diverged state into a checkpoint either.
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(updates))
+  finite = jnp.isfinite(loss) & all_finite(updates)
   metrics = {
     'finite': finite,
     'loss': loss,

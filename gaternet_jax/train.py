@@ -193,10 +193,23 @@ def run(
   step = start_step
   cadences = (config.log_every_steps, plan.eval_every_steps, config.checkpoint_every_steps)
 
+  min_interval = checkpoints.min_interval_s(config, setup.mesh.devices.flat[0].platform)
+  last_saved = time.monotonic()
+
   def save(step: int) -> None:
+    nonlocal last_saved
     _check_finite(*previous)  # never write a checkpoint of a diverged state
     checkpoints.save(manager, workdir, step, state)
     _record_elapsed(workdir, elapsed_before + time.time() - started)
+    last_saved = time.monotonic()
+
+  def checkpoint_due(step: int) -> bool:
+    if step % config.checkpoint_every_steps:
+      return False
+    # A save is collective: process 0's clock decides for every host.
+    return min_interval <= 0 or distributed.agree(
+      lambda: time.monotonic() - last_saved >= min_interval
+    )
 
   with preemption.StopRequests(start_step=step, sync_every=config.log_every_steps) as stop:
     while step < plan.total_steps:
@@ -218,7 +231,7 @@ def run(
         with report.timed('eval'):
           eval_metrics = evaluator(state, config.data.eval_split)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
-      saved = step % config.checkpoint_every_steps == 0 or is_last
+      saved = is_last or checkpoint_due(step)
       if saved:
         save(step)
       # Asked at every boundary but the last, checkpoint step or not: a run that checkpoints at

@@ -161,6 +161,7 @@ RULES: dict[str, Rule] = {
   'steps_per_dispatch': Rule(int, _at_least(1), optional=True),
   'eval_every_epochs': Rule(float, _above(0)),
   'checkpoint_every_steps': Rule(int, _at_least(1)),
+  'checkpoint_min_interval_s': Rule(float, _at_least(0), optional=True),
   'keep_checkpoints': Rule(int, _at_least(1)),
 }
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import REPO, has_logged
-from gaternet_jax import environment, restore
+from gaternet_jax import checkpoints, environment, restore
 
 
 def _free_port():
@@ -91,10 +91,15 @@ def test_gated_procedure_on_two_processes_matches_one(tmp_path, data):
   if data == 'mock':
     pytest.importorskip('tensorflow_datasets')
   extra = STREAMED if data == 'mock' else []
-  # In memory, the two processes run 2 steps per dispatch and the one process 1 step per call.
-  two = _train(str(tmp_path / 'two'), data, 2, 2, extra or ['--config.steps_per_dispatch=2'])
+  # In memory, the two processes run 2 steps per dispatch and the one process 1 step per call;
+  # they also space checkpoints so far apart that only the last step of each stage is saved: a
+  # save is collective, so process 0's clock must decide for both (else a save would hang).
+  spaced = ['--config.steps_per_dispatch=2', '--config.checkpoint_min_interval_s=1e6']
+  two = _train(str(tmp_path / 'two'), data, 2, 2, extra or spaced)
   for stage in ('stage1_backbone', 'stage2_gater', 'stage3_joint'):
     assert os.path.exists(tmp_path / 'two' / stage / 'results.json'), stage
+    if not extra:
+      assert checkpoints.steps(str(tmp_path / 'two' / stage)) == [4], stage
   assert two['step'] == 4 and two['stage'] == 'stage3_joint' and two['eval']['examples'] > 0
   if data == 'mock':
     # tf.data streams each process its own files: another data order than one process's, so

@@ -1,5 +1,7 @@
 """The training system: data-parallel step, no retracing, eval masking, resume, failures."""
 
+import dataclasses
+import functools
 import glob
 import json
 import os
@@ -12,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import REPO, TINY_FLAGS, run_on_cpu_devices, tiny_default
@@ -173,6 +176,72 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert last is not None and last < bad_step
   state = restore.load_state(workdir).state
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_checkpoint_min_interval_defaults_per_platform():
+  config = tiny_default('plain')
+  assert config.checkpoint_min_interval_s is None
+  assert checkpoints.min_interval_s(config, 'cpu') == 0.0
+  for platform in ('gpu', 'tpu'):
+    assert checkpoints.min_interval_s(config, platform) == checkpoints.ACCELERATOR_MIN_INTERVAL_S
+  config.checkpoint_min_interval_s = 5.0
+  assert checkpoints.min_interval_s(config, 'cpu') == checkpoints.min_interval_s(config, 'gpu') == 5
+
+
+def test_min_interval_spaces_periodic_checkpoints_but_saves_the_last_step(tmp_path):
+  """checkpoint_every_steps=2 with a floor no run reaches: only the final step is saved, and the
+  run trains to the same result as with every periodic checkpoint."""
+  spaced = procedure.train_and_evaluate(
+    tiny_default('plain', checkpoint_every_steps=2, checkpoint_min_interval_s=1e6),
+    str(tmp_path / 'spaced'),
+  )
+  assert checkpoints.steps(str(tmp_path / 'spaced')) == [6]
+  every = procedure.train_and_evaluate(
+    tiny_default('plain', checkpoint_every_steps=2), str(tmp_path / 'every')
+  )
+  assert checkpoints.steps(str(tmp_path / 'every')) == [2, 4, 6]
+  assert spaced['eval'] == every['eval'] and spaced['step'] == every['step'] == 6
+
+
+def test_all_finite_checks_every_element_of_every_leaf():
+  tree = {
+    'a': jnp.ones((3, 4), jnp.float32),
+    'b': [jnp.zeros((5,), jnp.bfloat16), jnp.full((2, 2), 3e38, jnp.float32)],
+  }
+  assert bool(steps.all_finite(tree))  # 3e38 is finite; its squared norm would overflow to inf
+  for path, value in (('a', jnp.inf), ('a', -jnp.inf), ('a', jnp.nan)):
+    bad = dict(tree, a=tree['a'].at[2, 3].set(value))
+    assert not bool(steps.all_finite(bad)), (path, value)
+  bad = dict(tree, b=[tree['b'][0].at[4].set(jnp.nan), tree['b'][1]])
+  assert not bool(steps.all_finite(bad))
+  assert bool(steps.all_finite({}))
+
+
+def test_finite_loss_with_nonfinite_updates_is_flagged(small_setup):
+  """The step's `finite` also covers the updates (a finite loss can come with overflowed
+  gradients in bfloat16): one poisoned element of one update leaf turns it off."""
+  config, dataset, setup = small_setup
+  tx = setup.tx
+
+  def poisoned_update(grads, opt_state, params=None):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves[-1] = leaves[-1].ravel().at[0].set(jnp.inf).reshape(leaves[-1].shape)
+    return jax.tree.unflatten(treedef, leaves), opt_state
+
+  images, labels = dataset.train_arrays()
+  batch = {'image': jnp.asarray(images[:16]), 'label': jnp.asarray(labels[:16])}
+  for transform, expected in (
+    (tx, True),
+    (optax.GradientTransformation(tx.init, poisoned_update), False),
+  ):
+    variant = dataclasses.replace(setup, tx=transform)
+    state = steps.create_state(variant, 0)
+    _, metrics = jax.jit(functools.partial(steps.train_step, setup=variant))(
+      state, batch, jax.random.key(0)
+    )
+    assert bool(jnp.isfinite(metrics['loss']))
+    assert bool(metrics['finite']) is expected
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, cli):

@@ -82,6 +82,8 @@ def test_rules_cover_every_field_of_the_base_config():
     ('eval_batch_size', 0),
     ('log_every_steps', 0),
     ('checkpoint_every_steps', 0),
+    ('checkpoint_min_interval_s', -1.0),
+    ('checkpoint_min_interval_s', float('nan')),
     ('keep_checkpoints', 0),
     ('optimizer.base_batch_size', 0),
     ('optimizer.momentum', 1.0),

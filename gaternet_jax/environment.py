@@ -13,10 +13,14 @@ import sys
 import threading
 
 # Measured on the 2-core CPU this project is developed on: XLA:CPU's default YNNPACK fusion keeps
-# ~1.4 of 2 cores busy; disabling it roughly doubled training throughput (see DESIGN.md). Applied
+# ~1.4 of 2 cores busy; disabling it roughly doubled training throughput (see DESIGN.md). Keeping
+# optimization barriers until after fusion lets the train step store its convolutions' inputs
+# instead of recomputing them (models/materialize.py; +37% ResNet-20 training images/s). Applied
 # only on CPU-only installs (an experimental flag another XLA build may not know), only when the
 # user has not set XLA flags of their own, and before JAX starts.
-CPU_XLA_FLAGS = '--xla_cpu_experimental_ynn_fusion_type='
+CPU_XLA_FLAGS = (
+  '--xla_cpu_experimental_ynn_fusion_type= --xla_disable_hlo_passes=cse_barrier_expander'
+)
 # GATERNET_CPU_FLAGS=0 turns the CPU flags off (e.g. to measure without them).
 DISABLE_VARIABLE = 'GATERNET_CPU_FLAGS'
 _ACCELERATOR_PLUGINS = (

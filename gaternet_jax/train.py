@@ -193,7 +193,7 @@ def run(
   step = start_step
   cadences = (config.log_every_steps, plan.eval_every_steps, config.checkpoint_every_steps)
 
-  min_interval = checkpoints.min_interval_s(config, setup.mesh.devices.flat[0].platform)
+  min_interval = checkpoints.min_interval_s(config, steps.platform(setup))
   last_saved = time.monotonic()
 
   def save(step: int) -> None:

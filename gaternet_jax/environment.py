@@ -15,7 +15,7 @@ import threading
 # Measured on the 2-core CPU this project is developed on: XLA:CPU's default YNNPACK fusion keeps
 # ~1.4 of 2 cores busy; disabling it roughly doubled training throughput (see DESIGN.md). Keeping
 # optimization barriers until after fusion lets the train step store its convolutions' inputs
-# instead of recomputing them (models/materialize.py; +37% ResNet-20 training images/s). Applied
+# instead of recomputing them (models/materialize.py; ResNet-20 training +32%). Applied
 # only on CPU-only installs (an experimental flag another XLA build may not know), only when the
 # user has not set XLA flags of their own, and before JAX starts.
 CPU_XLA_FLAGS = (

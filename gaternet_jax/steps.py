@@ -252,8 +252,8 @@ def train_step(
   gate_dropout_rate = config.gater.dropout_rate * jnp.minimum(fraction, 1.0)
 
   def loss_fn(params):
-    # On the CPU, convolution inputs are stored for the backward pass, not recomputed (+37%
-    # ResNet-20 training images/s there; models/materialize.py). Unmeasured elsewhere: off.
+    # On the CPU, convolution inputs are stored for the backward pass, not recomputed (ResNet-20
+    # training 225 -> 297 images/s there; models/materialize.py). Unmeasured elsewhere: off.
     with materialize.conv_inputs_materialized(enabled=platform(setup) == 'cpu'):
       (logits, aux), new_vars = setup.model.apply(
         {'params': params, 'batch_stats': state.batch_stats},

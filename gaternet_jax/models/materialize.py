@@ -1,7 +1,7 @@
 """Every convolution's input kept in memory for the backward pass (a compilation hint for XLA:CPU).
 
-A convolution's weight gradient reads the convolution's input again. XLA:CPU lays that input out
-batch-minor first ([N,H,W,C] -> [C,H,W,N]), and its fusion pass builds each of those transposes
+A convolution's weight gradient reads the convolution's input again. XLA:CPU first transposes that
+input to batch-minor ([N,H,W,C] -> [C,H,W,N]), and its fusion pass builds each of those transposes
 from the cheap element-wise ops that produced the input, recomputing them instead of reading the
 copy the forward pass already wrote. In a ResNet the input is the residual stream, so one
 transpose re-derived batch norm, ReLU and the shortcut sum of up to four earlier layers from their

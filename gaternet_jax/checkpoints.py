@@ -47,11 +47,11 @@ RESUMABLE_FIELDS = frozenset(
 ACCELERATOR_MIN_INTERVAL_S = 60.0
 
 
-def min_interval_s(config, platform: str | None = None) -> float:
+def min_interval_s(config, platform: str) -> float:
   """Seconds at least between periodic checkpoints: the config's, else the platform's."""
   if config.checkpoint_min_interval_s is not None:
     return float(config.checkpoint_min_interval_s)
-  return 0.0 if (platform or jax.default_backend()) == 'cpu' else ACCELERATOR_MIN_INTERVAL_S
+  return 0.0 if platform == 'cpu' else ACCELERATOR_MIN_INTERVAL_S
 
 
 def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:

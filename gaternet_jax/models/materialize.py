@@ -18,7 +18,6 @@ values computed are the same.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import flax.linen as nn
 import jax
@@ -30,11 +29,6 @@ def _barrier_on_conv_input(next_fun, args, kwargs, context):
   return next_fun(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def conv_inputs_materialized(enabled: bool = True) -> Iterator[None]:
+def conv_inputs_materialized(enabled: bool = True) -> contextlib.AbstractContextManager:
   """While tracing inside this context, every `nn.Conv` call gets its input through a barrier."""
-  if not enabled:
-    yield
-    return
-  with nn.intercept_methods(_barrier_on_conv_input):
-    yield
+  return nn.intercept_methods(_barrier_on_conv_input) if enabled else contextlib.nullcontext()

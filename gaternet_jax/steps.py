@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gaternet_jax import losses, models
-from gaternet_jax.models import initialization, materialize
+from gaternet_jax.models import initialization, materialize, staged_batch_norm
 from gaternet_jax.data import augment
 from gaternet_jax.errors import UserError
 
@@ -253,8 +253,13 @@ def train_step(
 
   def loss_fn(params):
     # On the CPU, convolution inputs are stored for the backward pass, not recomputed (ResNet-20
-    # training 225 -> 297 images/s there; models/materialize.py). Unmeasured elsewhere: off.
-    with materialize.conv_inputs_materialized(enabled=platform(setup) == 'cpu'):
+    # training 225 -> 297 images/s there; models/materialize.py), and batch norm takes its sums
+    # in short fused steps (models/staged_batch_norm.py). Unmeasured elsewhere: off.
+    on_cpu = platform(setup) == 'cpu'
+    with (
+      materialize.conv_inputs_materialized(enabled=on_cpu),
+      staged_batch_norm.batch_norm_staged(enabled=on_cpu),
+    ):
       (logits, aux), new_vars = setup.model.apply(
         {'params': params, 'batch_stats': state.batch_stats},
         x,

@@ -1,0 +1,216 @@
+"""Batch norm with staged sums: same values and gradients as Flax's, used by the CPU train step."""
+
+import contextlib
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_default
+from gaternet_jax import data as data_lib
+from gaternet_jax import steps
+from gaternet_jax.models import staged_batch_norm
+
+KEEP_BARRIERS = '--xla_disable_hlo_passes=cse_barrier_expander'
+
+
+@pytest.mark.parametrize('rows', [1, 5, 16, 210, 4096])
+def test_staged_sums_equal_plain_sums(rows):
+  rng = np.random.default_rng(rows)
+  a = rng.normal(size=(rows, 3)).astype(np.float32)
+  b = rng.normal(size=(rows, 7)).astype(np.float32)
+  sum_a, sum_b = jax.jit(staged_batch_norm.staged_sums)(a, b)
+  np.testing.assert_allclose(sum_a, a.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(sum_b, b.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)
+
+
+def _apply(module, variables, x, staged):
+  with staged_batch_norm.batch_norm_staged(staged):
+    return module.apply(variables, x, mutable=['batch_stats'])
+
+
+@pytest.mark.parametrize(
+  'shape, use_scale',
+  [((6, 5, 7, 3), True), ((4, 8), True), ((6, 5, 7, 3), False)],  # 210 rows: not a multiple of 16
+)
+def test_values_gradients_and_running_averages_match_flax(shape, use_scale):
+  x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, size=shape).astype(np.float32))
+  module = nn.BatchNorm(use_running_average=False, momentum=0.9, use_scale=use_scale)
+  variables = module.init(jax.random.key(0), x)
+  channels = shape[-1]
+  params = {'bias': jnp.linspace(-0.5, 0.5, channels)}
+  if use_scale:
+    params['scale'] = jnp.linspace(0.5, 2.0, channels)
+  stats = {
+    'mean': jnp.linspace(-1.0, 1.0, channels),
+    'var': jnp.linspace(0.5, 1.5, channels),
+  }
+
+  def loss(params, x, staged):
+    y, new = _apply(module, {'params': params, 'batch_stats': stats}, x, staged)
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape) / y.size), (y, new)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+  (flax_grads, (flax_y, flax_new)) = grad(params, x, False)
+  (staged_grads, (staged_y, staged_new)) = grad(params, x, True)
+  np.testing.assert_allclose(staged_y, flax_y, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(staged_new), jax.tree.leaves(flax_new)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(staged_grads), jax.tree.leaves(flax_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert jax.tree.structure(staged_grads) == jax.tree.structure(flax_grads)
+  assert set(variables['params']) == set(params)
+
+
+def test_gradients_through_the_returned_mean_and_variance():
+  """The backward rule also carries the mean and variance outputs' cotangents."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(37, 4)).astype(np.float32))
+  scale, bias = jnp.array([1.0, 2.0, 0.5, 1.5]), jnp.array([0.1, -0.2, 0.3, 0.0])
+
+  def reference(x, scale, bias):
+    mean = x.mean(0)
+    var = jnp.maximum(0.0, (x * x).mean(0) - mean * mean)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+
+  def loss(fn, x, scale, bias):
+    y, mean, var = fn(x, scale, bias)
+    return jnp.sum(y**2 * x) + jnp.sum(mean * jnp.arange(4.0)) + jnp.sum(jnp.sqrt(var))
+
+  staged = functools.partial(staged_batch_norm.batch_norm, epsilon=1e-5)
+  want = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2))(x, scale, bias)
+  got = jax.grad(functools.partial(loss, staged), argnums=(0, 1, 2))(x, scale, bias)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_output_dtype_matches_flax():
+  x = jnp.ones((4, 3, 3, 2), jnp.bfloat16) * jnp.arange(2, dtype=jnp.bfloat16)
+  module = nn.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+  variables = module.init(jax.random.key(0), x)
+  (flax_y, _), (staged_y, _) = (_apply(module, variables, x, s) for s in (False, True))
+  assert staged_y.dtype == flax_y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    np.asarray(staged_y, np.float32), np.asarray(flax_y, np.float32), atol=1e-2
+  )
+
+
+def test_calls_it_does_not_cover_run_flax_unchanged():
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 4, 4, 3)).astype(np.float32))
+  train = nn.BatchNorm(use_running_average=False)
+  variables = train.init(jax.random.key(0), x)
+  with staged_batch_norm.batch_norm_staged():
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, train.init(jax.random.key(0), x), variables))
+  evaluation = nn.BatchNorm(use_running_average=True)
+  per_axis = nn.BatchNorm(use_running_average=False, axis=1)
+  per_axis_variables = per_axis.init(jax.random.key(0), x)
+  mask = jnp.arange(8 * 4 * 4 * 3).reshape(x.shape) % 2 == 0
+  cases = [
+    (evaluation, variables, {}),
+    (per_axis, per_axis_variables, {}),
+    (train, variables, {'mask': mask}),
+  ]
+  for module, module_variables, kwargs in cases:
+    want = module.apply(module_variables, x, mutable=['batch_stats'], **kwargs)
+    with staged_batch_norm.batch_norm_staged():
+      got = module.apply(module_variables, x, mutable=['batch_stats'], **kwargs)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, got, want))
+
+
+@pytest.fixture(scope='module')
+def plain():
+  config = tiny_default('plain')
+  dataset = data_lib.load_dataset(config.data)
+  setup = steps.build(config, dataset.info)
+  images, labels = dataset.train_arrays()
+  batch = {'image': jnp.asarray(images[:16]), 'label': jnp.asarray(labels[:16])}
+  return setup, batch
+
+
+def _module_calls(setup, batch, module_type) -> int:
+  count = 0
+
+  def note(next_fun, args, kwargs, context):
+    nonlocal count
+    count += isinstance(context.module, module_type) and context.method_name == '__call__'
+    return next_fun(*args, **kwargs)
+
+  state = steps.create_state(setup, 0)
+  with nn.intercept_methods(note):
+    jax.eval_shape(
+      functools.partial(steps.train_step, setup=setup), state, batch, jax.random.key(0)
+    )
+  return count
+
+
+def _unstaged(monkeypatch):
+  """Turns the staged batch norm off in steps.train_step (Flax's own batch norm runs)."""
+  monkeypatch.setattr(
+    staged_batch_norm, 'batch_norm_staged', lambda enabled=True: contextlib.nullcontext()
+  )
+
+
+def _barriers(setup, batch, compiled: bool) -> int:
+  state = steps.create_state(setup, 0)
+  lowered = jax.jit(functools.partial(steps.train_step, setup=setup)).lower(
+    state, batch, jax.random.key(0)
+  )
+  if compiled:
+    return lowered.compile().as_text().count('opt-barrier(')
+  return lowered.as_text().count('stablehlo.optimization_barrier')
+
+
+@pytest.mark.parametrize(
+  'compiled',
+  [
+    False,
+    pytest.param(
+      True,
+      marks=pytest.mark.skipif(
+        KEEP_BARRIERS not in os.environ.get('XLA_FLAGS', ''), reason='needs the CPU XLA flags'
+      ),
+    ),
+  ],
+)
+def test_the_cpu_train_step_stages_every_batch_norm(plain, monkeypatch, compiled):
+  setup, batch = plain
+  assert steps.platform(setup) == 'cpu'
+  norms = _module_calls(setup, batch, nn.BatchNorm)
+  assert norms > 5
+  staged = _barriers(setup, batch, compiled)
+  _unstaged(monkeypatch)
+  # One barrier between the two stages of each batch norm's forward sums, one in its backward.
+  assert staged - _barriers(setup, batch, compiled) == 2 * norms
+
+
+def test_the_cpu_train_step_matches_flax_batch_norm(plain, monkeypatch):
+  setup, batch = plain
+  step = jax.jit(functools.partial(steps.train_step, setup=setup))
+
+  def three_steps():
+    state = steps.create_state(setup, 0)
+    for i in range(3):
+      state, metrics = step(state, batch, jax.random.key(i))
+    return state, metrics
+
+  staged_state, staged_metrics = three_steps()
+  _unstaged(monkeypatch)
+  step = jax.jit(functools.partial(steps.train_step, setup=setup))
+  flax_state, flax_metrics = three_steps()
+  initial = steps.create_state(setup, 0)
+  moved = [
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(flax_state.params), jax.tree.leaves(initial.params))
+  ]
+  assert max(moved) > 1e-3  # the steps really update the parameters
+  np.testing.assert_allclose(staged_metrics['loss'], flax_metrics['loss'], rtol=1e-5)
+  # Summation order differs, and three steps let the rounding grow to ~2e-5 in a few weights.
+  for a, b in zip(jax.tree.leaves(staged_state.params), jax.tree.leaves(flax_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  for a, b in zip(
+    jax.tree.leaves(staged_state.batch_stats), jax.tree.leaves(flax_state.batch_stats)
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -83,6 +83,44 @@ def load_experiment(name: str, variant: str | None = None):
   return module.get_config(variant)
 
 
+def tiny_setup_and_batch(variant: str, batch_size: int = 16):
+  """The tiny default experiment's step setup and one batch of its embedded training images."""
+  import jax.numpy as jnp
+
+  from gaternet_jax import data as data_lib
+  from gaternet_jax import steps
+
+  config = tiny_default(variant)
+  dataset = data_lib.load_dataset(config.data)
+  setup = steps.build(config, dataset.info)
+  images, labels = dataset.train_arrays()
+  batch = {'image': jnp.asarray(images[:batch_size]), 'label': jnp.asarray(labels[:batch_size])}
+  return setup, batch
+
+
+def train_step_calls(setup, batch, module_type) -> int:
+  """How many `module_type` calls one traced training step makes (backbone and gater)."""
+  import functools
+
+  import flax.linen as nn
+
+  from gaternet_jax import steps
+
+  count = 0
+
+  def note(next_fun, args, kwargs, context):
+    nonlocal count
+    count += isinstance(context.module, module_type) and context.method_name == '__call__'
+    return next_fun(*args, **kwargs)
+
+  state = steps.create_state(setup, 0)
+  with nn.intercept_methods(note):
+    jax.eval_shape(
+      functools.partial(steps.train_step, setup=setup), state, batch, jax.random.key(0)
+    )
+  return count
+
+
 def tiny_default(variant: str = 'gated', **overrides):
   """The default experiment with a budget of a few steps (unlocked, editable)."""
   config = load_experiment('default', variant)

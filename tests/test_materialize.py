@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_default
-from gaternet_jax import data as data_lib
+from conftest import tiny_setup_and_batch, train_step_calls
 from gaternet_jax import environment, steps
 from gaternet_jax.models import materialize
 
@@ -19,29 +18,7 @@ KEEP_BARRIERS = '--xla_disable_hlo_passes=cse_barrier_expander'
 
 @pytest.fixture(scope='module')
 def gated():
-  config = tiny_default('gated')
-  dataset = data_lib.load_dataset(config.data)
-  setup = steps.build(config, dataset.info)
-  images, labels = dataset.train_arrays()
-  batch = {'image': jnp.asarray(images[:16]), 'label': jnp.asarray(labels[:16])}
-  return setup, batch
-
-
-def _conv_calls(setup, batch) -> int:
-  """How many nn.Conv calls one training forward pass makes (backbone and gater)."""
-  count = 0
-
-  def note_conv(next_fun, args, kwargs, context):
-    nonlocal count
-    count += isinstance(context.module, nn.Conv) and context.method_name == '__call__'
-    return next_fun(*args, **kwargs)
-
-  state = steps.create_state(setup, 0)
-  with nn.intercept_methods(note_conv):
-    jax.eval_shape(
-      functools.partial(steps.train_step, setup=setup), state, batch, jax.random.key(0)
-    )
-  return count
+  return tiny_setup_and_batch('gated')
 
 
 def test_every_conv_input_gets_one_barrier_in_the_cpu_train_step(gated):
@@ -50,7 +27,7 @@ def test_every_conv_input_gets_one_barrier_in_the_cpu_train_step(gated):
   state = steps.create_state(setup, 0)
   step = jax.jit(functools.partial(steps.train_step, setup=setup))
   text = step.lower(state, batch, jax.random.key(0)).as_text()
-  convs = _conv_calls(setup, batch)
+  convs = train_step_calls(setup, batch, nn.Conv)
   assert convs > 10  # the ResNet-8 backbone and its ResNet-8 gater
   # Forward barriers plus their transposes in the backward pass (one per differentiated input).
   assert text.count('stablehlo.optimization_barrier') >= convs
@@ -71,7 +48,7 @@ def test_the_cpu_flags_keep_the_barriers_through_compilation(gated):
   state = steps.create_state(setup, 0)
   step = jax.jit(functools.partial(steps.train_step, setup=setup))
   compiled = step.lower(state, batch, jax.random.key(0)).compile().as_text()
-  assert compiled.count('opt-barrier(') >= _conv_calls(setup, batch)
+  assert compiled.count('opt-barrier(') >= train_step_calls(setup, batch, nn.Conv)
 
 
 def test_barriers_change_no_value(gated):

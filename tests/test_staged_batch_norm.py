@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_default
-from gaternet_jax import data as data_lib
+from conftest import tiny_setup_and_batch, train_step_calls
 from gaternet_jax import steps
 from gaternet_jax.models import staged_batch_norm
 
@@ -122,28 +121,7 @@ def test_calls_it_does_not_cover_run_flax_unchanged():
 
 @pytest.fixture(scope='module')
 def plain():
-  config = tiny_default('plain')
-  dataset = data_lib.load_dataset(config.data)
-  setup = steps.build(config, dataset.info)
-  images, labels = dataset.train_arrays()
-  batch = {'image': jnp.asarray(images[:16]), 'label': jnp.asarray(labels[:16])}
-  return setup, batch
-
-
-def _module_calls(setup, batch, module_type) -> int:
-  count = 0
-
-  def note(next_fun, args, kwargs, context):
-    nonlocal count
-    count += isinstance(context.module, module_type) and context.method_name == '__call__'
-    return next_fun(*args, **kwargs)
-
-  state = steps.create_state(setup, 0)
-  with nn.intercept_methods(note):
-    jax.eval_shape(
-      functools.partial(steps.train_step, setup=setup), state, batch, jax.random.key(0)
-    )
-  return count
+  return tiny_setup_and_batch('plain')
 
 
 def _unstaged(monkeypatch):
@@ -178,7 +156,7 @@ def _barriers(setup, batch, compiled: bool) -> int:
 def test_the_cpu_train_step_stages_every_batch_norm(plain, monkeypatch, compiled):
   setup, batch = plain
   assert steps.platform(setup) == 'cpu'
-  norms = _module_calls(setup, batch, nn.BatchNorm)
+  norms = train_step_calls(setup, batch, nn.BatchNorm)
   assert norms > 5
   staged = _barriers(setup, batch, compiled)
   _unstaged(monkeypatch)

@@ -12,15 +12,16 @@ import os
 import sys
 import threading
 
+# Keeps `jax.lax.optimization_barrier`s alive through fusion; without it XLA:CPU deletes them first.
+KEEP_BARRIERS_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
 # Measured on the 2-core CPU this project is developed on: XLA:CPU's default YNNPACK fusion keeps
 # ~1.4 of 2 cores busy; disabling it roughly doubled training throughput (see DESIGN.md). Keeping
-# optimization barriers until after fusion lets the train step store its convolutions' inputs
-# instead of recomputing them (models/materialize.py; ResNet-20 training +32%). Applied
-# only on CPU-only installs (an experimental flag another XLA build may not know), only when the
-# user has not set XLA flags of their own, and before JAX starts.
-CPU_XLA_FLAGS = (
-  '--xla_cpu_experimental_ynn_fusion_type= --xla_disable_hlo_passes=cse_barrier_expander'
-)
+# the barriers lets the train step store its convolutions' inputs instead of recomputing them
+# (models/materialize.py; ResNet-20 training +32%) and take batch norm's sums in two fused stages
+# (models/staged_batch_norm.py; +16%). Applied only on CPU-only installs (an experimental flag
+# another XLA build may not know), only when the user has not set XLA flags of their own, and
+# before JAX starts.
+CPU_XLA_FLAGS = f'--xla_cpu_experimental_ynn_fusion_type= {KEEP_BARRIERS_FLAG}'
 # GATERNET_CPU_FLAGS=0 turns the CPU flags off (e.g. to measure without them).
 DISABLE_VARIABLE = 'GATERNET_CPU_FLAGS'
 _ACCELERATOR_PLUGINS = (

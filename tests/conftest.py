@@ -16,9 +16,16 @@ _CACHE = os.environ.setdefault(
 )
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
+import functools  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from gaternet_jax import data as data_lib  # noqa: E402
+from gaternet_jax import steps  # noqa: E402
 
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
@@ -85,11 +92,6 @@ def load_experiment(name: str, variant: str | None = None):
 
 def tiny_setup_and_batch(variant: str, batch_size: int = 16):
   """The tiny default experiment's step setup and one batch of its embedded training images."""
-  import jax.numpy as jnp
-
-  from gaternet_jax import data as data_lib
-  from gaternet_jax import steps
-
   config = tiny_default(variant)
   dataset = data_lib.load_dataset(config.data)
   setup = steps.build(config, dataset.info)
@@ -100,12 +102,6 @@ def tiny_setup_and_batch(variant: str, batch_size: int = 16):
 
 def train_step_calls(setup, batch, module_type) -> int:
   """How many `module_type` calls one traced training step makes (backbone and gater)."""
-  import functools
-
-  import flax.linen as nn
-
-  from gaternet_jax import steps
-
   count = 0
 
   def note(next_fun, args, kwargs, context):

@@ -13,7 +13,7 @@ from conftest import tiny_setup_and_batch, train_step_calls
 from gaternet_jax import environment, steps
 from gaternet_jax.models import materialize
 
-KEEP_BARRIERS = '--xla_disable_hlo_passes=cse_barrier_expander'
+KEEP_BARRIERS = environment.KEEP_BARRIERS_FLAG
 
 
 @pytest.fixture(scope='module')

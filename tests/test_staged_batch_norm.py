@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_setup_and_batch, train_step_calls
-from gaternet_jax import steps
+from gaternet_jax import environment, steps
 from gaternet_jax.models import staged_batch_norm
 
-KEEP_BARRIERS = '--xla_disable_hlo_passes=cse_barrier_expander'
+KEEP_BARRIERS = environment.KEEP_BARRIERS_FLAG
 
 
 @pytest.mark.parametrize('rows', [1, 5, 16, 210, 4096])

@@ -22,6 +22,7 @@ from gaternet_jax import checkpoints, distributed, layout, models, steps
 from gaternet_jax import data as data_lib
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.data import augment
+from gaternet_jax.models import native_conv
 from gaternet_jax.errors import CheckpointError, UserError
 
 
@@ -136,7 +137,8 @@ class Run:
 
     def forward(variables, images):
       x = augment.normalize(images, info.mean, info.std, steps.compute_dtype(self.config))
-      logits, aux = self.model.apply(variables, x, train=False)
+      with native_conv.native_convolutions(enabled=jax.default_backend() == 'cpu'):
+        logits, aux = self.model.apply(variables, x, train=False)
       gates = aux['gates'] > 0.5 if 'gates' in aux else jnp.zeros((images.shape[0], 0), bool)
       return logits, gates
 

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gaternet_jax import losses, models
-from gaternet_jax.models import initialization, materialize, staged_batch_norm
+from gaternet_jax.models import initialization, materialize, native_conv, staged_batch_norm
 from gaternet_jax.data import augment
 from gaternet_jax.errors import UserError
 
@@ -253,12 +253,14 @@ def train_step(
 
   def loss_fn(params):
     # On the CPU, convolution inputs are stored for the backward pass, not recomputed (ResNet-20
-    # training 225 -> 297 images/s there; models/materialize.py), and batch norm takes its sums
-    # in two fused stages (328 -> 380; models/staged_batch_norm.py). Unmeasured elsewhere: off.
+    # training 225 -> 297 images/s there; models/materialize.py), batch norm takes its sums
+    # in two fused stages (328 -> 380; models/staged_batch_norm.py), and convolutions run in
+    # native kernels (models/native_conv.py). Unmeasured elsewhere: off.
     on_cpu = platform(setup) == 'cpu'
     with (
       materialize.conv_inputs_materialized(enabled=on_cpu),
       staged_batch_norm.batch_norm_staged(enabled=on_cpu),
+      native_conv.native_convolutions(enabled=on_cpu, mesh=setup.mesh),
     ):
       (logits, aux), new_vars = setup.model.apply(
         {'params': params, 'batch_stats': state.batch_stats},
@@ -303,7 +305,8 @@ def _eval_forward(state: TrainState, batch: dict[str, jax.Array], setup: Setup, 
   1(g' > gate_threshold)."""
   x = preprocess(setup.config, setup.info, batch['image'], None)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  return setup.model.apply(variables, x, train=False, gate_threshold=gate_threshold)
+  with native_conv.native_convolutions(enabled=platform(setup) == 'cpu', mesh=setup.mesh):
+    return setup.model.apply(variables, x, train=False, gate_threshold=gate_threshold)
 
 
 def eval_step(

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_setup_and_batch, train_step_calls
 from gaternet_jax import environment, steps
-from gaternet_jax.models import staged_batch_norm
+from gaternet_jax.models import native_conv, staged_batch_norm
 
 KEEP_BARRIERS = environment.KEEP_BARRIERS_FLAG
 
@@ -166,6 +166,12 @@ def test_the_cpu_train_step_stages_every_batch_norm(plain, monkeypatch, compiled
 
 def test_the_cpu_train_step_matches_flax_batch_norm(plain, monkeypatch):
   setup, batch = plain
+  # XLA's own convolutions in both runs, so that only batch norm differs: this tiny model is
+  # sensitive enough at its third step that the native convolutions' rounding (the same step
+  # from the same state agrees to ~2e-8) would grow past these tolerances on its own.
+  monkeypatch.setattr(
+    native_conv, 'native_convolutions', lambda enabled=True, mesh=None: contextlib.nullcontext()
+  )
   step = jax.jit(functools.partial(steps.train_step, setup=setup))
 
   def three_steps():

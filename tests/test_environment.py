@@ -1,0 +1,90 @@
+"""Process set-up: the CPU XLA flags, and freed memory kept for reuse (no page faults per step)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from gaternet_jax import environment
+
+# Allocates, touches and frees 300 MB three times on a new thread (as XLA:CPU's worker threads
+# allocate each execution's temporary buffer) and prints the page faults of each round.
+FAULTS = """
+import ctypes, json, os, threading
+from gaternet_jax import environment
+environment.prepare()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 300 << 20
+faults = []
+def minor_faults():
+  return int(open(f'/proc/{os.getpid()}/stat').read().split()[9])
+def rounds():
+  for _ in range(3):
+    before = minor_faults()
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    libc.free(p)
+    faults.append(minor_faults() - before)
+t = threading.Thread(target=rounds)
+t.start(); t.join()
+print(json.dumps({'faults': faults, 'xla_flags': os.environ.get('XLA_FLAGS')}))
+"""
+
+
+def _faults(env: dict) -> dict:
+  clean = {
+    k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', environment.MALLOC_VARIABLE)
+  }
+  result = subprocess.run(
+    [sys.executable, '-c', FAULTS],
+    cwd=REPO,
+    env=dict(clean, **env),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+needs_glibc_linux = pytest.mark.skipif(
+  not sys.platform.startswith('linux') or not os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc'),
+  reason='page-fault counts and mallopt are Linux/glibc facts',
+)
+
+
+@needs_glibc_linux
+def test_freed_buffers_are_reused_without_new_page_faults():
+  pages = (300 << 20) // os.sysconf('SC_PAGE_SIZE')
+  kept = _faults({})
+  assert kept['xla_flags'] == environment.CPU_XLA_FLAGS
+  assert kept['faults'][0] >= pages * 0.9  # the first round maps its memory
+  assert max(kept['faults'][1:]) < pages * 0.01  # later rounds reuse it
+  unmapped = _faults({environment.MALLOC_VARIABLE: '0'})
+  assert min(unmapped['faults']) >= pages * 0.9  # glibc's default: a fresh mmap every round
+
+
+@needs_glibc_linux
+def test_a_users_own_xla_flags_leave_flags_and_malloc_alone():
+  mine = _faults({'XLA_FLAGS': '--xla_cpu_enable_fast_math=false'})
+  assert mine['xla_flags'] == '--xla_cpu_enable_fast_math=false'
+  pages = (300 << 20) // os.sysconf('SC_PAGE_SIZE')
+  assert min(mine['faults']) >= pages * 0.9
+
+
+def test_prepare_sets_flags_only_where_the_user_did_not():
+  environ = {}
+  environment.prepare(environ)
+  assert environ['XLA_FLAGS'] == environment.CPU_XLA_FLAGS or not environment.cpu_only_install()
+  environ = {'XLA_FLAGS': '--mine'}
+  environment.prepare(environ)
+  assert environ['XLA_FLAGS'] == '--mine'
+  environ = {environment.DISABLE_VARIABLE: '0'}
+  environment.prepare(environ)
+  assert 'XLA_FLAGS' not in environ

@@ -8,7 +8,9 @@ is read). Training is the real loop's path: `device_loops.TrainDispatch` (batche
 device, augmentation, SemHash, the L1 term, SGD), K steps per dispatch (default: the platform's).
 Inference is the evaluation step on one batch. Each measurement runs `--steps` steps after a
 warm-up; `--rounds` repeats every measurement in turn (interleaved, so that a slow spell of the
-machine hits all of them) and the medians are reported, with every round's value.
+machine hits all of them) and the medians are reported, with every round's value. The line also
+says whether the native CPU kernels ran (`native_kernels`: true, or why not) and whether freed
+memory was kept for reuse (`freed_memory_kept`; environment.keep_freed_memory).
 
 `--pytorch` also measures `benchmarks/pytorch_reference.py` (the same ResNet-20 in PyTorch eager,
 NCHW and channels_last) in the same rounds, and adds the ratios of ours to it. It needs torch
@@ -39,7 +41,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import synthetic  # noqa: E402 - benchmarks/synthetic.py
 
-from gaternet_jax import steps  # noqa: E402
+from gaternet_jax import native, steps  # noqa: E402
 from gaternet_jax.data import feed  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'experiments/cifar10_resnet20.py', 'Experiment config.')
@@ -137,6 +139,7 @@ def main(argv):
     'devices': jax.device_count(),
     'backend': jax.default_backend(),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'freed_memory_kept': environment.freed_memory_kept(),
   }
   measurements = {v: Measurement(config, v) for v in FLAGS.variants}
   if FLAGS.pytorch and config.model.backbone != 'cifar_resnet20':
@@ -153,6 +156,8 @@ def main(argv):
       for fmt in PYTORCH_FORMATS:
         times.setdefault(f'pytorch_{fmt}/train', []).append(r[fmt]['train_images_per_s'])
         times.setdefault(f'pytorch_{fmt}/inference', []).append(r[fmt]['inference_images_per_s'])
+  # Asked after the models are built: their first traced step compiled the kernels (or not).
+  result['native_kernels'] = native.library_path() is not None or native.unavailable_reason()
   for variant, m in measurements.items():
     result[variant] = {
       'train_images_per_s': _summary(times[f'{variant}/train']),

@@ -65,6 +65,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _KEEP_BYTES = 1 << 30
 
 
+_kept = [False]  # whether keep_freed_memory() took effect in this process
+
+
 def keep_freed_memory() -> bool:
   """glibc's malloc keeps up to 1 GiB of freed memory for reuse instead of unmapping it.
 
@@ -80,7 +83,7 @@ def keep_freed_memory() -> bool:
     return False
   if not hasattr(libc, 'gnu_get_libc_version'):
     return False
-  return all(
+  _kept[0] = all(
     mallopt(option, value) == 1
     for option, value in (
       (_M_ARENA_MAX, 1),
@@ -88,6 +91,12 @@ def keep_freed_memory() -> bool:
       (_M_TRIM_THRESHOLD, _KEEP_BYTES),
     )
   )
+  return _kept[0]
+
+
+def freed_memory_kept() -> bool:
+  """Whether this process's malloc keeps freed memory (`keep_freed_memory()` took effect)."""
+  return _kept[0]
 
 
 def enable_compilation_cache() -> None:

@@ -28,6 +28,9 @@ def test_throughput_prints_medians_of_its_rounds():
     assert len(rounds) == 2 and all(r > 0 for r in rounds)
     assert min(rounds) <= plain[kind]['median'] <= max(rounds)
   assert out['backend'] == 'cpu' and 'pytorch' not in out
+  # Says what ran: the native kernels (True, or why not) and whether freed memory was kept.
+  assert out['native_kernels'] is True or isinstance(out['native_kernels'], str)
+  assert isinstance(out['freed_memory_kept'], bool)
 
 
 def test_compile_time_reports_each_config_cold():

@@ -33,6 +33,10 @@ CASES = [
   (2, 9, 9, 32, 16, (1, 7), (1, 1), ((0, 0), (3, 3))),  # Inception's factorised 1x7
   (2, 9, 9, 16, 32, (3, 3), (1, 1), ((2, 0), (0, 1))),  # asymmetric explicit padding
   (1, 4, 4, 40, 16, (3, 3), (1, 1), 'SAME'),  # Ci past two tiles of 16, remainder 8
+  (2, 8, 8, 16, 12, (3, 3), (1, 1), 'SAME'),  # DenseNet's growth rate: less than a vector
+  (2, 8, 8, 12, 27, (3, 3), (1, 1), 'SAME'),  # an export's pruned width: a vector and 11
+  (2, 6, 6, 8, 53, (1, 1), (1, 1), 'VALID'),  # two vectors (one block) and 21 channels
+  (2, 9, 9, 7, 48, (3, 3), (2, 2), 'SAME'),  # one block of two vectors and one whole vector
 ]
 
 
@@ -93,7 +97,6 @@ def test_the_kernels_are_the_ones_computing():
   'dtype, co, kwargs',
   [
     (jnp.bfloat16, 16, {}),
-    (jnp.float32, 12, {}),  # DenseNet's growth rate: not a multiple of 16
     (jnp.float32, 16, {'rhs_dilation': (2, 2)}),
     (jnp.float32, 16, {'feature_group_count': 2}),
     (jnp.float32, 16, {'padding': ((-1, 0), (0, 0))}),
@@ -302,7 +305,7 @@ from gaternet_jax import native
 from gaternet_jax.models import native_conv
 assert native.available(), native.unavailable_reason()
 worst = 0.0
-for n, h, ci, co, k, s in [(3, 9, 16, 16, 3, 1), (2, 8, 5, 48, 3, 2), (2, 7, 32, 64, 1, 1)]:
+for n, h, ci, co, k, s in [(3, 9, 16, 16, 3, 1), (2, 8, 5, 48, 3, 2), (2, 7, 32, 64, 1, 1), (2, 7, 12, 27, 3, 1)]:
   x = jax.random.normal(jax.random.key(0), (n, h, h, ci))
   w = jax.random.normal(jax.random.key(1), (k, k, ci, co)) / (3 * np.sqrt(ci))
   def loss(x, w, fn):

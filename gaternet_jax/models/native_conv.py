@@ -16,10 +16,10 @@ the kernel for 16 channels (README, Throughput has the measurements).
 
 `native_convolutions()` swaps `conv_general_dilated` below into every `flax.linen.Conv` call while
 tracing. A convolution it does not cover (not float32, not NHWC / HWIO, dilated, grouped, negative
-padding, output channels not a multiple of 16; for dx through the kernel, also input channels not
-a multiple of 16 or stride > 1) runs XLA's own computation for that part, as does everything when
-the kernels are unavailable (`native.available()` is False: no compiler, or
-GATERNET_NATIVE_KERNELS=0). Results agree with XLA's to float32 rounding (sums in another order).
+padding) runs XLA's own, as does dx of a strided one, and everything when the kernels are
+unavailable (`native.available()` is False: not measured on this CPU, no compiler, or
+GATERNET_NATIVE_KERNELS=0). Any channel counts are covered (an export's pruned layers, DenseNet's
+12 new channels). Results agree with XLA's to float32 rounding (sums in another order).
 
 On a mesh of several devices each kernel runs per device on its part of the batch
 (`jax.shard_map` over the mesh's axes); the weight gradient's per-device sums are added with a
@@ -44,8 +44,6 @@ from gaternet_jax import native
 
 FORWARD_TARGET = 'gaternet_conv_forward'
 WEIGHT_GRAD_TARGET = 'gaternet_conv_weight_grad'
-# The kernels' output channels come in vectors of 16 floats.
-CHANNEL_MULTIPLE = 16
 # flax's dimension numbers for a 2-D NHWC convolution with an HWIO kernel.
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
@@ -81,7 +79,7 @@ def native_padding(
     return None
   if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
     return None
-  if feature_group_count != 1 or batch_group_count != 1 or rhs.shape[3] % CHANNEL_MULTIPLE:
+  if feature_group_count != 1 or batch_group_count != 1:
     return None
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
@@ -179,7 +177,7 @@ def _conv_fwd(lhs, rhs, strides, pads, precision, mesh):
 def _conv_bwd(strides, pads, precision, mesh, residuals, dy):
   lhs, rhs = residuals
   flipped_pads = _input_gradient_pads(rhs.shape, pads)
-  if strides == (1, 1) and lhs.shape[3] % CHANNEL_MULTIPLE == 0 and flipped_pads is not None:
+  if strides == (1, 1) and flipped_pads is not None:
     # dx[i] = sum over a of dy[i + p - a] w[a] = conv(dy, w[::-1] with ci <-> co) padded k - 1 - p.
     flipped = jnp.transpose(jnp.flip(rhs, (0, 1)), (0, 1, 3, 2))
     dx = forward(dy, flipped, strides, flipped_pads, mesh)

@@ -14,15 +14,16 @@
 // README, Throughput has the measurements.
 //
 // How: both loops keep a tile of accumulators in vector registers, as many FMAs as possible per
-// load. Forward: P output pixels x TV vectors of 16 output channels, summed over every tap and
+// load. Forward: P output pixels x TV vectors of output channels, summed over every tap and
 // input channel (a vector load of w and P broadcasts of x per input channel). Weight gradient: TC
 // input channels x TV output-channel vectors of one tap, summed over an image's output pixels
 // (TV vector loads of dy and TC broadcasts of x per pixel), output rows in cache-sized blocks.
 // Work is shared out between the calling thread and XLA's intra-op thread pool (ShareWork).
 //
-// Requires: float32, rank-4 NHWC x / y / dy and HWIO w / dw, output channels (Co) a multiple of
-// 16, strides >= 1, top/left padding >= 0, no dilation. models/native_conv.py checks these and
-// uses XLA's own convolution otherwise; the handlers check shapes again and return an error.
+// Requires: float32, rank-4 NHWC x / y / dy and HWIO w / dw, strides >= 1, top/left padding >= 0,
+// no dilation, no groups. models/native_conv.py checks these and uses XLA's own convolution
+// otherwise; the handlers check shapes again and return an error. Any channel counts: channels
+// past the last whole block of vectors are read from zero-padded copies.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -68,10 +69,6 @@ constexpr int kForwardPixels2 = 8;
 constexpr int kGradChannels1 = 16;
 constexpr int kGradChannels2 = 8;
 #endif
-// Output channels must be a multiple of this (the Python side checks 16).
-constexpr int kChannelMultiple = 16;
-static_assert(kChannelMultiple % kLanes == 0, "a channel group must be whole vectors");
-
 // A GCC/Clang vector of kLanes floats: one register of the instruction set above.
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
@@ -155,15 +152,63 @@ class ShareWork {
   };
 };
 
+// The output-channel axis in blocks of TV vectors: full blocks, then (when Co is not a multiple
+// of TV * kLanes) one narrower block of ceil(rest / kLanes) vectors whose operands the kernels read
+// from a zero-padded copy, so that every inner loop loads whole vectors.
+struct Blocks {
+  int tv;           // vectors per full block: 2 when Co has two vectors' worth, else 1
+  int64_t full;     // channels in full blocks
+  int64_t rest;     // channels in the last, narrower block (0: none)
+  int rest_tv;      // vectors of that block
+};
+
+inline Blocks ChannelBlocks(int64_t co) {
+  Blocks b;
+  b.tv = co >= 2 * kLanes ? 2 : 1;
+  b.full = co - co % (b.tv * kLanes);
+  b.rest = co - b.full;
+  b.rest_tv = static_cast<int>((b.rest + kLanes - 1) / kLanes);
+  return b;
+}
+
+// Stores `width` channels (<= TV * kLanes) of one pixel's TV accumulators at `out`.
+template <int TV>
+__attribute__((always_inline)) inline void StoreChannels(float* out, const Vec (&acc)[TV],
+                                                         int64_t width) {
+  if (width == TV * kLanes) {
+    for (int v = 0; v < TV; ++v) StoreVec(out + v * kLanes, acc[v]);
+    return;
+  }
+  float lanes[TV * kLanes];
+  std::memcpy(lanes, acc, sizeof(lanes));
+  std::memcpy(out, lanes, width * sizeof(float));
+}
+
+// Adds `width` channels (<= TV * kLanes) of TV accumulators to the floats at `out`.
+template <int TV>
+__attribute__((always_inline)) inline void AddChannels(float* out, const Vec (&acc)[TV],
+                                                       int64_t width) {
+  if (width == TV * kLanes) {
+    for (int v = 0; v < TV; ++v) StoreVec(out + v * kLanes, LoadVec(out + v * kLanes) + acc[v]);
+    return;
+  }
+  float lanes[TV * kLanes];
+  std::memcpy(lanes, acc, sizeof(lanes));
+  for (int64_t i = 0; i < width; ++i) out[i] += lanes[i];
+}
+
 //===------------------------------------------------------------------------------------------===//
 // Forward
 //===------------------------------------------------------------------------------------------===//
 
 // One image, read from a zero-padded copy xpad[ph][pw][ci] (so no tap needs a bounds check):
-// y[oy][ox0 .. ox0+P)[co0 .. co0+16 TV).
+// y[oy][ox0 .. ox0+P)[co0 .. co0+width), width <= TV * kLanes. The kernel's channels co0.. are
+// read as w_block[(a * kw + b) * ci + c][0 .. TV * kLanes), rows `w_stride` floats apart (w itself
+// offset by co0, or the zero-padded copy of the last block).
 template <int P, int TV>
-void ForwardTile(const Geometry& g, int64_t pw, const float* xpad, const float* w, float* y,
-                 int64_t oy, int64_t ox0, int64_t co0) {
+void ForwardTile(const Geometry& g, int64_t pw, const float* xpad, const float* w_block,
+                 int64_t w_stride, float* y, int64_t oy, int64_t ox0, int64_t co0,
+                 int64_t width) {
   Vec acc[P][TV];
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < TV; ++v) acc[p][v] = Vec{};
@@ -172,10 +217,10 @@ void ForwardTile(const Geometry& g, int64_t pw, const float* xpad, const float* 
     const float* x_row = xpad + ((oy * g.sh + a) * pw + ox0 * g.sw) * g.ci;
     for (int64_t b = 0; b < g.kw; ++b) {
       const float* xb = x_row + b * g.ci;
-      const float* wb = w + (a * g.kw + b) * g.ci * g.co + co0;
+      const float* wb = w_block + (a * g.kw + b) * g.ci * w_stride;
       for (int64_t c = 0; c < g.ci; ++c) {
         Vec wv[TV];
-        for (int v = 0; v < TV; ++v) wv[v] = LoadVec(wb + c * g.co + v * kLanes);
+        for (int v = 0; v < TV; ++v) wv[v] = LoadVec(wb + c * w_stride + v * kLanes);
         for (int p = 0; p < P; ++p) {
           const float s = xb[p * pixel_step + c];
           for (int v = 0; v < TV; ++v) acc[p][v] += s * wv[v];
@@ -184,31 +229,39 @@ void ForwardTile(const Geometry& g, int64_t pw, const float* xpad, const float* 
     }
   }
   float* out = y + (oy * g.ow + ox0) * g.co + co0;
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < TV; ++v) StoreVec(out + p * g.co + v * kLanes, acc[p][v]);
+  for (int p = 0; p < P; ++p) StoreChannels<TV>(out + p * g.co, acc[p], width);
 }
 
 // ForwardTile<p, TV> for a run-time p in 1..P (the last tile of a row may be narrower).
 template <int TV, int P>
-void ForwardTileOfWidth(int p, const Geometry& g, int64_t pw, const float* xpad, const float* w,
-                        float* y, int64_t oy, int64_t ox0, int64_t co0) {
+void ForwardTileOfWidth(int p, const Geometry& g, int64_t pw, const float* xpad,
+                        const float* w_block, int64_t w_stride, float* y, int64_t oy, int64_t ox0,
+                        int64_t co0, int64_t width) {
   if constexpr (P > 0) {
-    if (p == P) return ForwardTile<P, TV>(g, pw, xpad, w, y, oy, ox0, co0);
-    return ForwardTileOfWidth<TV, P - 1>(p, g, pw, xpad, w, y, oy, ox0, co0);
+    if (p == P) return ForwardTile<P, TV>(g, pw, xpad, w_block, w_stride, y, oy, ox0, co0, width);
+    return ForwardTileOfWidth<TV, P - 1>(p, g, pw, xpad, w_block, w_stride, y, oy, ox0, co0,
+                                         width);
   }
 }
 
+// Every row of one output image for the channel block [co0, co0 + width).
 template <int TV>
-void ForwardImage(const Geometry& g, int64_t pw, const float* xpad, const float* w, float* y) {
+void ForwardBlock(const Geometry& g, int64_t pw, const float* xpad, const float* w_block,
+                  int64_t w_stride, float* y, int64_t co0, int64_t width) {
   constexpr int kP = TV == 1 ? kForwardPixels1 : kForwardPixels2;
   for (int64_t oy = 0; oy < g.oh; ++oy) {
-    for (int64_t co0 = 0; co0 < g.co; co0 += TV * kLanes) {
-      for (int64_t ox0 = 0; ox0 < g.ow; ox0 += kP) {
-        const int p = static_cast<int>(std::min<int64_t>(kP, g.ow - ox0));
-        ForwardTileOfWidth<TV, kP>(p, g, pw, xpad, w, y, oy, ox0, co0);
-      }
+    for (int64_t ox0 = 0; ox0 < g.ow; ox0 += kP) {
+      const int p = static_cast<int>(std::min<int64_t>(kP, g.ow - ox0));
+      ForwardTileOfWidth<TV, kP>(p, g, pw, xpad, w_block, w_stride, y, oy, ox0, co0, width);
     }
   }
+}
+
+void ForwardBlockAny(int tv, const Geometry& g, int64_t pw, const float* xpad,
+                     const float* w_block, int64_t w_stride, float* y, int64_t co0,
+                     int64_t width) {
+  if (tv == 2) return ForwardBlock<2>(g, pw, xpad, w_block, w_stride, y, co0, width);
+  return ForwardBlock<1>(g, pw, xpad, w_block, w_stride, y, co0, width);
 }
 
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -220,17 +273,28 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   }
   const Geometry g{xd[0],  xd[1],  xd[2],    xd[3],    yd[1],   yd[2],   yd[3],
                    wd[0],  wd[1],  stride_h, stride_w, pad_top, pad_left};
-  if (yd[0] != g.n || wd[2] != g.ci || wd[3] != g.co || g.co % kChannelMultiple != 0 || g.sh < 1 ||
-      g.sw < 1 || g.pt < 0 || g.pl < 0) {
+  if (yd[0] != g.n || wd[2] != g.ci || wd[3] != g.co || g.sh < 1 || g.sw < 1 || g.pt < 0 ||
+      g.pl < 0) {
     return ffi::Error::InvalidArgument("conv_forward: unsupported shapes or attributes");
   }
   // The padded copy covers every tap of every output position; its border stays zero.
   const int64_t ph = std::max(g.pt + g.h, (g.oh - 1) * g.sh + g.kh);
   const int64_t pw = std::max(g.pl + g.w, (g.ow - 1) * g.sw + g.kw);
+  const Blocks blocks = ChannelBlocks(g.co);
+  const float* ws = w.typed_data();
+  // The last block's kernel channels, zero-padded to whole vectors (read by every image) unless
+  // they are whole vectors already.
+  const bool pad_rest = blocks.rest % kLanes != 0;
+  const int64_t rest_stride = pad_rest ? blocks.rest_tv * kLanes : g.co;
+  std::vector<float> w_rest(pad_rest ? g.kh * g.kw * g.ci * rest_stride : 0, 0.0f);
+  for (int64_t row = 0; pad_rest && row < g.kh * g.kw * g.ci; ++row) {
+    std::memcpy(w_rest.data() + row * rest_stride, ws + row * g.co + blocks.full,
+                blocks.rest * sizeof(float));
+  }
+  const float* w_rest_block = pad_rest ? w_rest.data() : ws + blocks.full;
   const int participants = ShareWork::Participants(pool, g.n);
   std::vector<std::vector<float>> padded(participants);
   const float* xs = x.typed_data();
-  const float* ws = w.typed_data();
   float* ys = y->typed_data();
   // Items are images: each output image is computed by one participant, in a fixed order.
   ShareWork::Run(pool, g.n, participants, [&](int me, int64_t i) {
@@ -242,10 +306,13 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                   g.w * g.ci * sizeof(float));
     }
     float* yi = ys + i * g.oh * g.ow * g.co;
-    if ((g.co / kLanes) % 2 == 0) {
-      ForwardImage<2>(g, pw, xpad.data(), ws, yi);
-    } else {
-      ForwardImage<1>(g, pw, xpad.data(), ws, yi);
+    const int64_t block = blocks.tv * kLanes;
+    for (int64_t co0 = 0; co0 < blocks.full; co0 += block) {
+      ForwardBlockAny(blocks.tv, g, pw, xpad.data(), ws + co0, g.co, yi, co0, block);
+    }
+    if (blocks.rest) {
+      ForwardBlockAny(blocks.rest_tv, g, pw, xpad.data(), w_rest_block, rest_stride, yi,
+                      blocks.full, blocks.rest);
     }
   });
   return ffi::Error::Success();
@@ -264,21 +331,23 @@ inline void ValidRange(int64_t out, int64_t in, int64_t s, int64_t k, int64_t p,
   *hi = std::min(last_plus_one, out);
 }
 
-// sum[a][b][ci0 + c][co0 + 16 v] += sum over oy in [oy_lo, oy_hi), ox in [ox_lo, ox_hi) of
-// x[iy][ix][ci0 + c] * dy[oy][ox][co0 + 16 v], for c < TC, v < TV (one image).
+// sum[a][b][ci0 + c][co0 .. co0+width) += sum over oy in [oy_lo, oy_hi), ox in [ox_lo, ox_hi) of
+// x[iy][ix][ci0 + c] * dy[oy][ox][co0 ..], for c < TC (one image). dy's channels co0.. are read as
+// dy_block[oy * ow + ox][0 .. TV * kLanes), pixels `dy_stride` floats apart (dy itself offset by
+// co0, or the zero-padded copy of the last block).
 template <int TC, int TV>
-void GradTile(const Geometry& g, const float* x, const float* dy, float* sum, int64_t a,
-              int64_t b, int64_t oy_lo, int64_t oy_hi, int64_t ox_lo, int64_t ox_hi, int64_t ci0,
-              int64_t co0) {
+void GradTile(const Geometry& g, const float* x, const float* dy_block, int64_t dy_stride,
+              float* sum, int64_t a, int64_t b, int64_t oy_lo, int64_t oy_hi, int64_t ox_lo,
+              int64_t ox_hi, int64_t ci0, int64_t co0, int64_t width) {
   Vec acc[TC][TV];
   for (int c = 0; c < TC; ++c)
     for (int v = 0; v < TV; ++v) acc[c][v] = Vec{};
   for (int64_t oy = oy_lo; oy < oy_hi; ++oy) {
     const float* x_row = x + (oy * g.sh + a - g.pt) * g.w * g.ci + ci0;
-    const float* dy_row = dy + oy * g.ow * g.co + co0;
+    const float* dy_row = dy_block + oy * g.ow * dy_stride;
     for (int64_t ox = ox_lo; ox < ox_hi; ++ox) {
       const float* xp = x_row + (ox * g.sw + b - g.pl) * g.ci;
-      const float* dp = dy_row + ox * g.co;
+      const float* dp = dy_row + ox * dy_stride;
       Vec d[TV];
       for (int v = 0; v < TV; ++v) d[v] = LoadVec(dp + v * kLanes);
       for (int c = 0; c < TC; ++c) {
@@ -288,30 +357,29 @@ void GradTile(const Geometry& g, const float* x, const float* dy, float* sum, in
     }
   }
   float* out = sum + ((a * g.kw + b) * g.ci + ci0) * g.co + co0;
-  for (int c = 0; c < TC; ++c) {
-    for (int v = 0; v < TV; ++v) {
-      float* o = out + c * g.co + v * kLanes;
-      StoreVec(o, LoadVec(o) + acc[c][v]);
-    }
-  }
+  for (int c = 0; c < TC; ++c) AddChannels<TV>(out + c * g.co, acc[c], width);
 }
 
 // GradTile<tc, TV> for a run-time tc in 1..TC (the last input-channel tile may be narrower).
 template <int TV, int TC>
-void GradTileOfWidth(int tc, const Geometry& g, const float* x, const float* dy, float* sum,
-                     int64_t a, int64_t b, int64_t oy_lo, int64_t oy_hi, int64_t ox_lo,
-                     int64_t ox_hi, int64_t ci0, int64_t co0) {
+void GradTileOfWidth(int tc, const Geometry& g, const float* x, const float* dy_block,
+                     int64_t dy_stride, float* sum, int64_t a, int64_t b, int64_t oy_lo,
+                     int64_t oy_hi, int64_t ox_lo, int64_t ox_hi, int64_t ci0, int64_t co0,
+                     int64_t width) {
   if constexpr (TC > 0) {
     if (tc == TC) {
-      return GradTile<TC, TV>(g, x, dy, sum, a, b, oy_lo, oy_hi, ox_lo, ox_hi, ci0, co0);
+      return GradTile<TC, TV>(g, x, dy_block, dy_stride, sum, a, b, oy_lo, oy_hi, ox_lo, ox_hi,
+                              ci0, co0, width);
     }
-    return GradTileOfWidth<TV, TC - 1>(tc, g, x, dy, sum, a, b, oy_lo, oy_hi, ox_lo, ox_hi, ci0,
-                                       co0);
+    return GradTileOfWidth<TV, TC - 1>(tc, g, x, dy_block, dy_stride, sum, a, b, oy_lo, oy_hi,
+                                       ox_lo, ox_hi, ci0, co0, width);
   }
 }
 
+// One image's contribution to sum for the channel block [co0, co0 + width).
 template <int TV>
-void GradImage(const Geometry& g, const float* x, const float* dy, float* sum) {
+void GradBlock(const Geometry& g, const float* x, const float* dy_block, int64_t dy_stride,
+               float* sum, int64_t co0, int64_t width) {
   constexpr int kTc = TV == 1 ? kGradChannels1 : kGradChannels2;
   const int64_t row_bytes = (g.ow * g.co + g.sh * g.w * g.ci) * static_cast<int64_t>(sizeof(float));
   const int64_t block_rows = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(row_bytes, 1));
@@ -327,16 +395,20 @@ void GradImage(const Geometry& g, const float* x, const float* dy, float* sum) {
         int64_t ox_lo, ox_hi;
         ValidRange(g.ow, g.w, g.sw, b, g.pl, &ox_lo, &ox_hi);
         if (ox_lo >= ox_hi) continue;
-        for (int64_t co0 = 0; co0 < g.co; co0 += TV * kLanes) {
-          for (int64_t ci0 = 0; ci0 < g.ci; ci0 += kTc) {
-            const int tc = static_cast<int>(std::min<int64_t>(kTc, g.ci - ci0));
-            GradTileOfWidth<TV, kTc>(tc, g, x, dy, sum, a, b, oy_lo, oy_hi, ox_lo, ox_hi, ci0,
-                                     co0);
-          }
+        for (int64_t ci0 = 0; ci0 < g.ci; ci0 += kTc) {
+          const int tc = static_cast<int>(std::min<int64_t>(kTc, g.ci - ci0));
+          GradTileOfWidth<TV, kTc>(tc, g, x, dy_block, dy_stride, sum, a, b, oy_lo, oy_hi, ox_lo,
+                                   ox_hi, ci0, co0, width);
         }
       }
     }
   }
+}
+
+void GradBlockAny(int tv, const Geometry& g, const float* x, const float* dy_block,
+                  int64_t dy_stride, float* sum, int64_t co0, int64_t width) {
+  if (tv == 2) return GradBlock<2>(g, x, dy_block, dy_stride, sum, co0, width);
+  return GradBlock<1>(g, x, dy_block, dy_stride, sum, co0, width);
 }
 
 ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
@@ -348,8 +420,8 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   }
   const Geometry g{xd[0],  xd[1],  xd[2],    xd[3],    dyd[1],  dyd[2],  dyd[3],
                    dwd[0], dwd[1], stride_h, stride_w, pad_top, pad_left};
-  if (dyd[0] != g.n || dwd[2] != g.ci || dwd[3] != g.co || g.co % kChannelMultiple != 0 || g.sh < 1 ||
-      g.sw < 1 || g.pt < 0 || g.pl < 0) {
+  if (dyd[0] != g.n || dwd[2] != g.ci || dwd[3] != g.co || g.sh < 1 || g.sw < 1 || g.pt < 0 ||
+      g.pl < 0) {
     return ffi::Error::InvalidArgument("conv_weight_grad: unsupported shapes or attributes");
   }
   // The batch is cut into one fixed range of images per participant; each range is summed, in
@@ -357,6 +429,9 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   // does not depend on which thread ran which range, only on the number of threads (the same run
   // on the same machine gives the same bits).
   const int64_t size = g.kh * g.kw * g.ci * g.co;
+  const Blocks blocks = ChannelBlocks(g.co);
+  const bool pad_rest = blocks.rest % kLanes != 0;
+  const int64_t rest_stride = blocks.rest_tv * kLanes;
   const int ranges = ShareWork::Participants(pool, g.n);
   std::vector<std::vector<float>> sums(ranges);
   const float* xs = x.typed_data();
@@ -364,13 +439,26 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   ShareWork::Run(pool, ranges, ranges, [&](int, int64_t r) {
     std::vector<float>& sum = sums[r];
     sum.assign(size, 0.0f);
+    // The last block's dy channels of one image, zero-padded to whole vectors unless they are
+    // whole vectors already.
+    std::vector<float> dy_rest(pad_rest ? g.oh * g.ow * rest_stride : 0, 0.0f);
     for (int64_t i = r * g.n / ranges; i < (r + 1) * g.n / ranges; ++i) {
       const float* xi = xs + i * g.h * g.w * g.ci;
       const float* dyi = dys + i * g.oh * g.ow * g.co;
-      if ((g.co / kLanes) % 2 == 0) {
-        GradImage<2>(g, xi, dyi, sum.data());
-      } else {
-        GradImage<1>(g, xi, dyi, sum.data());
+      const int64_t block = blocks.tv * kLanes;
+      for (int64_t co0 = 0; co0 < blocks.full; co0 += block) {
+        GradBlockAny(blocks.tv, g, xi, dyi + co0, g.co, sum.data(), co0, block);
+      }
+      if (blocks.rest && !pad_rest) {
+        GradBlockAny(blocks.rest_tv, g, xi, dyi + blocks.full, g.co, sum.data(), blocks.full,
+                     blocks.rest);
+      } else if (blocks.rest) {
+        for (int64_t pixel = 0; pixel < g.oh * g.ow; ++pixel) {
+          std::memcpy(dy_rest.data() + pixel * rest_stride, dyi + pixel * g.co + blocks.full,
+                      blocks.rest * sizeof(float));
+        }
+        GradBlockAny(blocks.rest_tv, g, xi, dy_rest.data(), rest_stride, sum.data(), blocks.full,
+                     blocks.rest);
       }
     }
   });

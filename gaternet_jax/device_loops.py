@@ -13,8 +13,10 @@ maximum shares one compiled program: the loop cuts chunks at log, eval and check
 those stay exactly where the config puts them.
 
 On the CPU the defaults are one step per call and one call per evaluation batch, without loops:
-XLA:CPU ran a ResNet-20 step ~45x slower inside a while loop than as a plain call (measured on
-the 2-core development machine); there a step takes far longer than its dispatch anyway.
+with XLA's own convolutions a ResNet-20 step ran ~45x slower inside a while loop than as a plain
+call; with the native convolutions (models/native_conv.py) a loop of 8 steps is no longer slow but
+still ~10% slower per step than single calls (measured on the 2-core development machine), and a
+step takes far longer than its dispatch anyway.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from gaternet_jax.errors import UserError
 
 # Steps per dispatch when `config.steps_per_dispatch` is None. On GPU/TPU a ResNet-20 step takes
 # less time than launching it, so a chunk amortises the launch over many steps; the loop still
-# cuts chunks at every log/eval/checkpoint step. On the CPU a step takes ~0.6 s, dispatch is
-# negligible, and XLA:CPU runs convolutions inside a loop far slower (see `_single_step`).
+# cuts chunks at every log/eval/checkpoint step. On the CPU a step takes ~0.14 s, dispatch is
+# negligible, and steps inside a loop ran slower there (see the module docstring).
 ACCELERATOR_STEPS_PER_DISPATCH = 100
 CPU_STEPS_PER_DISPATCH = 1
 # Streamed batches transferred ahead of the step that consumes them.
@@ -103,9 +105,10 @@ class TrainDispatch:
       )
       one_step = functools.partial(_one_step, setup=setup, resident=self.resident)
       if self.max_steps == 1:
-        # No loop: XLA:CPU ran the step ~45x slower inside a while loop (4.7 vs 218 images/s,
-        # ResNet-20, batch 128, the 2-core development CPU), so one step per call is a plain
-        # call; the batch is still drawn inside it (one dispatch per step, not two).
+        # No loop: with XLA's own convolutions XLA:CPU ran the step ~45x slower inside a while
+        # loop (4.7 vs 218 images/s, ResNet-20, batch 128, the 2-core development CPU; ~10%
+        # slower with the native ones), so one step per call is a plain call; the batch is still
+        # drawn inside it (one dispatch per step, not two).
         chunk = functools.partial(_single_step, one_step=one_step)
       else:
         # The step is its own jitted function so that its trace is made once and reused: the

@@ -47,6 +47,17 @@ def test_conv_width_times_every_stage_and_width():
   assert all(t > 0 for t in times.values())
 
 
+def test_conv_kernels_times_every_layer_and_part_of_both_implementations():
+  out = _json_line(
+    'benchmarks/conv_kernels.py', '--batch_size', '2', '--calls', '1', '--rounds', '1'
+  )
+  layers = out['ms']
+  names = ['xla'] + (['native'] if out['native_kernels'] is True else [])
+  assert len(layers) == 5 * len(names) and '8x8x64->64/s1/xla' in layers
+  for times in layers.values():
+    assert set(times) == {'forward', 'dx', 'dw'} and all(t > 0 for t in times.values())
+
+
 def test_inference_times_the_gaternet_its_export_and_the_plain_backbone(gated_run, tmp_path):
   workdir, _ = gated_run
   export_dir = str(tmp_path / 'export')

@@ -37,6 +37,8 @@ CASES = [
   (2, 8, 8, 12, 27, (3, 3), (1, 1), 'SAME'),  # an export's pruned width: a vector and 11
   (2, 6, 6, 8, 53, (1, 1), (1, 1), 'VALID'),  # two vectors (one block) and 21 channels
   (2, 9, 9, 7, 48, (3, 3), (2, 2), 'SAME'),  # one block of two vectors and one whole vector
+  (2, 8, 8, 16, 32, (1, 1), (2, 2), 'VALID'),  # a strided projection: dx is 0 at odd pixels
+  (1, 10, 10, 16, 16, (3, 3), (3, 3), 'SAME'),  # stride 3
 ]
 
 
@@ -78,8 +80,8 @@ def test_forward_and_gradients_match_xla(case):
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
 
 
-def test_the_kernels_are_the_ones_computing():
-  case = CASES[0]
+@pytest.mark.parametrize('case', [CASES[0], CASES[1]], ids=['stride1', 'stride2'])
+def test_the_kernels_are_the_ones_computing(case):
   *_, strides, padding = case
   x, w, _ = _inputs(case)
 
@@ -87,10 +89,24 @@ def test_the_kernels_are_the_ones_computing():
     return jnp.sum(_native(x, w, strides, padding) ** 2)
 
   text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
-  # forward, dx (stride 1, Ci = 16: the forward kernel on the flipped kernel), dw
-  assert text.count(native_conv.FORWARD_TARGET) == 2
-  assert text.count(native_conv.WEIGHT_GRAD_TARGET) == 1
+  # Stride 1: dx is the forward kernel on the flipped kernel; larger strides: the transposed one.
+  strided = strides != (1, 1)
+  assert text.count(f'@{native_conv.FORWARD_TARGET}(') == 1 + (not strided)
+  assert text.count(f'@{native_conv.INPUT_GRAD_TARGET}(') == strided
+  assert text.count(f'@{native_conv.WEIGHT_GRAD_TARGET}(') == 1
   assert 'stablehlo.convolution' not in text
+
+
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_the_transposed_kernel_is_dx_at_every_stride(case):
+  # The backward pass uses it for strided convolutions only; it computes dx at stride 1 too.
+  *_, strides, padding = case
+  x, w, kd = _inputs(case)
+  y, pull = jax.vjp(lambda x: _xla(x, w, strides, padding), x)
+  dy = jax.random.normal(kd, y.shape)
+  pads = native_conv.native_padding(x, w, strides, padding, dimension_numbers=native_conv.NHWC)
+  got = jax.jit(lambda dy: native_conv.input_gradient(dy, w, x.shape, strides, pads))(dy)
+  np.testing.assert_allclose(got, pull(dy)[0], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(

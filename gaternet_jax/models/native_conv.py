@@ -1,25 +1,23 @@
-"""Convolutions in native CPU kernels (`native/conv2d.cc`), for XLA:CPU.
+"""Convolutions in native CPU kernels (`native/conv_*.cc`), for XLA:CPU.
 
-For y = conv(x, w) (NHWC, HWIO), with dy the cotangent of y:
+For y = conv(x, w) (NHWC, HWIO), with dy the cotangent of y, three kernels:
 
-- forward:         y = the native forward kernel;
-- input gradient:  dx = conv(dy, w flipped in space with its channel axes swapped), padded by
-                   (k - 1 - p): the same forward kernel, for stride 1; XLA's own transposed
-                   convolution for larger strides (two layers of a CIFAR ResNet);
-- weight gradient: dw = sum over the batch and output pixels of x patches times dy: the native
-                   weight-gradient kernel.
+- forward:         y;
+- input gradient:  dx, the transposed convolution of dy (any stride);
+- weight gradient: dw = sum over the batch and output pixels of x patches times dy.
 
 Why: XLA:CPU's Eigen convolutions run ResNet-20's 3x3 convolutions (16-64 channels, batch 128)
-at about half the speed of these kernels on the 2-core development CPU, and it computes dw as a
-convolution over the batch after transposing x and dy to batch-minor layouts, ~4x slower than
-the kernel for 16 channels (README, Throughput has the measurements).
+1.3-1.7x slower than these kernels on the 2-core development CPU; it computes dw as a convolution
+over the batch after transposing x and dy to batch-minor layouts (3.4x slower for 16 channels), and
+dx of a strided convolution as a convolution over a dilated dy (README, Throughput;
+`benchmarks/conv_kernels.py`).
 
 `native_convolutions()` swaps `conv_general_dilated` below into every `flax.linen.Conv` call while
 tracing. A convolution it does not cover (not float32, not NHWC / HWIO, dilated, grouped, negative
-padding) runs XLA's own, as does dx of a strided one, and everything when the kernels are
-unavailable (`native.available()` is False: not measured on this CPU, no compiler, or
-GATERNET_NATIVE_KERNELS=0). Any channel counts are covered (an export's pruned layers, DenseNet's
-12 new channels). Results agree with XLA's to float32 rounding (sums in another order).
+padding) runs XLA's own, as does everything when the kernels are unavailable (`native.available()`
+is False: not measured on this CPU, no compiler, or GATERNET_NATIVE_KERNELS=0). Any channel counts
+are covered (an export's pruned layers, DenseNet's 12 new channels). Results agree with XLA's to
+float32 rounding (sums in another order).
 
 On a mesh of several devices each kernel runs per device on its part of the batch
 (`jax.shard_map` over the mesh's axes); the weight gradient's per-device sums are added with a
@@ -43,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 from gaternet_jax import native
 
 FORWARD_TARGET = 'gaternet_conv_forward'
+INPUT_GRAD_TARGET = 'gaternet_conv_input_grad'
 WEIGHT_GRAD_TARGET = 'gaternet_conv_weight_grad'
 # flax's dimension numbers for a 2-D NHWC convolution with an HWIO kernel.
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
@@ -90,6 +89,8 @@ def native_padding(
 
 
 def _ffi(target: str, out_shape, *operands, strides, pads_top_left):
+  if not native.available():  # registers the targets on first use
+    raise RuntimeError(f'native CPU kernels unavailable: {native.unavailable_reason()}')
   return jax.ffi.ffi_call(
     target, jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), vmap_method='sequential'
   )(
@@ -151,17 +152,18 @@ def weight_gradient(
   return _per_device(mesh, call, batch_args=2, total_out=True)(x, dy)
 
 
-def _input_gradient_pads(w_shape, pads: Pads) -> Pads | None:
-  """Padding of dy for dx = conv(dy, flipped w) at stride 1; None where it would be negative."""
-  kh, kw = w_shape[:2]
-  flipped = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
-  return None if any(p < 0 for pair in flipped for p in pair) else flipped
+def input_gradient(
+  dy: jax.Array, w: jax.Array, x_shape, strides, pads: Pads, mesh: Mesh | None = None
+) -> jax.Array:
+  """dx[n, h, w, ci] of an NHWC convolution from its output cotangent dy and kernel w (HWIO)."""
+  swapped = jnp.swapaxes(w, 2, 3)  # [kh, kw, co, ci]: dx's channels contiguous for the kernel
 
+  def call(dy, swapped):  # dy: this device's part of the batch
+    out_shape = (dy.shape[0], *x_shape[1:])
+    top_left = (pads[0][0], pads[1][0])
+    return _ffi(INPUT_GRAD_TARGET, out_shape, dy, swapped, strides=strides, pads_top_left=top_left)
 
-def _xla_conv(lhs, rhs, strides, pads, precision):
-  return lax.conv_general_dilated(
-    lhs, rhs, strides, pads, dimension_numbers=NHWC, precision=precision
-  )
+  return _per_device(mesh, call, batch_args=1, total_out=False)(dy, swapped)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -174,16 +176,26 @@ def _conv_fwd(lhs, rhs, strides, pads, precision, mesh):
   return _conv(lhs, rhs, strides, pads, precision, mesh), (lhs, rhs)
 
 
+def _flipped_pads(w_shape, pads: Pads) -> Pads | None:
+  """Padding of dy for dx = conv(dy, flipped w) at stride 1; None where it would be negative."""
+  (kh, kw), ((top, bottom), (left, right)) = w_shape[:2], pads
+  flipped = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+  return None if any(p < 0 for pair in flipped for p in pair) else flipped
+
+
 def _conv_bwd(strides, pads, precision, mesh, residuals, dy):
+  del precision
   lhs, rhs = residuals
-  flipped_pads = _input_gradient_pads(rhs.shape, pads)
+  flipped_pads = _flipped_pads(rhs.shape, pads)
   if strides == (1, 1) and flipped_pads is not None:
-    # dx[i] = sum over a of dy[i + p - a] w[a] = conv(dy, w[::-1] with ci <-> co) padded k - 1 - p.
+    # dx[i] = sum over a of dy[i + p - a] w[a]: the forward kernel on w flipped in space with its
+    # channel axes swapped, padded by k - 1 - p. For 16 channels it ran faster than the transposed
+    # kernel (1.62-1.66 vs 1.91-1.97 ms, ResNet-20's first stage at batch 128), for 32 and 64 the
+    # same.
     flipped = jnp.transpose(jnp.flip(rhs, (0, 1)), (0, 1, 3, 2))
     dx = forward(dy, flipped, strides, flipped_pads, mesh)
   else:
-    _, lhs_transpose = jax.vjp(lambda l: _xla_conv(l, rhs, strides, pads, precision), lhs)
-    (dx,) = lhs_transpose(dy)
+    dx = input_gradient(dy, rhs, lhs.shape, strides, pads, mesh)
   dw = weight_gradient(lhs, dy, rhs.shape, strides, pads, mesh)
   return dx, dw
 

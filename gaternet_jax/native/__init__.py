@@ -41,10 +41,12 @@ CACHE_VARIABLE = 'GATERNET_NATIVE_CACHE_DIR'
 # Extra compiler flags, after CXX_FLAGS (e.g. '-mno-avx512f' to build and test the AVX2 tiles).
 FLAGS_VARIABLE = 'GATERNET_NATIVE_CXXFLAGS'
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'gaternet_jax', 'native')
-SOURCES = ('conv2d.cc',)
+SOURCES = ('conv_forward.cc', 'conv_input_grad.cc', 'conv_weight_grad.cc')
+HEADERS = ('kernel_common.h',)
 # FFI target name -> the handler symbol the sources export.
 TARGETS = {
   'gaternet_conv_forward': 'GaternetConvForward',
+  'gaternet_conv_input_grad': 'GaternetConvInputGrad',
   'gaternet_conv_weight_grad': 'GaternetConvWeightGrad',
 }
 CXX_FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
@@ -86,7 +88,7 @@ def measured_cpu() -> bool:
 
 def _source_bytes() -> bytes:
   folder = importlib.resources.files(__name__)
-  return b''.join(folder.joinpath(name).read_bytes() for name in SOURCES)
+  return b''.join(folder.joinpath(name).read_bytes() for name in (*SOURCES, *HEADERS))
 
 
 def _flags() -> tuple[str, ...]:
@@ -119,12 +121,10 @@ def _compile(compiler: str, include_dir: str, destination: str) -> None:
   folder = os.path.dirname(destination)
   os.makedirs(folder, exist_ok=True)
   with tempfile.TemporaryDirectory() as sources_dir:
-    sources = []
-    for name in SOURCES:
-      path = os.path.join(sources_dir, name)
-      with open(path, 'wb') as f:
+    for name in (*SOURCES, *HEADERS):
+      with open(os.path.join(sources_dir, name), 'wb') as f:
         f.write(importlib.resources.files(__name__).joinpath(name).read_bytes())
-      sources.append(path)
+    sources = [os.path.join(sources_dir, name) for name in SOURCES]
     fd, partial = tempfile.mkstemp(prefix='.partial-', suffix='.so', dir=folder)
     os.close(fd)
     try:

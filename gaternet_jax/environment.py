@@ -55,21 +55,25 @@ def prepare(environ=os.environ) -> None:
 
 
 # XLA:CPU allocates each execution's temporary buffer (204 MB for ResNet-20's train step at batch
-# 128) with malloc and frees it after. glibc serves such a size with a fresh mmap, from a thread
-# that is not the main one, so every step faulted in and zeroed ~50,000 new pages: ~90 ms of
-# kernel time per step on the 2-core CPU, a quarter of the process's CPU time (README,
-# Throughput). One arena (threads' arenas cannot hold more than 64 MB), no mmap and no trimming
-# below 1 GiB keep the freed buffer for the next step instead.
+# 128, 403 MB gated) with malloc and frees it after. glibc serves such a size with a fresh mmap,
+# from a thread that is not the main one, so every step faulted in and zeroed ~50,000 new pages
+# (~99,000 gated): ~90 ms of kernel time per plain step on the 2-core CPU, a quarter of the
+# process's CPU time (README, Throughput). One arena (a thread's arena cannot hold more than
+# 64 MB), no mmap below 1 GiB and no trimming below 2 GiB keep the freed buffers for the next
+# steps instead. Gated ResNet-20 needed the 2 GiB: with 1 GiB the top of the heap was still
+# given back and faulted in again every few dozen steps. The cost is memory held: peak resident
+# size 0.8 -> 0.9-1.1 GB plain, 1.1 -> 2.2 GB gated.
 MALLOC_VARIABLE = 'GATERNET_KEEP_FREED_MEMORY'
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_KEEP_BYTES = 1 << 30
+_MMAP_ABOVE_BYTES = 1 << 30
+_TRIM_ABOVE_BYTES = (1 << 31) - 1  # the largest value mallopt takes (an int)
 
 
 _kept = [False]  # whether keep_freed_memory() took effect in this process
 
 
 def keep_freed_memory() -> bool:
-  """glibc's malloc keeps up to 1 GiB of freed memory for reuse instead of unmapping it.
+  """glibc's malloc keeps freed memory (up to 2 GiB at the heap's top) for reuse.
 
   For the threads created afterwards (call it before JAX starts). False where the C library is
   not glibc (nothing changes there).
@@ -87,8 +91,8 @@ def keep_freed_memory() -> bool:
     mallopt(option, value) == 1
     for option, value in (
       (_M_ARENA_MAX, 1),
-      (_M_MMAP_THRESHOLD, _KEEP_BYTES),
-      (_M_TRIM_THRESHOLD, _KEEP_BYTES),
+      (_M_MMAP_THRESHOLD, _MMAP_ABOVE_BYTES),
+      (_M_TRIM_THRESHOLD, _TRIM_ABOVE_BYTES),
     )
   )
   return _kept[0]

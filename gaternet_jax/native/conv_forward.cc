@@ -93,16 +93,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t pw = std::max(g.pl + g.w, (g.ow - 1) * g.sw + g.kw);
   const Blocks blocks = ChannelBlocks(g.co);
   const float* ws = w.typed_data();
-  // The last block's kernel channels, zero-padded to whole vectors (read by every image) unless
-  // they are whole vectors already.
-  const bool pad_rest = blocks.rest % kLanes != 0;
-  const int64_t rest_stride = pad_rest ? blocks.rest_tv * kLanes : g.co;
-  std::vector<float> w_rest(pad_rest ? g.kh * g.kw * g.ci * rest_stride : 0, 0.0f);
-  for (int64_t row = 0; pad_rest && row < g.kh * g.kw * g.ci; ++row) {
-    std::memcpy(w_rest.data() + row * rest_stride, ws + row * g.co + blocks.full,
-                blocks.rest * sizeof(float));
-  }
-  const float* w_rest_block = pad_rest ? w_rest.data() : ws + blocks.full;
+  const LastBlock w_last = LastBlockOf(ws, g.kh * g.kw * g.ci, g.co, blocks);  // read by every image
   const int participants = ShareWork::Participants(pool, g.n);
   std::vector<std::vector<float>> padded(participants);
   const float* xs = x.typed_data();
@@ -111,18 +102,14 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   ShareWork::Run(pool, g.n, participants, [&](int me, int64_t i) {
     std::vector<float>& xpad = padded[me];
     if (xpad.empty()) xpad.assign(ph * pw * g.ci, 0.0f);
-    const float* xi = xs + i * g.h * g.w * g.ci;
-    for (int64_t r = 0; r < g.h; ++r) {
-      std::memcpy(xpad.data() + ((r + g.pt) * pw + g.pl) * g.ci, xi + r * g.w * g.ci,
-                  g.w * g.ci * sizeof(float));
-    }
+    CopyIntoPadded(xs + i * g.h * g.w * g.ci, g.h, g.w, g.ci, g.pt, g.pl, pw, xpad.data());
     float* yi = ys + i * g.oh * g.ow * g.co;
     const int64_t block = blocks.tv * kLanes;
     for (int64_t co0 = 0; co0 < blocks.full; co0 += block) {
       ForwardBlockAny(blocks.tv, g, pw, xpad.data(), ws + co0, g.co, yi, co0, block);
     }
     if (blocks.rest) {
-      ForwardBlockAny(blocks.rest_tv, g, pw, xpad.data(), w_rest_block, rest_stride, yi,
+      ForwardBlockAny(blocks.rest_tv, g, pw, xpad.data(), w_last.data, w_last.stride, yi,
                       blocks.full, blocks.rest);
     }
   });

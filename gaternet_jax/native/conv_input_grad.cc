@@ -145,14 +145,7 @@ ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Bu
   t.pw = t.left + g.ow + right;
   const Blocks blocks = ChannelBlocks(g.ci);
   const float* ws = wt.typed_data();
-  const bool pad_rest = blocks.rest % kLanes != 0;
-  const int64_t rest_stride = pad_rest ? blocks.rest_tv * kLanes : g.ci;
-  std::vector<float> w_rest(pad_rest ? g.kh * g.kw * g.co * rest_stride : 0, 0.0f);
-  for (int64_t row = 0; pad_rest && row < g.kh * g.kw * g.co; ++row) {
-    std::memcpy(w_rest.data() + row * rest_stride, ws + row * g.ci + blocks.full,
-                blocks.rest * sizeof(float));
-  }
-  const float* w_rest_block = pad_rest ? w_rest.data() : ws + blocks.full;
+  const LastBlock w_last = LastBlockOf(ws, g.kh * g.kw * g.co, g.ci, blocks);  // read by every image
   const int participants = ShareWork::Participants(pool, g.n);
   std::vector<std::vector<float>> padded(participants);
   const float* dys = dy.typed_data();
@@ -161,18 +154,15 @@ ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Bu
   ShareWork::Run(pool, g.n, participants, [&](int me, int64_t i) {
     std::vector<float>& dypad = padded[me];
     if (dypad.empty()) dypad.assign(ph * t.pw * g.co, 0.0f);
-    const float* dyi = dys + i * g.oh * g.ow * g.co;
-    for (int64_t r = 0; r < g.oh; ++r) {
-      std::memcpy(dypad.data() + ((r + t.top) * t.pw + t.left) * g.co, dyi + r * g.ow * g.co,
-                  g.ow * g.co * sizeof(float));
-    }
+    CopyIntoPadded(dys + i * g.oh * g.ow * g.co, g.oh, g.ow, g.co, t.top, t.left, t.pw,
+                   dypad.data());
     float* dxi = dxs + i * g.h * g.w * g.ci;
     const int64_t block = blocks.tv * kLanes;
     for (int64_t c0 = 0; c0 < blocks.full; c0 += block) {
       InputGradBlockAny(blocks.tv, t, dypad.data(), ws + c0, g.ci, dxi, c0, block);
     }
     if (blocks.rest) {
-      InputGradBlockAny(blocks.rest_tv, t, dypad.data(), w_rest_block, rest_stride, dxi,
+      InputGradBlockAny(blocks.rest_tv, t, dypad.data(), w_last.data, w_last.stride, dxi,
                         blocks.full, blocks.rest);
     }
   });

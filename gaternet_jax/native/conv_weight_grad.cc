@@ -122,8 +122,6 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   // on the same machine gives the same bits).
   const int64_t size = g.kh * g.kw * g.ci * g.co;
   const Blocks blocks = ChannelBlocks(g.co);
-  const bool pad_rest = blocks.rest % kLanes != 0;
-  const int64_t rest_stride = blocks.rest_tv * kLanes;
   const int ranges = ShareWork::Participants(pool, g.n);
   std::vector<std::vector<float>> sums(ranges);
   const float* xs = x.typed_data();
@@ -131,9 +129,6 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   ShareWork::Run(pool, ranges, ranges, [&](int, int64_t r) {
     std::vector<float>& sum = sums[r];
     sum.assign(size, 0.0f);
-    // The last block's dy channels of one image, zero-padded to whole vectors unless they are
-    // whole vectors already.
-    std::vector<float> dy_rest(pad_rest ? g.oh * g.ow * rest_stride : 0, 0.0f);
     for (int64_t i = r * g.n / ranges; i < (r + 1) * g.n / ranges; ++i) {
       const float* xi = xs + i * g.h * g.w * g.ci;
       const float* dyi = dys + i * g.oh * g.ow * g.co;
@@ -141,15 +136,9 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       for (int64_t co0 = 0; co0 < blocks.full; co0 += block) {
         GradBlockAny(blocks.tv, g, xi, dyi + co0, g.co, sum.data(), co0, block);
       }
-      if (blocks.rest && !pad_rest) {
-        GradBlockAny(blocks.rest_tv, g, xi, dyi + blocks.full, g.co, sum.data(), blocks.full,
-                     blocks.rest);
-      } else if (blocks.rest) {
-        for (int64_t pixel = 0; pixel < g.oh * g.ow; ++pixel) {
-          std::memcpy(dy_rest.data() + pixel * rest_stride, dyi + pixel * g.co + blocks.full,
-                      blocks.rest * sizeof(float));
-        }
-        GradBlockAny(blocks.rest_tv, g, xi, dy_rest.data(), rest_stride, sum.data(), blocks.full,
+      if (blocks.rest) {
+        const LastBlock dy_last = LastBlockOf(dyi, g.oh * g.ow, g.co, blocks);
+        GradBlockAny(blocks.rest_tv, g, xi, dy_last.data, dy_last.stride, sum.data(), blocks.full,
                      blocks.rest);
       }
     }

@@ -163,6 +163,42 @@ inline Blocks ChannelBlocks(int64_t co) {
   return b;
 }
 
+// The last channel block of a row-major [rows][channels] matrix, read as rows of whole vectors:
+// the matrix itself (offset to the block) when the block is whole vectors, else a zero-padded
+// copy. `data` points into `copy` or the matrix; `stride` is the floats between rows.
+struct LastBlock {
+  std::vector<float> copy;
+  const float* data = nullptr;
+  int64_t stride = 0;
+};
+
+inline LastBlock LastBlockOf(const float* m, int64_t rows, int64_t channels, const Blocks& b) {
+  LastBlock last;
+  if (b.rest % kLanes == 0) {
+    last.data = m + b.full;
+    last.stride = channels;
+    return last;
+  }
+  last.stride = b.rest_tv * kLanes;
+  last.copy.assign(rows * last.stride, 0.0f);
+  for (int64_t row = 0; row < rows; ++row) {
+    std::memcpy(last.copy.data() + row * last.stride, m + row * channels + b.full,
+                b.rest * sizeof(float));
+  }
+  last.data = last.copy.data();
+  return last;
+}
+
+// Copies an image [rows][cols][channels] into `padded` ([.][padded_cols][channels], zero where
+// not written) at row `top`, column `left`; the caller zeroes `padded` once and reuses it.
+inline void CopyIntoPadded(const float* image, int64_t rows, int64_t cols, int64_t channels,
+                           int64_t top, int64_t left, int64_t padded_cols, float* padded) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(padded + ((r + top) * padded_cols + left) * channels, image + r * cols * channels,
+                cols * channels * sizeof(float));
+  }
+}
+
 // Stores `width` channels (<= TV * kLanes) of one pixel's TV accumulators at `out`.
 template <int TV>
 __attribute__((always_inline)) inline void StoreChannels(float* out, const Vec (&acc)[TV],

@@ -29,12 +29,11 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax import lax  # noqa: E402
 
 from gaternet_jax import native  # noqa: E402
-from gaternet_jax.models import native_conv  # noqa: E402
+from gaternet_jax.models import layers, native_conv  # noqa: E402
 
 flags.DEFINE_integer('batch_size', 128, 'Images per call.')
 flags.DEFINE_integer('calls', 9, 'Timed calls per measurement (their median is kept).')
@@ -108,7 +107,7 @@ def main(argv):
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (FLAGS.batch_size, size, size, ci))
     w = jax.random.normal(keys[1], (3, 3, ci, co)) / (3 * ci**0.5)
-    out = -(-size // stride)
+    out = layers.ceil_div(size, stride)
     dy = jax.random.normal(keys[2], (FLAGS.batch_size, out, out, co))
     for name, conv_fn in implementations.items():
       for part, program in zip(('forward', 'dx', 'dw'), _programs(conv_fn, stride)):
@@ -142,7 +141,7 @@ def main(argv):
       )
       torch_rounds.append(json.loads(child.stdout.strip().splitlines()[-1]))
     for layer in torch_rounds[0]:
-      result['ms'][f'{layer}'] = {
+      result['ms'][layer] = {
         part: round(statistics.median(r[layer][part] for r in torch_rounds), 3)
         for part in ('forward', 'dx', 'dw')
       }

@@ -69,7 +69,7 @@ _MMAP_ABOVE_BYTES = 1 << 30
 _TRIM_ABOVE_BYTES = (1 << 31) - 1  # the largest value mallopt takes (an int)
 
 
-_kept = [False]  # whether keep_freed_memory() took effect in this process
+_freed_memory_kept = False  # whether keep_freed_memory() took effect in this process
 
 
 def keep_freed_memory() -> bool:
@@ -80,6 +80,7 @@ def keep_freed_memory() -> bool:
   """
   import ctypes  # noqa: PLC0415
 
+  global _freed_memory_kept
   try:
     libc = ctypes.CDLL(None)
     mallopt = libc.mallopt
@@ -87,7 +88,7 @@ def keep_freed_memory() -> bool:
     return False
   if not hasattr(libc, 'gnu_get_libc_version'):
     return False
-  _kept[0] = all(
+  _freed_memory_kept = all(
     mallopt(option, value) == 1
     for option, value in (
       (_M_ARENA_MAX, 1),
@@ -95,12 +96,12 @@ def keep_freed_memory() -> bool:
       (_M_TRIM_THRESHOLD, _TRIM_ABOVE_BYTES),
     )
   )
-  return _kept[0]
+  return _freed_memory_kept
 
 
 def freed_memory_kept() -> bool:
   """Whether this process's malloc keeps freed memory (`keep_freed_memory()` took effect)."""
-  return _kept[0]
+  return _freed_memory_kept
 
 
 def enable_compilation_cache() -> None:

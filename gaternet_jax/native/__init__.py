@@ -86,16 +86,17 @@ def measured_cpu() -> bool:
     return False
 
 
-def _source_bytes() -> bytes:
+def _source_files() -> dict[str, bytes]:
+  """Every source and header, by name (hashed into the library's name, written out to compile)."""
   folder = importlib.resources.files(__name__)
-  return b''.join(folder.joinpath(name).read_bytes() for name in (*SOURCES, *HEADERS))
+  return {name: folder.joinpath(name).read_bytes() for name in (*SOURCES, *HEADERS)}
 
 
 def _flags() -> tuple[str, ...]:
   return CXX_FLAGS + tuple(os.environ.get(FLAGS_VARIABLE, '').split())
 
 
-def _library_name(compiler: str, include_dir: str) -> str:
+def _library_name(compiler: str, include_dir: str, files: dict[str, bytes]) -> str:
   import jaxlib
 
   # A compiler that cannot say its version fails below, with its own message.
@@ -104,7 +105,7 @@ def _library_name(compiler: str, include_dir: str) -> str:
   ).stdout
   digest = hashlib.sha256()
   for part in (
-    _source_bytes(),
+    b''.join(files.values()),
     ' '.join(_flags()).encode(),
     version.encode(),
     jaxlib.__version__.encode(),
@@ -116,14 +117,14 @@ def _library_name(compiler: str, include_dir: str) -> str:
   return f'gaternet_native_{digest.hexdigest()[:20]}.so'
 
 
-def _compile(compiler: str, include_dir: str, destination: str) -> None:
+def _compile(compiler: str, include_dir: str, files: dict[str, bytes], destination: str) -> None:
   """Compiles the sources into `destination` (written to a temporary file, then renamed)."""
   folder = os.path.dirname(destination)
   os.makedirs(folder, exist_ok=True)
   with tempfile.TemporaryDirectory() as sources_dir:
-    for name in (*SOURCES, *HEADERS):
+    for name, content in files.items():
       with open(os.path.join(sources_dir, name), 'wb') as f:
-        f.write(importlib.resources.files(__name__).joinpath(name).read_bytes())
+        f.write(content)
     sources = [os.path.join(sources_dir, name) for name in SOURCES]
     fd, partial = tempfile.mkstemp(prefix='.partial-', suffix='.so', dir=folder)
     os.close(fd)
@@ -153,15 +154,16 @@ def _build_and_register() -> str:
     raise RuntimeError('no C++ compiler found (set CXX, or install g++ or clang++)')
   include_dir = jax.ffi.include_dir()
   cache_dir = os.environ.get(CACHE_VARIABLE) or DEFAULT_CACHE_DIR
-  path = os.path.join(cache_dir, _library_name(compiler, include_dir))
+  files = _source_files()
+  path = os.path.join(cache_dir, _library_name(compiler, include_dir, files))
   if not os.path.exists(path):
     logging.info('Compiling gaternet_jax native CPU kernels into %s', path)
     try:
-      _compile(compiler, include_dir, path)
+      _compile(compiler, include_dir, files, path)
     except OSError:
       # An unwritable cache (read-only home): build for this process only.
       path = os.path.join(tempfile.mkdtemp(prefix='gaternet_native_'), os.path.basename(path))
-      _compile(compiler, include_dir, path)
+      _compile(compiler, include_dir, files, path)
   library = ctypes.cdll.LoadLibrary(path)
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')

@@ -104,14 +104,10 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     if (xpad.empty()) xpad.assign(ph * pw * g.ci, 0.0f);
     CopyIntoPadded(xs + i * g.h * g.w * g.ci, g.h, g.w, g.ci, g.pt, g.pl, pw, xpad.data());
     float* yi = ys + i * g.oh * g.ow * g.co;
-    const int64_t block = blocks.tv * kLanes;
-    for (int64_t co0 = 0; co0 < blocks.full; co0 += block) {
-      ForwardBlockAny(blocks.tv, g, pw, xpad.data(), ws + co0, g.co, yi, co0, block);
-    }
-    if (blocks.rest) {
-      ForwardBlockAny(blocks.rest_tv, g, pw, xpad.data(), w_last.data, w_last.stride, yi,
-                      blocks.full, blocks.rest);
-    }
+    ForEachBlock(blocks, ws, g.co, w_last, [&](int tv, const float* wb, int64_t stride,
+                                               int64_t co0, int64_t width) {
+      ForwardBlockAny(tv, g, pw, xpad.data(), wb, stride, yi, co0, width);
+    });
   });
   return ffi::Error::Success();
 }

@@ -157,14 +157,10 @@ ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Bu
     CopyIntoPadded(dys + i * g.oh * g.ow * g.co, g.oh, g.ow, g.co, t.top, t.left, t.pw,
                    dypad.data());
     float* dxi = dxs + i * g.h * g.w * g.ci;
-    const int64_t block = blocks.tv * kLanes;
-    for (int64_t c0 = 0; c0 < blocks.full; c0 += block) {
-      InputGradBlockAny(blocks.tv, t, dypad.data(), ws + c0, g.ci, dxi, c0, block);
-    }
-    if (blocks.rest) {
-      InputGradBlockAny(blocks.rest_tv, t, dypad.data(), w_last.data, w_last.stride, dxi,
-                        blocks.full, blocks.rest);
-    }
+    ForEachBlock(blocks, ws, g.ci, w_last, [&](int tv, const float* wb, int64_t stride,
+                                               int64_t c0, int64_t width) {
+      InputGradBlockAny(tv, t, dypad.data(), wb, stride, dxi, c0, width);
+    });
   });
   return ffi::Error::Success();
 }

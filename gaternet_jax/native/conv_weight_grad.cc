@@ -132,15 +132,11 @@ ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     for (int64_t i = r * g.n / ranges; i < (r + 1) * g.n / ranges; ++i) {
       const float* xi = xs + i * g.h * g.w * g.ci;
       const float* dyi = dys + i * g.oh * g.ow * g.co;
-      const int64_t block = blocks.tv * kLanes;
-      for (int64_t co0 = 0; co0 < blocks.full; co0 += block) {
-        GradBlockAny(blocks.tv, g, xi, dyi + co0, g.co, sum.data(), co0, block);
-      }
-      if (blocks.rest) {
-        const LastBlock dy_last = LastBlockOf(dyi, g.oh * g.ow, g.co, blocks);
-        GradBlockAny(blocks.rest_tv, g, xi, dy_last.data, dy_last.stride, sum.data(), blocks.full,
-                     blocks.rest);
-      }
+      const LastBlock dy_last = LastBlockOf(dyi, g.oh * g.ow, g.co, blocks);
+      ForEachBlock(blocks, dyi, g.co, dy_last, [&](int tv, const float* db, int64_t stride,
+                                                   int64_t co0, int64_t width) {
+        GradBlockAny(tv, g, xi, db, stride, sum.data(), co0, width);
+      });
     }
   });
   float* out = dw->typed_data();

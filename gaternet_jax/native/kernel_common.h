@@ -189,6 +189,17 @@ inline LastBlock LastBlockOf(const float* m, int64_t rows, int64_t channels, con
   return last;
 }
 
+// Calls block(tv, operand, stride, c0, width) for every channel block [c0, c0 + width) of an
+// output with `channels` channels: the full blocks read `m` itself (offset by c0, rows `channels`
+// floats apart), the last one `last` (LastBlockOf(m, ...)).
+template <typename Block>
+void ForEachBlock(const Blocks& b, const float* m, int64_t channels, const LastBlock& last,
+                  Block&& block) {
+  const int64_t width = b.tv * kLanes;
+  for (int64_t c0 = 0; c0 < b.full; c0 += width) block(b.tv, m + c0, channels, c0, width);
+  if (b.rest) block(b.rest_tv, last.data, last.stride, b.full, b.rest);
+}
+
 // Copies an image [rows][cols][channels] into `padded` ([.][padded_cols][channels], zero where
 // not written) at row `top`, column `left`; the caller zeroes `padded` once and reuses it.
 inline void CopyIntoPadded(const float* image, int64_t rows, int64_t cols, int64_t channels,

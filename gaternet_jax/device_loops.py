@@ -42,6 +42,35 @@ ACCELERATOR_STEPS_PER_DISPATCH = 100
 CPU_STEPS_PER_DISPATCH = 1
 # Streamed batches transferred ahead of the step that consumes them.
 PREFETCH_BATCHES = 2
+# Batches a host loop of one-dispatch-per-batch calls may run ahead of the devices (`InFlight`).
+# On several processes with 2 local devices each, XLA:CPU (jaxlib 0.10.2) deadlocked when the
+# host let small multi-device programs pile up unfinished: one device's launch waited on the CPU
+# client's per-device limit of in-flight computations while the other devices waited for it
+# inside an all-reduce (CI's 2 x 2-device procedure test, in its per-batch evaluation). With 300
+# tiny sum-and-add dispatches on 2 processes x 2 devices, the old evaluation loop (6 programs a
+# batch, no wait) hung in every run; a window of 8 batches at 6 programs still hung, while 4
+# batches at 2 programs never did (6 of 6; the development machine).
+MAX_BATCHES_IN_FLIGHT = 4
+
+
+class InFlight:
+  """Keeps a host loop at most `limit` dispatches ahead of the devices (MAX_BATCHES_IN_FLIGHT).
+
+  Call it with each dispatch's outputs; once more than `limit` are unfinished it waits for the
+  oldest. Outputs that depend on every earlier dispatch (a running total) bound them all.
+  """
+
+  def __init__(self, limit: int = MAX_BATCHES_IN_FLIGHT):
+    if limit < 1:
+      raise ValueError(f'at least one dispatch must be allowed in flight, got {limit}')
+    self.limit = limit
+    self._pending: collections.deque = collections.deque()
+
+  def __call__(self, outputs):
+    self._pending.append(outputs)
+    if len(self._pending) > self.limit:
+      jax.block_until_ready(self._pending.popleft())
+    return outputs
 
 
 def loops_on_device(platform: str | None = None) -> bool:
@@ -195,6 +224,10 @@ class Evaluator:
       )
     else:
       self._batch_fn = steps.compile_steps(setup)[1]
+      # One dispatch adds every count (not one per count): fewer programs in flight per batch.
+      self._add = jax.jit(
+        lambda totals, sums: jax.tree.map(jnp.add, totals, sums), out_shardings=setup.replicated
+      )
 
   def __call__(
     self, state: steps.TrainState, split: str, gate_threshold: float = 0.0
@@ -213,9 +246,11 @@ class Evaluator:
       totals = self._split_fn(state, self._resident[split], threshold)
     else:
       totals: dict[str, Any] = {}
+      in_flight = InFlight()
       for batch in self._host_batches(split):
         sums = self._batch_fn(state, feed.to_global(batch, self.setup.data_sharding), threshold)
-        totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+        # The running totals depend on every batch so far: waiting on old ones bounds them all.
+        totals = in_flight(sums if not totals else self._add(totals, sums))
     return jax.device_get(totals)
 
   def _host_batches(self, split: str):

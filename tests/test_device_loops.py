@@ -191,3 +191,18 @@ def test_prefetch_keeps_order_and_yields_everything():
   stream = device_loops.prefetch(source(), size=2)
   assert next(stream) == 0 and produced == [0, 1, 2]  # two batches in flight beyond the first
   assert list(stream) == [1, 2, 3, 4]
+
+
+def test_in_flight_waits_for_the_oldest_dispatch_beyond_its_limit(monkeypatch):
+  """A host loop stays `limit` dispatches ahead of the devices: the (limit+1)-th waits for the
+  first, and so on, oldest first; nothing waits before then."""
+  waited = []
+  monkeypatch.setattr(device_loops.jax, 'block_until_ready', waited.append)
+  in_flight = device_loops.InFlight(limit=2)
+  assert [in_flight(x) for x in 'ab'] == ['a', 'b'] and waited == []
+  assert in_flight('c') == 'c' and waited == ['a']
+  in_flight('d')
+  assert waited == ['a', 'b']
+  assert device_loops.InFlight().limit == device_loops.MAX_BATCHES_IN_FLIGHT
+  with pytest.raises(ValueError, match='at least one'):
+    device_loops.InFlight(limit=0)

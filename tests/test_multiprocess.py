@@ -11,10 +11,12 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
-from conftest import REPO, has_logged
+from conftest import REPO, has_logged, load_experiment
 from gaternet_jax import checkpoints, environment, restore
+from gaternet_jax import data as data_lib
 
 
 def _free_port():
@@ -39,8 +41,9 @@ STREAMED = [
 ]  # fmt: skip
 
 
-def _launch(data, processes, devices, flags):
-  """`gaternet train FLAGS` as `processes` local hosts of `devices` CPU devices each."""
+def _launch(data, processes, devices, flags, script=LAUNCH):
+  """`gaternet train FLAGS` (or `script DATA FLAGS`) as `processes` local hosts of `devices` CPU
+  devices each."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {environment.CPU_XLA_FLAGS}')  # fmt: skip
   procs = []
@@ -50,7 +53,7 @@ def _launch(data, processes, devices, flags):
       cluster = dict(JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))  # fmt: skip
     procs.append(
       subprocess.Popen(
-        [sys.executable, '-c', LAUNCH, data, *flags],
+        [sys.executable, '-c', script, data, *flags],
         cwd=REPO,
         env=dict(env, **cluster),
         stdout=subprocess.PIPE,
@@ -82,6 +85,53 @@ def _train(workdir, data, processes, devices, extra):
   for code, _, err in finished:
     assert code == 0, err[-3000:]
   return json.loads(finished[0][1].strip().splitlines()[-1])
+
+
+# An evaluation whose per-batch program is nearly free, so the host runs as far ahead of the
+# devices as the loop lets it: the pace at which XLA:CPU deadlocked (device_loops.InFlight).
+EVALUATE_FAST_BATCHES = textwrap.dedent("""
+    import sys
+    from gaternet_jax import environment
+    environment.prepare()
+    import jax, jax.numpy as jnp
+    from gaternet_jax import data, device_loops, distributed, steps
+    from experiments import default
+    distributed.initialize()
+    config = default.get_config('plain')
+    config.eval_batch_size = 4
+    dataset = data.load_dataset(config.data, process_index=jax.process_index(),
+      process_count=jax.process_count(), devices_per_process=jax.local_device_count())
+    setup = steps.build(config, dataset.info)
+    evaluator = device_loops.Evaluator(setup, dataset, loop=False)
+
+    def sums(state, batch, threshold):
+      mask, pixels = batch['mask'], batch['image'][..., 0].astype(jnp.float32)
+      return {'count': jnp.sum(mask), 'loss': jnp.sum(pixels * mask[:, None, None]),
+              'top1_correct': jnp.sum(batch['label'] * mask), 'top5_correct': jnp.sum(mask),
+              'gate_counts': jnp.sum(pixels * mask[:, None, None], axis=(0, 1))}
+
+    evaluator._batch_fn = jax.jit(sums, out_shardings=setup.replicated)
+    for _ in range(int(sys.argv[1])):
+      totals = evaluator.totals(None, 'test')
+    print(int(totals['count']), int(totals['top1_correct']))
+""")
+
+
+def test_evaluation_of_many_batches_on_two_processes_of_two_devices_does_not_deadlock():
+  """10 evaluations of 75 batches each on 2 processes x 2 devices (the CPU's one call per batch)
+  finish with every example counted once on both hosts. Before `device_loops.InFlight` bounded
+  the dispatches in flight, this hung in each of 4 runs with CI's pytest options."""
+  procs = _launch('10', 2, 2, [], script=EVALUATE_FAST_BATCHES)
+  try:
+    finished = _finish(procs, timeout=120)
+  except subprocess.TimeoutExpired:
+    pytest.fail('the per-batch evaluation on 2 processes x 2 devices deadlocked')
+  for code, _, err in finished:
+    assert code == 0, err[-3000:]
+  outputs = {out.strip().splitlines()[-1] for _, out, _ in finished}
+  assert len(outputs) == 1, outputs  # both hosts hold the same totals
+  _, test_labels = data_lib.load_dataset(load_experiment('default').data).eval_arrays('test')
+  assert outputs.pop() == f'{len(test_labels)} {int(np.sum(test_labels))}'
 
 
 @pytest.mark.parametrize('data', ['memory', 'mock'])

@@ -78,16 +78,11 @@ void ForwardBlockAny(int tv, const Geometry& g, int64_t pw, const float* xpad,
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
                        int64_t pad_top, int64_t pad_left) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4) {
-    return ffi::Error::InvalidArgument("conv_forward: x, w and y must have rank 4");
-  }
-  const Geometry g{xd[0],  xd[1],  xd[2],    xd[3],    yd[1],   yd[2],   yd[3],
-                   wd[0],  wd[1],  stride_h, stride_w, pad_top, pad_left};
-  if (yd[0] != g.n || wd[2] != g.ci || wd[3] != g.co || g.sh < 1 || g.sw < 1 || g.pt < 0 ||
-      g.pl < 0) {
-    return ffi::Error::InvalidArgument("conv_forward: unsupported shapes or attributes");
-  }
+  Geometry g;
+  const ffi::Error invalid = MakeGeometry("conv_forward", "x, w and y", x.dimensions(),
+                                          y->dimensions(), w.dimensions(), false, stride_h,
+                                          stride_w, pad_top, pad_left, &g);
+  if (!invalid.success()) return invalid;
   // The padded copy covers every tap of every output position; its border stays zero.
   const int64_t ph = std::max(g.pt + g.h, (g.oh - 1) * g.sh + g.kh);
   const int64_t pw = std::max(g.pl + g.w, (g.ow - 1) * g.sw + g.kw);

@@ -124,18 +124,13 @@ void InputGradBlockAny(int tv, const InputGradGeometry& t, const float* dypad,
 ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> wt,
                          ffi::ResultBuffer<ffi::F32> dx, int64_t stride_h, int64_t stride_w,
                          int64_t pad_top, int64_t pad_left) {
-  const auto dyd = dy.dimensions(), wd = wt.dimensions(), dxd = dx->dimensions();
-  if (dyd.size() != 4 || wd.size() != 4 || dxd.size() != 4) {
-    return ffi::Error::InvalidArgument("conv_input_grad: dy, wt and dx must have rank 4");
-  }
   InputGradGeometry t;
-  t.g = Geometry{dxd[0], dxd[1], dxd[2],   dxd[3],   dyd[1],  dyd[2],  dyd[3],
-                 wd[0],  wd[1],  stride_h, stride_w, pad_top, pad_left};
+  const ffi::Error invalid = MakeGeometry("conv_input_grad", "dy, wt and dx", dx->dimensions(),
+                                          dy.dimensions(), wt.dimensions(), true, stride_h,
+                                          stride_w, pad_top, pad_left, &t.g);
+  if (!invalid.success()) return invalid;
   const Geometry& g = t.g;
-  if (dyd[0] != g.n || wd[2] != g.co || wd[3] != g.ci || g.sh < 1 || g.sw < 1 || g.pt < 0 ||
-      g.pl < 0 || g.kh > 16 || g.kw > 16) {
-    return ffi::Error::InvalidArgument("conv_input_grad: unsupported shapes or attributes");
-  }
+  if (g.kh > 16 || g.kw > 16) return UnsupportedGeometry("conv_input_grad");
   // dy rows a tap may read: oy from floor((pt - kh + 1) / sh) to floor((h - 1 + pt) / sh).
   t.top = std::max<int64_t>(0, (g.kh - 1 - g.pt + g.sh - 1) / g.sh);
   t.left = std::max<int64_t>(0, (g.kw - 1 - g.pl + g.sw - 1) / g.sw);

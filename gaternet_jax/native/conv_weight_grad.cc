@@ -106,16 +106,11 @@ void GradBlockAny(int tv, const Geometry& g, const float* x, const float* dy_blo
 ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h, int64_t stride_w,
                           int64_t pad_top, int64_t pad_left) {
-  const auto xd = x.dimensions(), dyd = dy.dimensions(), dwd = dw->dimensions();
-  if (xd.size() != 4 || dyd.size() != 4 || dwd.size() != 4) {
-    return ffi::Error::InvalidArgument("conv_weight_grad: x, dy and dw must have rank 4");
-  }
-  const Geometry g{xd[0],  xd[1],  xd[2],    xd[3],    dyd[1],  dyd[2],  dyd[3],
-                   dwd[0], dwd[1], stride_h, stride_w, pad_top, pad_left};
-  if (dyd[0] != g.n || dwd[2] != g.ci || dwd[3] != g.co || g.sh < 1 || g.sw < 1 || g.pt < 0 ||
-      g.pl < 0) {
-    return ffi::Error::InvalidArgument("conv_weight_grad: unsupported shapes or attributes");
-  }
+  Geometry g;
+  const ffi::Error invalid = MakeGeometry("conv_weight_grad", "x, dy and dw", x.dimensions(),
+                                          dy.dimensions(), dw->dimensions(), false, stride_h,
+                                          stride_w, pad_top, pad_left, &g);
+  if (!invalid.success()) return invalid;
   // The batch is cut into one fixed range of images per participant; each range is summed, in
   // image order, into its own copy of dw, and the copies are added in range order. So the result
   // does not depend on which thread ran which range, only on the number of threads (the same run

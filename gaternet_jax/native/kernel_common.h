@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -74,6 +75,30 @@ struct Geometry {
   int64_t kh, kw;          // w / dw: [kh, kw, ci, co]
   int64_t sh, sw, pt, pl;  // strides, top and left padding
 };
+
+inline ffi::Error UnsupportedGeometry(const char* kernel) {
+  return ffi::Error::InvalidArgument(std::string(kernel) + ": unsupported shapes or attributes");
+}
+
+// Every kernel's geometry from its operands' dimensions: x [n, h, w, ci], y [n, oh, ow, co] and
+// the kernel [kh, kw, ci, co] ([kh, kw, co, ci] with `kernel_co_first`: the input gradient's
+// transposed kernel); an InvalidArgument error, prefixed `kernel: `, for anything else.
+// `operands` names the three operands for the rank error.
+inline ffi::Error MakeGeometry(const char* kernel, const char* operands,
+                               ffi::Span<const int64_t> x, ffi::Span<const int64_t> y,
+                               ffi::Span<const int64_t> k, bool kernel_co_first, int64_t sh,
+                               int64_t sw, int64_t pt, int64_t pl, Geometry* g) {
+  if (x.size() != 4 || y.size() != 4 || k.size() != 4) {
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": " + operands +
+                                       " must have rank 4");
+  }
+  *g = Geometry{x[0], x[1], x[2], x[3], y[1], y[2], y[3], k[0], k[1], sh, sw, pt, pl};
+  const int64_t k_ci = kernel_co_first ? k[3] : k[2], k_co = kernel_co_first ? k[2] : k[3];
+  if (y[0] != g->n || k_ci != g->ci || k_co != g->co || sh < 1 || sw < 1 || pt < 0 || pl < 0) {
+    return UnsupportedGeometry(kernel);
+  }
+  return ffi::Error::Success();
+}
 
 __attribute__((always_inline)) inline Vec LoadVec(const float* p) {
   Vec v;

@@ -1,5 +1,6 @@
 """Batch norm with staged sums: same values and gradients as Flax's, used by the CPU train step."""
 
+import collections
 import contextlib
 import functools
 import os
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import tiny_setup_and_batch, train_step_calls
 from gaternet_jax import environment, steps
-from gaternet_jax.models import native_conv, staged_batch_norm
+from gaternet_jax.models import layers, native_conv, staged_batch_norm
 
 KEEP_BARRIERS = environment.KEEP_BARRIERS_FLAG
 
@@ -124,6 +125,11 @@ def plain():
   return tiny_setup_and_batch('plain')
 
 
+@pytest.fixture(scope='module')
+def gated():
+  return tiny_setup_and_batch('gated')
+
+
 def _unstaged(monkeypatch):
   """Turns the staged batch norm off in steps.train_step (Flax's own batch norm runs)."""
   monkeypatch.setattr(
@@ -164,8 +170,10 @@ def test_the_cpu_train_step_stages_every_batch_norm(plain, monkeypatch, compiled
   assert staged - _barriers(setup, batch, compiled) == 2 * norms
 
 
-def test_the_cpu_train_step_matches_flax_batch_norm(plain, monkeypatch):
-  setup, batch = plain
+@pytest.mark.parametrize('variant', ['plain', 'gated'])
+def test_the_cpu_train_step_matches_flax_batch_norm(variant, request, monkeypatch):
+  """Plain: the staged batch norms; gated: those and the gated batch norms."""
+  setup, batch = request.getfixturevalue(variant)
   # XLA's own convolutions in both runs, so that only batch norm differs: this tiny model is
   # sensitive enough at its third step that the native convolutions' rounding (the same step
   # from the same state agrees to ~2e-8) would grow past these tolerances on its own.
@@ -198,3 +206,71 @@ def test_the_cpu_train_step_matches_flax_batch_norm(plain, monkeypatch):
     jax.tree.leaves(staged_state.batch_stats), jax.tree.leaves(flax_state.batch_stats)
   ):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize('positions, width', [(1024, 16), (64, 16), (49, 7), (13, 13), (17, 1)])
+def test_per_sample_groups_divide_each_samples_positions(positions, width):
+  assert staged_batch_norm._sample_group_width(positions) == width
+  a = np.random.default_rng(positions).normal(size=(3, positions, 5)).astype(np.float32)
+  (got,) = jax.jit(staged_batch_norm.staged_sums_per_sample)(a)
+  np.testing.assert_allclose(got, a.astype(np.float64).sum(1), rtol=1e-5, atol=1e-5)
+
+
+class _Gated(nn.Module):
+  @nn.compact
+  def __call__(self, x, gate):
+    return layers.batch_norm(True, dtype=jnp.float32, gated=True, name='bn')(x, gate)
+
+
+@pytest.mark.parametrize(
+  'shape',
+  # positions per sample 35 (groups of 7), 64 (of 16), 17 (of 1), 1
+  [(6, 5, 7, 3), (4, 8, 8, 16), (5, 17, 1, 2), (9, 1, 1, 4)],
+)
+def test_gated_batch_norm_matches_batch_norm_then_the_gate(shape):
+  """Values, running averages and the gradients of x, gamma, beta and the gates."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(1.0, 2.0, size=shape).astype(np.float32))
+  # Binary and fractional gates, as SemHash's two training modes give.
+  gate = jnp.asarray(rng.choice([0.0, 1.0, 0.3], size=(shape[0], shape[-1])).astype(np.float32))
+  variables = _Gated().init(jax.random.key(0), x, gate)
+  c = shape[-1]
+  params = {'bn': {'scale': jnp.linspace(0.5, 2.0, c), 'bias': jnp.linspace(-0.5, 0.5, c)}}
+
+  def loss(params, x, gate, staged):
+    with staged_batch_norm.batch_norm_staged(staged):
+      y, new = _Gated().apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, x, gate,
+        mutable=['batch_stats'],
+      )  # fmt: skip
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape) / y.size), (y, new)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+  flax_grads, (flax_y, flax_new) = grad(params, x, gate, False)
+  fused_grads, (fused_y, fused_new) = grad(params, x, gate, True)
+  np.testing.assert_allclose(fused_y, flax_y, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(fused_new), jax.tree.leaves(flax_new)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert jax.tree.structure(fused_grads) == jax.tree.structure(flax_grads)
+  for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(flax_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert float(jnp.max(jnp.abs(fused_grads[2]))) > 1e-3  # the gates' gradient is not vacuous
+
+
+def test_the_cpu_train_step_fuses_every_gated_batch_norm(gated, monkeypatch):
+  """Each backbone unit's gated batch norm runs as one `gated_batch_norm`; the others as
+  `batch_norm`."""
+  setup, batch = gated
+  calls = collections.Counter()
+  for name in ('batch_norm', 'gated_batch_norm'):
+    original = getattr(staged_batch_norm, name)
+    monkeypatch.setattr(
+      staged_batch_norm, name,
+      lambda *a, _f=original, _n=name: calls.update([_n]) or _f(*a),
+    )  # fmt: skip
+  norms = train_step_calls(setup, batch, nn.BatchNorm)
+  gated_norms = train_step_calls(setup, batch, layers.GatedBatchNorm)
+  units = len(setup.model.backbone.gate_layout(setup.info.image_shape))
+  assert gated_norms == units > 1
+  assert calls['gated_batch_norm'] == 2 * units  # two traced steps
+  assert calls['batch_norm'] == 2 * (norms - units)

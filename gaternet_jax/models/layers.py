@@ -111,9 +111,14 @@ def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str
   )
 
 
-def batch_norm(train: bool, *, dtype: Dtype, scale_init=nn.initializers.ones, name=None):
-  """Batch norm with the usual ResNet settings; statistics and parameters stay float32."""
-  return nn.BatchNorm(
+def batch_norm(
+  train: bool, *, dtype: Dtype, scale_init=nn.initializers.ones, gated: bool = False, name=None
+):
+  """Batch norm with the usual ResNet settings; statistics and parameters stay float32.
+
+  `gated`: a `GatedBatchNorm`, called as `(x, gate)`.
+  """
+  return (GatedBatchNorm if gated else nn.BatchNorm)(
     use_running_average=not train,
     momentum=0.9,
     epsilon=1e-5,
@@ -155,6 +160,31 @@ def apply_gate(y: jax.Array, gate: jax.Array | None) -> jax.Array:
   if gate is None:
     return y
   return y * gate[:, None, None, :].astype(y.dtype)
+
+
+class GatedBatchNorm(nn.BatchNorm):
+  """Batch norm whose output eq. 4's gates multiply: BN(x) * gate, gate (batch, C).
+
+  The variables are `nn.BatchNorm`'s (a checkpoint cannot tell the two apart). The pair is one
+  module so that the CPU train step can run it as one operation whose backward pass takes the
+  gates' and the batch norm's sums in one read of the gradient (models/staged_batch_norm.py).
+  """
+
+  @nn.compact
+  def __call__(self, x, gate):
+    return apply_gate(super().__call__(x), gate)
+
+
+def normalize_and_gate(y, gate, pruned: PrunedLayer | None, *, se_reduction, train, dtype, name):
+  """A gated layer's tail: batch norm `name`, squeeze-and-excitation ('se') if any, then eq. 4's
+  gate (on the kept channels under an export's plan). Without SE or a plan, batch norm and gate
+  are one `GatedBatchNorm`."""
+  if gate is None or se_reduction or pruned is not None:
+    y = batch_norm(train, dtype=dtype, name=name)(y)
+    if se_reduction:
+      y = SqueezeExcite(se_reduction, dtype=dtype, name='se')(y)
+    return gate_kept_channels(y, gate, pruned)
+  return batch_norm(train, dtype=dtype, gated=True, name=name)(y, gate)
 
 
 class GateSlicer:
@@ -362,10 +392,9 @@ class BasicUnit(nn.Module):
       x, x, local, first, mid=self.mid, kernel1=3, stride1=self.stride, out2=features,
       kernel2=3, stride2=1, bn1='bn1', train=train, dtype=self.dtype,
     )  # fmt: skip
-    y = batch_norm(train, dtype=self.dtype, name='bn2')(y)
-    if self.se_reduction:
-      y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = gate_kept_channels(y, gate, last)
+    y = normalize_and_gate(
+      y, gate, last, se_reduction=self.se_reduction, train=train, dtype=self.dtype, name='bn2'
+    )
     return nn.relu(pruning_lib.add_to_shortcut(shortcut, y, last))
 
   def _shortcut(self, x, train):

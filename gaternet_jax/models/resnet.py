@@ -144,8 +144,7 @@ class BottleneckUnit(nn.Module):
     )  # fmt: skip
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
     y = layers.conv(features, 1, dtype=self.dtype, name='conv3')(y)
-    y = layers.batch_norm(train, dtype=self.dtype, name='bn3')(y)
-    if self.se_reduction:
-      y = layers.SqueezeExcite(self.se_reduction, dtype=self.dtype, name='se')(y)
-    y = layers.gate_kept_channels(y, gate, last)
+    y = layers.normalize_and_gate(
+      y, gate, last, se_reduction=self.se_reduction, train=train, dtype=self.dtype, name='bn3'
+    )
     return nn.relu(pruning_lib.add_to_shortcut(shortcut, y, last))

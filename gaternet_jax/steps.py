@@ -247,9 +247,12 @@ def train_step(
   augment_key, gates_key = jax.random.split(step_key)
   x = preprocess(config, setup.info, batch['image'], augment_key)
   labels = batch['label']
-  # Scheduled dropout on the gates (appendix B): the rate rises linearly from 0 to its final value.
-  fraction = state.step.astype(jnp.float32) / setup.plan.total_steps
-  gate_dropout_rate = config.gater.dropout_rate * jnp.minimum(fraction, 1.0)
+  # Scheduled dropout on the gates (appendix B): the rate rises linearly from 0 to its final value
+  # (a final rate of 0 stays a Python 0, so no dropout mask is drawn).
+  gate_dropout_rate = 0.0
+  if config.gater.dropout_rate:
+    fraction = state.step.astype(jnp.float32) / setup.plan.total_steps
+    gate_dropout_rate = config.gater.dropout_rate * jnp.minimum(fraction, 1.0)
 
   def loss_fn(params):
     # On the CPU, convolution inputs are stored for the backward pass, not recomputed (ResNet-20

@@ -9,6 +9,7 @@ import pytest
 from conftest import check_zero_gate
 from gaternet_jax import losses, models
 from gaternet_jax.errors import UserError
+from gaternet_jax.gating import binarizers
 from gaternet_jax.layout import total_filters
 from gaternet_jax.models.resnet import ResNet
 from gaternet_jax.models.resnet_cifar import CifarResNet
@@ -152,6 +153,25 @@ def test_gate_dropout_drops_gates():
     )
     densities.append(float(aux['density']))
   assert densities[1] < 0.7 * densities[0]
+
+
+@pytest.mark.parametrize('binarizer', ['semhash', 'gumbel'])
+def test_a_zero_dropout_rate_draws_no_mask_and_changes_nothing(binarizer):
+  """A final rate of 0 (a Python 0, as the train step passes it) gives exactly the gates of a
+  traced rate of 0, whose mask keeps everything, and draws one random array fewer."""
+  logits = jnp.linspace(-3.0, 3.0, 6 * 20).reshape(6, 20)
+  key = jax.random.key(5)
+
+  def gates(rate):
+    return binarizers.sample_gates(logits, binarizer, train=True, key=key, dropout_rate=rate)
+
+  traced_zero = jax.jit(gates)(jnp.float32(0.0))
+  np.testing.assert_array_equal(jax.jit(lambda: gates(0.0))(), traced_zero)
+  draws = [
+    str(jax.make_jaxpr(fn)(*args)).count('random_bits')
+    for fn, args in ((lambda: gates(0.0), ()), (gates, (jnp.float32(0.0),)))
+  ]
+  assert draws[0] == draws[1] - 1
 
 
 def test_sparsity_term_gives_backbone_exactly_zero_gradient():

@@ -56,6 +56,8 @@ def sample_gates(
     gates = semhash.improved_semhash(logits, train=True, rng=noise_key)
   else:
     gates = gumbel.gumbel_sigmoid_gate(logits, noise_key, temperature=temperature, train=True)
+  if isinstance(dropout_rate, (int, float)) and dropout_rate == 0:
+    return gates  # what a mask of P(keep) = 1 gives, without drawing it
   keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, gates.shape)
   return gates * keep.astype(gates.dtype)
 

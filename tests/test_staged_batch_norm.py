@@ -208,6 +208,19 @@ def test_the_cpu_train_step_matches_flax_batch_norm(variant, request, monkeypatc
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+def test_sums_of_one_shape_are_one_variadic_reduce():
+  """The first stage of two same-shaped sums is one reduce with two results (one read of its
+  inputs); sums of different shapes are separate."""
+  a = jnp.ones((64, 4))
+
+  def reductions(*arrays):
+    jaxpr = str(jax.make_jaxpr(staged_batch_norm.staged_sums)(*arrays))
+    return jaxpr.count(' reduce['), jaxpr.count('reduce_sum')
+
+  assert reductions(a, a * 2) == (1, 2)  # one variadic first stage, two second stages
+  assert reductions(a, jnp.ones((64, 3))) == (0, 4)
+
+
 @pytest.mark.parametrize('positions, width', [(1024, 16), (64, 16), (49, 7), (13, 13), (17, 1)])
 def test_per_sample_groups_divide_each_samples_positions(positions, width):
   assert staged_batch_norm._sample_group_width(positions) == width
@@ -255,6 +268,47 @@ def test_gated_batch_norm_matches_batch_norm_then_the_gate(shape):
   for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(flax_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert float(jnp.max(jnp.abs(fused_grads[2]))) > 1e-3  # the gates' gradient is not vacuous
+
+
+def test_gated_batch_norm_in_bfloat16_has_flax_dtypes():
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(4, 3, 3, 2)), jnp.bfloat16)
+  gate = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]], jnp.float32)
+  module = layers.GatedBatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+  variables = module.init(jax.random.key(0), x, gate)
+
+  def run(staged):
+    def loss(x, gate):
+      with staged_batch_norm.batch_norm_staged(staged):
+        y, _ = module.apply(variables, x, gate, mutable=['batch_stats'])
+      return jnp.sum(y.astype(jnp.float32) ** 2), y
+
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, gate)
+
+  (flax_dx, flax_dgate), flax_y = run(False)
+  (dx, dgate), y = run(True)
+  assert (y.dtype, dx.dtype, dgate.dtype) == (flax_y.dtype, flax_dx.dtype, flax_dgate.dtype)
+  assert y.dtype == jnp.bfloat16 and dgate.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(flax_y, np.float32), atol=2e-2)
+  np.testing.assert_allclose(dgate, flax_dgate, rtol=5e-2, atol=5e-2)
+
+
+def test_gated_calls_it_does_not_cover_run_the_module_unchanged():
+  """Evaluation and a gate of the wrong shape: exactly flax's batch norm, then the gate."""
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 3, 3, 2)).astype(np.float32))
+  gate = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]], jnp.float32)
+  train = layers.GatedBatchNorm(use_running_average=False)
+  variables = train.init(jax.random.key(0), x, gate)
+  cases = [
+    (layers.GatedBatchNorm(use_running_average=True), gate),
+    (train, gate[:1]),  # (1, C): broadcasts over the batch, not a per-sample gate
+  ]
+  for module, g in cases:
+    want = module.apply(variables, x, g, mutable=['batch_stats'])
+    with staged_batch_norm.batch_norm_staged():
+      got = module.apply(variables, x, g, mutable=['batch_stats'])
+    stats_want, stats_got = want[1], got[1]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert jax.tree.structure(stats_got) == jax.tree.structure(stats_want)
 
 
 def test_the_cpu_train_step_fuses_every_gated_batch_norm(gated, monkeypatch):

@@ -20,7 +20,9 @@ layer) as one operation, whose backward pass takes the gates' sums and batch nor
 `batch_norm_staged()` swaps these computations into `flax.linen.BatchNorm` (and
 `GatedBatchNorm`) while tracing: the same variables, equations and running-average update; only
 the order of summation differs (float rounding). Calls it does not cover (evaluation,
-initialisation, masks, named axes, a feature axis other than the last) run Flax's own code.
+initialisation, masks, named axes, a feature axis other than the last) run Flax's own code; a
+`GatedBatchNorm` call it does not cover (evaluation, a gate not of shape (batch, C)) runs its
+own, whose batch norm is again one of these calls.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def staged_sums_per_sample(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   of consecutive positions within one sample, a barrier, then the groups of each sample."""
   n, positions, c = arrays[0].shape
   w = _sample_group_width(positions)
+  if w == 1:  # e.g. 17 x 17 pixels: no groups to stage (a barrier would only copy the arrays)
+    return _sum_axis(arrays, 1)
   partials = jax.lax.optimization_barrier(
     tuple(_sum_axis([a.reshape(n, positions // w, w, c) for a in arrays], 2))
   )

@@ -70,7 +70,11 @@ def main(argv):
   if FLAGS.one:
     print(json.dumps(measure_one(FLAGS.one)))
     return
-  result = {'device_kind': jax.devices()[0].device_kind, 'xla_flags': os.environ.get('XLA_FLAGS')}
+  result = {
+    'device_kind': jax.devices()[0].device_kind,
+    'xla_flags': os.environ.get('XLA_FLAGS'),
+    'train_compiler_options': environment.train_compiler_options(jax.default_backend()),
+  }
   for spec in FLAGS.configs:
     out = subprocess.run(
       [sys.executable, __file__, f'--one={spec}'], capture_output=True, text=True, check=False

@@ -139,6 +139,7 @@ def main(argv):
     'devices': jax.device_count(),
     'backend': jax.default_backend(),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'train_compiler_options': environment.train_compiler_options(jax.default_backend()),
     'freed_memory_kept': environment.freed_memory_kept(),
   }
   measurements = {v: Measurement(config, v) for v in FLAGS.variants}

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gaternet_jax import steps
+from gaternet_jax import environment, steps
 from gaternet_jax.data import feed
 from gaternet_jax.errors import UserError
 
@@ -148,6 +148,7 @@ class TrainDispatch:
         in_shardings=(state_sh, setup.data_sharding, setup.data_sharding, *(setup.replicated,) * 3),
         out_shardings=(state_sh, setup.replicated),
         donate_argnums=(0,),
+        compiler_options=environment.train_compiler_options(steps.platform(setup)),
       )
     else:
       self.resident = None

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gaternet_jax import losses, models
+from gaternet_jax import environment, losses, models
 from gaternet_jax.models import initialization, materialize, native_conv, staged_batch_norm
 from gaternet_jax.data import augment
 from gaternet_jax.errors import UserError
@@ -355,6 +355,7 @@ def compile_steps(setup: Setup):
     in_shardings=(state_sh, data_sh, rep),
     out_shardings=(state_sh, rep),
     donate_argnums=(0,),
+    compiler_options=environment.train_compiler_options(platform(setup)),
   )
   evaluate = jax.jit(
     functools.partial(eval_step, setup=setup),

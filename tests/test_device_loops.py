@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_default
-from gaternet_jax import checkpoints, device_loops, procedure, restore, steps
+from gaternet_jax import checkpoints, device_loops, environment, procedure, restore, steps
 from gaternet_jax import data as data_lib
 from gaternet_jax.errors import Interrupted, NonFiniteLossError
 
@@ -206,3 +206,25 @@ def test_in_flight_waits_for_the_oldest_dispatch_beyond_its_limit(monkeypatch):
   assert device_loops.InFlight().limit == device_loops.MAX_BATCHES_IN_FLIGHT
   with pytest.raises(ValueError, match='at least one'):
     device_loops.InFlight(limit=0)
+
+
+def test_only_the_training_programs_get_the_train_compiler_options(monkeypatch):
+  """Both training paths (resident dispatch, streamed step) compile with them; evaluation not.
+
+  An option XLA does not know makes a compile fail, which shows where the options go.
+  """
+  monkeypatch.setattr(environment, 'CPU_TRAIN_COMPILER_OPTIONS', {'xla_no_such_option': 1})
+  config = tiny_default('gated')
+  dataset = data_lib.load_dataset(config.data)
+  setup = steps.build(config, dataset.info)
+  state = steps.create_state(setup, 0)
+  key = jax.random.key(0)
+  dispatch = device_loops.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
+  with pytest.raises(Exception, match='xla_no_such_option'):
+    dispatch.lower(state).compile()
+  train, evaluate, _ = steps.compile_steps(setup)
+  images, labels = dataset.train_arrays()
+  batch = {'image': jnp.asarray(images[:8]), 'label': jnp.asarray(labels[:8])}
+  with pytest.raises(Exception, match='xla_no_such_option'):
+    train.lower(state, batch, key).compile()
+  evaluate.lower(state, dict(batch, mask=jnp.ones((8,))), jnp.float32(0)).compile()

@@ -88,3 +88,14 @@ def test_prepare_sets_flags_only_where_the_user_did_not():
   environ = {environment.DISABLE_VARIABLE: '0'}
   environment.prepare(environ)
   assert 'XLA_FLAGS' not in environ
+
+
+def test_train_compiler_options_are_for_the_cpu_and_never_over_the_users_flags():
+  wide = {'xla_cpu_prefer_vector_width': 512}
+  assert environment.train_compiler_options('cpu', {}) == wide
+  assert environment.train_compiler_options('cpu', {'XLA_FLAGS': '--xla_cpu_ftz=true'}) == wide
+  assert environment.train_compiler_options('gpu', {}) == {}
+  assert environment.train_compiler_options('tpu', {}) == {}
+  assert environment.train_compiler_options('cpu', {environment.DISABLE_VARIABLE: '0'}) == {}
+  mine = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2 --xla_cpu_prefer_vector_width=256'}
+  assert environment.train_compiler_options('cpu', mine) == {}

@@ -101,6 +101,9 @@ def prefetch(batches: Iterator[dict], size: int = PREFETCH_BATCHES) -> Iterator[
 class TrainDispatch:
   """`(state, step, n) -> (state, metrics)`: advances training by `n <= max_steps` steps.
 
+  `step` is `state.step` (known on the host without waiting for the state); with resident data
+  it picks the epochs whose example orders the chunk gets.
+
   `metrics` maps each train-step metric to an array whose first `n` entries are the values of
   those steps, in order (entries past `n` are unused): the host reads them only when it logs or
   checks for a non-finite loss, so nothing in the loop waits on the device.
@@ -132,6 +135,11 @@ class TrainDispatch:
         sharding=setup.data_sharding,
         key=data_key,
       )
+      # The most epochs a chunk of max_steps steps can touch (1 for a single step; one starting
+      # at an epoch's last step reaches (max_steps - 2) // steps_per_epoch + 1 more). Their
+      # example orders are drawn outside the chunk, once per epoch, not in every step.
+      self.chunk_epochs = (self.max_steps - 2) // self.resident.steps_per_epoch + 2
+      self._orders_of = (None, None)  # (first epoch, its orders) of the last chunk
       one_step = functools.partial(_one_step, setup=setup, resident=self.resident)
       if self.max_steps == 1:
         # No loop: with XLA's own convolutions XLA:CPU ran the step ~45x slower inside a while
@@ -145,7 +153,13 @@ class TrainDispatch:
         chunk = functools.partial(_train_chunk, one_step=jax.jit(one_step), size=self.max_steps)
       self._chunk = jax.jit(
         chunk,
-        in_shardings=(state_sh, setup.data_sharding, setup.data_sharding, *(setup.replicated,) * 3),
+        in_shardings=(
+          state_sh,
+          setup.data_sharding,
+          setup.data_sharding,
+          self.resident.orders_sharding,
+          *(setup.replicated,) * 3,
+        ),
         out_shardings=(state_sh, setup.replicated),
         donate_argnums=(0,),
         compiler_options=environment.train_compiler_options(steps.platform(setup)),
@@ -162,7 +176,14 @@ class TrainDispatch:
     if self.resident is None:
       raise TypeError('lower() is for device-resident data; streamed data runs steps.train_step')
     r = self.resident
-    return self._chunk.lower(state, r.images, r.labels, r.key, self.key, jnp.int32(1))
+    return self._chunk.lower(state, r.images, r.labels, *self._orders(0), self.key, jnp.int32(1))
+
+  def _orders(self, step: int) -> tuple[jax.Array, jax.Array]:
+    """(orders, first epoch) of the chunk starting at `step`: the epochs it can touch."""
+    first_epoch = step // self.resident.steps_per_epoch
+    if self._orders_of[0] != first_epoch:
+      self._orders_of = (first_epoch, self.resident.orders(first_epoch, self.chunk_epochs))
+    return self._orders_of[1], jnp.int32(first_epoch)
 
   def __call__(self, state: steps.TrainState, step: int, n: int):
     if not 1 <= n <= self.max_steps:
@@ -171,26 +192,27 @@ class TrainDispatch:
       state, metrics = self._step(state, next(self._batches), self.key)
       return state, jax.tree.map(lambda x: x[None], metrics)
     r = self.resident
-    return self._chunk(state, r.images, r.labels, r.key, self.key, jnp.int32(n))
+    orders, first_epoch = self._orders(step)
+    return self._chunk(state, r.images, r.labels, orders, first_epoch, self.key, jnp.int32(n))
 
 
-def _one_step(state, images, labels, data_key, key, *, setup, resident):
-  """One training step on the resident batch of step `state.step`."""
-  batch = resident.sample(images, labels, data_key, state.step)
+def _one_step(state, images, labels, orders, first_epoch, key, *, setup, resident):
+  """One training step on the resident batch of step `state.step` (`step` of the dispatch)."""
+  batch = resident.sample(images, labels, orders, first_epoch, state.step)
   batch = jax.lax.with_sharding_constraint(batch, setup.data_sharding)
   return steps.train_step(state, batch, key, setup=setup)
 
 
-def _single_step(state, images, labels, data_key, key, num_steps, *, one_step):
+def _single_step(state, images, labels, orders, first_epoch, key, num_steps, *, one_step):
   """A chunk of exactly one step, without a loop; metrics as length-1 arrays."""
   del num_steps  # always 1
-  state, metrics = one_step(state, images, labels, data_key, key)
+  state, metrics = one_step(state, images, labels, orders, first_epoch, key)
   return state, jax.tree.map(lambda m: m[None], metrics)
 
 
-def _train_chunk(state, images, labels, data_key, key, num_steps, *, one_step, size):
+def _train_chunk(state, images, labels, orders, first_epoch, key, num_steps, *, one_step, size):
   """`num_steps` (traced, <= size) train steps in one loop; metrics in `size`-long arrays."""
-  args = (images, labels, data_key, key)
+  args = (images, labels, orders, first_epoch, key)
   shapes = jax.eval_shape(one_step, state, *args)[1]
   buffers = jax.tree.map(lambda s: jnp.zeros((size, *s.shape), s.dtype), shapes)
 

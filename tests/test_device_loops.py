@@ -228,3 +228,50 @@ def test_only_the_training_programs_get_the_train_compiler_options(monkeypatch):
   with pytest.raises(Exception, match='xla_no_such_option'):
     train.lower(state, batch, key).compile()
   evaluate.lower(state, dict(batch, mask=jnp.ones((8,))), jnp.float32(0)).compile()
+
+
+def _resident_dispatch(**overrides):
+  config = tiny_default('plain', **overrides)
+  dataset = data_lib.load_dataset(config.data)
+  setup = steps.build(config, dataset.info)
+  key = jax.random.key(0)
+  return device_loops.TrainDispatch(
+    setup, dataset, start_step=0, seed=0, data_key=jax.random.key(7), key=key
+  )
+
+
+def test_resident_batches_are_each_epochs_shard_permutations_sliced():
+  """Step s takes slice s % steps_per_epoch of each shard's permutation of epoch s // spe, drawn
+  with fold_in(fold_in(data_key, epoch), shard) (the data order of every earlier run)."""
+  r = _resident_dispatch().resident
+  spe, b = r.steps_per_epoch, r.device_batch
+  shard_labels = np.asarray(r.labels)
+  for step in (0, 1, spe - 1, spe, 2 * spe + 3):
+    epoch, offset = divmod(step, spe)
+    expected = []
+    for shard in range(r.num_shards):
+      key = jax.random.fold_in(jax.random.fold_in(r.key, epoch), shard)
+      order = np.asarray(jax.random.permutation(key, r.per_device))
+      expected.append(shard_labels[shard][order[offset * b : offset * b + b]])
+    np.testing.assert_array_equal(np.asarray(r.batch(step)['label']), np.concatenate(expected))
+
+
+@pytest.mark.parametrize('k', [1, 4, 40])
+def test_a_chunks_orders_cover_every_step_it_can_run(k, monkeypatch):
+  """Each chunk gets the orders of every epoch it can reach (here up to 3 epochs of 15 steps),
+  drawn once per epoch (k = 1) or per chunk start's epoch, not per step."""
+  dispatch = _resident_dispatch(steps_per_dispatch=k)
+  r = dispatch.resident
+  spe = r.steps_per_epoch
+  assert dispatch.chunk_epochs == (k - 2) // spe + 2
+  starts = range(0, 3 * spe + 2, k)
+  expected = {s: np.asarray(r.batch(s)['label']) for s in range(starts[-1] + k)}
+  drawn = []
+  monkeypatch.setattr(r, 'orders', lambda e, n: drawn.append(e) or type(r).orders(r, e, n))
+  sample = jax.jit(r.sample)
+  for start in starts:
+    orders, first_epoch = dispatch._orders(start)
+    for step in range(start, start + k):
+      got = sample(r.images, r.labels, orders, first_epoch, jnp.int32(step))['label']
+      np.testing.assert_array_equal(np.asarray(got), expected[step])
+  assert drawn == sorted({s // spe for s in starts})  # once per first epoch, in order

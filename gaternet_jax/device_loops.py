@@ -139,7 +139,6 @@ class TrainDispatch:
       # at an epoch's last step reaches (max_steps - 2) // steps_per_epoch + 1 more). Their
       # example orders are drawn outside the chunk, once per epoch, not in every step.
       self.chunk_epochs = (self.max_steps - 2) // self.resident.steps_per_epoch + 2
-      self._orders_of = (None, None)  # (first epoch, its orders) of the last chunk
       one_step = functools.partial(_one_step, setup=setup, resident=self.resident)
       if self.max_steps == 1:
         # No loop: with XLA's own convolutions XLA:CPU ran the step ~45x slower inside a while
@@ -181,9 +180,7 @@ class TrainDispatch:
   def _orders(self, step: int) -> tuple[jax.Array, jax.Array]:
     """(orders, first epoch) of the chunk starting at `step`: the epochs it can touch."""
     first_epoch = step // self.resident.steps_per_epoch
-    if self._orders_of[0] != first_epoch:
-      self._orders_of = (first_epoch, self.resident.orders(first_epoch, self.chunk_epochs))
-    return self._orders_of[1], jnp.int32(first_epoch)
+    return self.resident.orders(first_epoch, self.chunk_epochs), jnp.int32(first_epoch)
 
   def __call__(self, state: steps.TrainState, step: int, n: int):
     if not 1 <= n <= self.max_steps:

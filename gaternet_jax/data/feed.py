@@ -6,8 +6,6 @@ several hosts each process contributes only its own rows (`jax.make_array_from_p
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,11 +77,13 @@ class ResidentTrainData:
       sharding, local_labels, (num_devices, self.per_device)
     )
     self.key = key
-    self.num_shards = num_devices
     # Orders are [epochs, shards, per_device], each shard's rows on its own device.
     self.orders_sharding = NamedSharding(mesh, P(None, *sharding.spec))
     self._sample = jax.jit(self.sample, out_shardings=sharding)
-    self._orders = {}  # epochs -> jitted epoch_orders for that many epochs
+    self._epoch_orders = jax.jit(
+      self.epoch_orders, static_argnames='epochs', out_shardings=self.orders_sharding
+    )
+    self._last_orders = (None, None)  # ((first_epoch, epochs), their orders)
 
   def epoch_orders(self, key: jax.Array, first_epoch: jax.Array, epochs: int) -> jax.Array:
     """int32 [epochs, shards, per_device]: each shard's example order in epochs first_epoch.. .
@@ -98,17 +98,17 @@ class ResidentTrainData:
 
     # The shard index is a global iota: each device gets its own shard's id, wherever its
     # process's devices sit in the mesh.
-    shard_ids = jnp.arange(self.num_shards, dtype=jnp.int32)
+    shard_ids = jnp.arange(self.images.shape[0], dtype=jnp.int32)
     epoch_ids = first_epoch + jnp.arange(epochs, dtype=jnp.int32)
     return jax.vmap(lambda e: jax.vmap(lambda d: order(e, d))(shard_ids))(epoch_ids)
 
   def orders(self, first_epoch: int, epochs: int = 1) -> jax.Array:
-    """`epoch_orders` for `epochs` epochs from `first_epoch`, placed like the examples."""
-    if epochs not in self._orders:
-      self._orders[epochs] = jax.jit(
-        functools.partial(self.epoch_orders, epochs=epochs), out_shardings=self.orders_sharding
-      )
-    return self._orders[epochs](self.key, jnp.int32(first_epoch))
+    """`epoch_orders` for `epochs` epochs from `first_epoch`, placed like the examples; the last
+    ones asked for are kept, so consecutive steps of one epoch draw them once."""
+    if self._last_orders[0] != (first_epoch, epochs):
+      drawn = self._epoch_orders(self.key, jnp.int32(first_epoch), epochs=epochs)
+      self._last_orders = ((first_epoch, epochs), drawn)
+    return self._last_orders[1]
 
   def sample(self, images, labels, orders, first_epoch, step):
     """The global batch of training step `step` (traceable: called inside jitted loops).

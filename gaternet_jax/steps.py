@@ -290,8 +290,12 @@ def train_step(
     opt_state=opt_state,
   )
   # Checked on the host before any checkpoint is written: a finite loss with non-finite updates
-  # (possible in bfloat16) must not slip a diverged state into a checkpoint either.
-  finite = jnp.isfinite(loss) & all_finite(updates)
+  # (possible in bfloat16) must not slip a diverged state into a checkpoint either. The new
+  # parameters are checked, not the updates: they are non-finite whenever an update is (and when
+  # a finite update overflows its parameter), and they are outputs anyway, so the check reads
+  # them where the updates would need one more kernel per parameter array to be materialised
+  # (ResNet-164-Gated: 556 fusions fewer, README, Throughput).
+  finite = jnp.isfinite(loss) & all_finite(params)
   metrics = {
     'finite': finite,
     'loss': loss,

@@ -77,8 +77,8 @@ def staged_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   Both stages are variadic reduces (`_sum_axis`). Separate sums in the second stage, over
   M / 16 partial sums (8,192 rows in ResNet-20's first stage), are long single-output
   reductions again, which XLA:CPU rewrote into chains of reduce-windows: 5-7 kernels per pair of
-  sums instead of 1, 1,952 of the 4,428 fusions of ResNet-164-Gated's train step, and ~2.5 s of
-  its cold compile (2.3-2.6 s, in-process A/B; README, Throughput). The running time did not change.
+  sums instead of 1, 1,952 of the 4,428 fusions of ResNet-164-Gated's train step, and 2.1-2.6 s
+  of its cold compile (in-process A/B; README, Throughput). The running time did not change.
   """
   partials = jax.lax.optimization_barrier(_group_sums(*arrays))
   return _sum_axis(partials, 0)

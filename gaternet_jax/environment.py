@@ -43,9 +43,10 @@ def cpu_only_install() -> bool:
 # XLA:CPU's LLVM code generation prefers 256-bit vectors by default. On the development CPU
 # (AVX-512) 512-bit ones made the training step's elementwise and reduction fusions faster (the
 # native convolutions are not XLA's code; the optimised HLO is the same): ResNet-20 training +4-5%
-# plain and +2-3% gated, but inference ~3% slower (in-process A/Bs, README "Throughput"). So only
-# the training step's program gets them, as a per-program compile option rather than a process
-# flag. A CPU without 512-bit registers cannot use the preference and gets the code it got before.
+# plain and +1-2% gated (within the noise), but inference ~3% slower (in-process A/Bs, README
+# "Throughput"). So only the training step's program gets them, as a per-program compile option
+# rather than a process flag. A CPU without 512-bit registers cannot use the preference and gets
+# the code it got before.
 CPU_TRAIN_COMPILER_OPTIONS = {'xla_cpu_prefer_vector_width': 512}
 
 

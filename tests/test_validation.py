@@ -52,6 +52,16 @@ def test_every_experiment_config_validates(name, variant):
   validate_config(config)
 
 
+@pytest.mark.parametrize('devices', [8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize('name', [n for n in EXPERIMENTS if n.startswith('imagenet_')])
+def test_imagenet_batches_divide_every_pod_slice(name, devices):
+  # steps.build refuses batches that are not multiples of the device count; an eval batch of
+  # 1000 stopped every launch on 16 or more devices (v4-32, v5e-64).
+  config = load_experiment(name, 'plain')
+  assert config.batch_size % devices == 0
+  assert config.eval_batch_size % devices == 0
+
+
 def test_rules_cover_every_field_of_the_base_config():
   # A new config field without a rule would go unchecked: the table must grow with the config.
   def leaves(d, prefix=''):

@@ -9,6 +9,7 @@ silently altered model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Any
 
@@ -295,6 +296,27 @@ def config_conflicts(config, workdir: str, stages: tuple[str, ...] = ()) -> str 
     f'workdir {workdir!r} holds a run with a different config: {shown}{more}; '
     'use a new --workdir or the same config to resume'
   )
+
+
+def keep_legacy_values(config, workdir: str, stages: tuple[str, ...] = ()):
+  """`config`, or a copy with the stored run's value of every configs.LEGACY_VALUES field that
+  the run's config.json lacks, when `workdir` holds that run's training state: a run saved by an
+  older version resumes computing what it computed (the stored config decides, as on resume)."""
+  if not workdir_lib.exists(workdir, workdir_lib.CONFIG_FILE):
+    return config
+  if not holds_training_state(workdir, stages):
+    return config
+  stored = configs.flatten(workdir_lib.read_json(workdir, workdir_lib.CONFIG_FILE))
+  # A config without the field reads it as the legacy value already (e.g. models.strided_padding_of).
+  present = configs.flatten(config)
+  kept = {k: v for k, v in configs.LEGACY_VALUES.items() if k not in stored and k in present}
+  if not kept or all(present[k] == v for k, v in kept.items()):
+    return config
+  logging.info('workdir %r was saved before %s existed: resuming with %s', workdir,
+               ', '.join(kept), kept)  # fmt: skip
+  config = copy.deepcopy(config)
+  config.update_from_flattened_dict(kept)
+  return config
 
 
 def check_resume_config(config, workdir: str, stages: tuple[str, ...] = ()) -> None:

@@ -22,6 +22,14 @@ VARIANTS = ('plain', 'wider', 'se', 'gated', 'bas', 'gaternet_bas')
 GATED_VARIANTS = ('gated', 'bas', 'gaternet_bas')
 GATING_METHODS = ('gaternet', 'local')
 GATE_LOSSES = ('l1', 'l0', 'batch_shaping')
+# How strided convolutions pad (models/layers.py says what each means): 'symmetric' as the original
+# implementations, 'same' as TensorFlow's SAME.
+STRIDED_PADDINGS = ('symmetric', 'same')
+
+# Fields added after runs were saved without them, with the value those runs used: a stored
+# config.json that lacks one is read with this value (workdir.load_config), so a run saved by an
+# older version keeps computing what it computed, and a resume of it keeps that value.
+LEGACY_VALUES = {'model.strided_padding': 'same'}
 
 
 def parse_variant(arg: str | None, default: str = 'gated') -> str:
@@ -66,6 +74,9 @@ def base_config(
   c.model.width = wider_width if variant == 'wider' else 1.0
   c.model.se_reduction = se_reduction if variant == 'se' else 0
   c.model.gated = variant in GATED_VARIANTS
+  # Symmetric, as He et al.'s and Gastaldi's code: a strided branch and its shortcut see the same
+  # pixels ('same', TF's padding, centres them one pixel apart; runs before 2026-12-05 used it).
+  c.model.strided_padding = 'symmetric'
 
   c.gater = ml_collections.ConfigDict()
   c.gater.extractor = extractor
@@ -397,3 +408,15 @@ def flatten(config: Any, prefix: str = '') -> dict[str, Any]:
     else:
       out[name] = list(value) if isinstance(value, tuple) else value
   return out
+
+
+def with_legacy_values(config: dict[str, Any]) -> dict[str, Any]:
+  """A stored config (nested dicts) with every LEGACY_VALUES field it lacks filled in."""
+  for field, value in LEGACY_VALUES.items():
+    *parents, leaf = field.split('.')
+    node = config
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf not in node:
+      node[leaf] = value
+  return config

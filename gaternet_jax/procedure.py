@@ -44,6 +44,7 @@ def train_and_evaluate(
   """
   validation.validate_workdir(workdir)
   validation.validate_config(config)
+  config = checkpoints.keep_legacy_values(config, workdir, STAGES)
   if config.model.gated and config.procedure.pretrain:
     check_init_sources(config)
   workdir_lib.ensure_writable(workdir, jax.process_index())
@@ -131,6 +132,16 @@ def check_init_sources(config: ml_collections.ConfigDict) -> None:
       raise UserError(
         f'init.{field} = {path!r} was trained on other data: {", ".join(differ)}; its '
         "examples may include this run's held-out ones, so it cannot initialise this run"
+      )
+    there, here = (
+      models.strided_padding_of(workdir_lib.load_config(source)),
+      models.strided_padding_of(config),
+    )
+    if there != here:
+      raise UserError(
+        f'init.{field} = {path!r} was trained with model.strided_padding={there!r}, this run has '
+        f'{here!r}: its filters would see shifted pixels; add '
+        f'--config.model.strided_padding={there} or pre-train anew'
       )
 
 

@@ -109,6 +109,7 @@ RULES: dict[str, Rule] = {
   'model.width': Rule(float, _above(0)),
   'model.se_reduction': Rule(int, _at_least(0)),
   'model.gated': Rule(bool),
+  'model.strided_padding': Rule(str, _one_of(lambda: configs.STRIDED_PADDINGS)),
   'gater.extractor': Rule(str, _one_of(_backbones)),
   'gater.extractor_width': Rule(float, _above(0)),
   'gater.bottleneck': Rule(int, _at_least(1)),

@@ -32,6 +32,10 @@ LOCALLY_GATEABLE = PRUNABLE
 # Table 2's CIFAR backbones and Inception-v4 register their own names.
 for _module in (densenet, shake_shake, inception_v4):
   BACKBONES.update(_module.BACKBONES)
+# The backbones with strided convolutions whose padding is a choice (layers.STRIDED_PADDINGS):
+# the ResNets and Shake-Shake. DenseNet-BC downsamples by average pooling and Inception-v4's
+# strided convolutions are 'VALID' in the original, so those two have nothing to choose.
+STRIDED_PADDING_CHOICE = (*PRUNABLE, *shake_shake.BACKBONES)
 
 
 def create_backbone(
@@ -44,11 +48,13 @@ def create_backbone(
   dtype: Any = jnp.float32,
   pruning: pruning_lib.Pruning | None = None,
   gate_placement: str = 'last',
+  strided_padding: str = 'symmetric',
 ) -> nn.Module:
   """A registered backbone by name; unknown names raise UserError listing the known ones.
 
   `pruning` (an export's channel plan) is accepted by the backbones in `PRUNABLE` only;
-  `gate_placement='first'` (local gating) by those in `LOCALLY_GATEABLE` only.
+  `gate_placement='first'` (local gating) by those in `LOCALLY_GATEABLE` only;
+  `strided_padding` is used by those in `STRIDED_PADDING_CHOICE` (the others have one way).
   """
   if name not in BACKBONES:
     raise UserError(f'unknown model name {name!r}; known: {", ".join(sorted(BACKBONES))}')
@@ -64,6 +70,8 @@ def create_backbone(
         f'{", ".join(LOCALLY_GATEABLE)}'
       )
     extra['gate_placement'] = gate_placement
+  if name in STRIDED_PADDING_CHOICE:
+    extra['strided_padding'] = strided_padding
   return BACKBONES[name](
     num_classes=num_classes,
     width=width,
@@ -72,6 +80,11 @@ def create_backbone(
     dtype=dtype,
     **extra,
   )
+
+
+def strided_padding_of(config) -> str:
+  """`model.strided_padding`; a config saved before the field existed used 'same'."""
+  return config.model.get('strided_padding', configs.LEGACY_VALUES['model.strided_padding'])
 
 
 def backbone_from_config(config, *, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
@@ -86,6 +99,7 @@ def backbone_from_config(config, *, num_classes: int, dtype: Any = jnp.float32) 
     dtype=dtype,
     pruning=pruning_lib.from_config(m.get('pruning')),
     gate_placement='first' if is_local(config) else 'last',
+    strided_padding=strided_padding_of(config),
   )
 
 
@@ -142,7 +156,12 @@ def create_model(config, *, num_classes: int, image_shape, dtype: Any = jnp.floa
   layout = backbone.gate_layout(tuple(image_shape))
   g = config.gater
   extractor = create_backbone(
-    g.extractor, num_classes=num_classes, width=g.extractor_width, include_head=False, dtype=dtype
+    g.extractor,
+    num_classes=num_classes,
+    width=g.extractor_width,
+    include_head=False,
+    dtype=dtype,
+    strided_padding=strided_padding_of(config),
   )
   gater = Gater(
     extractor,

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gaternet_jax import configs
 from gaternet_jax.gating.local import LocalGates
 from gaternet_jax.layout import GatedLayer
 from gaternet_jax.models import pruning as pruning_lib
@@ -97,13 +98,49 @@ def gate_layout_for(
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str | None = None):
-  """A bias-free 'SAME' convolution (every conv here is followed by batch norm)."""
+# How a convolution with a kernel larger than 1x1 pads its input (the output size is 'SAME''s,
+# ceil(size / stride), either way):
+# - 'symmetric': (k - 1) // 2 on every side, as the original implementations (He et al.'s Torch
+#   ResNets, torchvision, Gastaldi's Shake-Shake). A stride-s convolution's outputs are then
+#   centred on the pixels s*i, the ones its unit's shortcut takes (x[::s, ::s], or a 1x1 stride-s
+#   projection), so a branch and its shortcut see the same pixels.
+# - 'same': TensorFlow's SAME, which pads an even-sized input's strided 3x3 by (0, 1) and a
+#   224-pixel 7x7/2 stem by (2, 3): outputs centred one pixel off the shortcut. Runs saved before
+#   `model.strided_padding` existed used it (configs.LEGACY_VALUES), and keep it.
+# At stride 1 (and on odd sizes) the two coincide.
+STRIDED_PADDINGS = configs.STRIDED_PADDINGS
+
+
+def padding_for(kernel: int, padding: str) -> str | tuple[tuple[int, int], tuple[int, int]]:
+  """lax padding of a square `kernel`'s convolution or pool under `padding` (STRIDED_PADDINGS)."""
+  if padding not in STRIDED_PADDINGS:
+    raise ValueError(f'strided padding must be one of {STRIDED_PADDINGS}, got {padding!r}')
+  if kernel == 1:
+    return 'VALID'
+  if padding == 'same':
+    return 'SAME'
+  if kernel % 2 == 0:
+    raise ValueError(f'symmetric padding needs an odd kernel, got {kernel}')
+  half = (kernel - 1) // 2
+  return ((half, half), (half, half))
+
+
+def conv(
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  *,
+  dtype: Dtype,
+  name: str | None = None,
+  padding: str = 'symmetric',
+):
+  """A bias-free convolution with 'SAME''s output size (every conv here is followed by batch
+  norm); `padding` is one of STRIDED_PADDINGS."""
   return nn.Conv(
     features,
     (kernel, kernel),
     strides=(stride, stride),
-    padding='SAME' if kernel > 1 else 'VALID',
+    padding=padding_for(kernel, padding),
     use_bias=False,
     kernel_init=conv_kernel_init,
     dtype=dtype,
@@ -307,10 +344,12 @@ def plans_by_conv(pruned: PrunedLayer | None, gate_first: bool):
 def first_conv_pair(
   inputs, x, local: LocalGates | None, first: PrunedLayer | None, *, mid: int, kernel1: int,
   stride1: int, out2: int, kernel2: int, stride2: int, bn1: str, train: bool, dtype: Dtype,
+  padding: str,
 ):  # fmt: skip
   """A residual unit's first two convolutions: conv1 (`mid` filters, or the plan's kept ones) on
   `inputs` -> batch norm `bn1` -> ReLU -> local gates (read from the unit's input `x`) -> conv2
-  (`out2` filters). Parameters are the calling unit's ('conv1', `bn1`, 'conv2').
+  (`out2` filters), both padded by `padding` (STRIDED_PADDINGS). Parameters are the calling
+  unit's ('conv1', `bn1`, 'conv2').
 
   A plan that removed every conv1 filter leaves zeros of conv2's output shape: what a bias-free
   'SAME' convolution computes from an all-zero input, exactly what the gated model computed with
@@ -321,10 +360,10 @@ def first_conv_pair(
     stride = stride1 * stride2
     n, h, w = x.shape[0], ceil_div(x.shape[1], stride), ceil_div(x.shape[2], stride)
     return jnp.zeros((n, h, w, out2), dtype)
-  y = conv(width, kernel1, stride1, dtype=dtype, name='conv1')(inputs)
+  y = conv(width, kernel1, stride1, dtype=dtype, name='conv1', padding=padding)(inputs)
   y = nn.relu(batch_norm(train, dtype=dtype, name=bn1)(y))
   y = gate_first_conv(y, x, local, first)
-  return conv(out2, kernel2, stride2, dtype=dtype, name='conv2')(y)
+  return conv(out2, kernel2, stride2, dtype=dtype, name='conv2', padding=padding)(y)
 
 
 def gate_kept_channels(y, gate, pruned: PrunedLayer | None):
@@ -366,6 +405,7 @@ class BasicUnit(nn.Module):
     pruned: an export's plan for the gated convolution's filters (None: all computed): conv2's
       (GaterNet; with none kept the unit is its shortcut) or conv1's (`gate_first`).
     gate_first: the unit is gated on conv1 (local gating) rather than conv2.
+    strided_padding: how the strided 3x3 convolution pads (STRIDED_PADDINGS).
 
   `gate` is conv2's slice of the gate vector (GaterNet), None, or a `LocalGates` (conv1's
   channels gated from the unit's input, Batch-Shaping).
@@ -379,6 +419,7 @@ class BasicUnit(nn.Module):
   dtype: Dtype = jnp.float32
   pruned: PrunedLayer | None = None
   gate_first: bool = False
+  strided_padding: str = 'symmetric'
 
   @nn.compact
   def __call__(self, x, gate, *, train):
@@ -391,6 +432,7 @@ class BasicUnit(nn.Module):
     y = first_conv_pair(
       x, x, local, first, mid=self.mid, kernel1=3, stride1=self.stride, out2=features,
       kernel2=3, stride2=1, bn1='bn1', train=train, dtype=self.dtype,
+      padding=self.strided_padding,
     )  # fmt: skip
     y = normalize_and_gate(
       y, gate, last, se_reduction=self.se_reduction, train=train, dtype=self.dtype, name='bn2'

@@ -45,6 +45,8 @@ class ResNet(nn.Module):
     gate_placement: 'last' (GaterNet) or 'first' (local gating), as in `CifarResNet`.
     skip_off_units: in evaluation, a GaterNet unit whose gates are all off for the whole batch
       is not computed (layers.skip_if_all_off); the outputs are the same.
+    strided_padding: how the stem, the max-pool and the strided 3x3 convolutions pad
+      (layers.STRIDED_PADDINGS; 'symmetric' is torchvision's (3, 3) stem and (1, 1) pool).
   """
 
   depth: int
@@ -56,6 +58,7 @@ class ResNet(nn.Module):
   pruning: Pruning | None = None
   gate_placement: str = 'last'
   skip_off_units: bool = False
+  strided_padding: str = 'symmetric'
 
   @property
   def bottleneck(self) -> bool:
@@ -94,18 +97,24 @@ class ResNet(nn.Module):
     specs = self.unit_specs(x.shape[1:3])
     x = x.astype(self.dtype)
     stem = layers.scaled_channels(STEM_CHANNELS, self.width)
-    x = layers.conv(stem, 7, 2, dtype=self.dtype, name='stem_conv')(x)
+    padding = self.strided_padding
+    x = layers.conv(stem, 7, 2, dtype=self.dtype, name='stem_conv', padding=padding)(x)
     x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    # flax pads a max-pool with -inf, as torchvision's MaxPool2d(3, 2, padding=1) does.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=layers.padding_for(3, padding))
 
     def make_unit(spec, name, pruned):
       args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
-      first = self.gate_placement == 'first'
-      if self.bottleneck:
-        return BottleneckUnit(*args, dtype=self.dtype, pruned=pruned, gate_first=first, name=name)
-      return layers.BasicUnit(
-        *args, projection=True, dtype=self.dtype, pruned=pruned, gate_first=first, name=name
+      kwargs = dict(
+        dtype=self.dtype,
+        pruned=pruned,
+        gate_first=self.gate_placement == 'first',
+        strided_padding=padding,
+        name=name,
       )
+      if self.bottleneck:
+        return BottleneckUnit(*args, **kwargs)
+      return layers.BasicUnit(*args, projection=True, **kwargs)
 
     skip_in = self if self.skip_off_units else None
     x = layers.gated_units(
@@ -126,6 +135,7 @@ class BottleneckUnit(nn.Module):
   dtype: Any
   pruned: PrunedLayer | None = None  # an export's plan for conv3's filters (conv1's: gate_first)
   gate_first: bool = False  # gated on conv1 (local gating) rather than conv3
+  strided_padding: str = 'symmetric'  # of the strided 3x3 convolution (layers.STRIDED_PADDINGS)
 
   @nn.compact
   def __call__(self, x, gate, *, train):
@@ -141,6 +151,7 @@ class BottleneckUnit(nn.Module):
     y = layers.first_conv_pair(
       x, x, local, first, mid=self.mid, kernel1=1, stride1=1, out2=self.mid, kernel2=3,
       stride2=self.stride, bn1='bn1', train=train, dtype=self.dtype,
+      padding=self.strided_padding,
     )  # fmt: skip
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
     y = layers.conv(features, 1, dtype=self.dtype, name='conv3')(y)

@@ -47,6 +47,7 @@ class CifarResNet(nn.Module):
       Batch-Shaping: each unit's first convolution).
     skip_off_units: in evaluation, a GaterNet unit whose gates are all off for the whole batch
       is not computed (layers.skip_if_all_off); the outputs are the same.
+    strided_padding: how strided convolutions pad (layers.STRIDED_PADDINGS).
   """
 
   depth: int
@@ -59,6 +60,7 @@ class CifarResNet(nn.Module):
   pruning: Pruning | None = None
   gate_placement: str = 'last'
   skip_off_units: bool = False
+  strided_padding: str = 'symmetric'
 
   def units_per_stage(self) -> int:
     per_unit = 9 if self.bottleneck else 6
@@ -101,14 +103,16 @@ class CifarResNet(nn.Module):
 
     def make_unit(spec, name, pruned):
       args = (spec.mid_channels, spec.out_channels, spec.stride, self.se_reduction)
-      first = self.gate_placement == 'first'
-      if self.bottleneck:
-        return PreActBottleneckUnit(
-          *args, dtype=self.dtype, pruned=pruned, gate_first=first, name=name
-        )
-      return layers.BasicUnit(
-        *args, projection=False, dtype=self.dtype, pruned=pruned, gate_first=first, name=name
+      kwargs = dict(
+        dtype=self.dtype,
+        pruned=pruned,
+        gate_first=self.gate_placement == 'first',
+        strided_padding=self.strided_padding,
+        name=name,
       )
+      if self.bottleneck:
+        return PreActBottleneckUnit(*args, **kwargs)
+      return layers.BasicUnit(*args, projection=False, **kwargs)
 
     skip_in = self if self.skip_off_units else None
     x = layers.gated_units(
@@ -131,6 +135,7 @@ class PreActBottleneckUnit(nn.Module):
   dtype: Any
   pruned: PrunedLayer | None = None  # an export's plan for conv3's filters (conv1's: gate_first)
   gate_first: bool = False  # gated on conv1 (local gating) rather than conv3
+  strided_padding: str = 'symmetric'  # of the strided 3x3 convolution (layers.STRIDED_PADDINGS)
 
   @nn.compact
   def __call__(self, x, gate, *, train):
@@ -149,6 +154,7 @@ class PreActBottleneckUnit(nn.Module):
     y = layers.first_conv_pair(
       pre, x, local, first, mid=self.mid, kernel1=1, stride1=1, out2=self.mid, kernel2=3,
       stride2=self.stride, bn1='bn2', train=train, dtype=self.dtype,
+      padding=self.strided_padding,
     )  # fmt: skip
     y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn3')(y))
     y = layers.conv(features, 1, dtype=self.dtype, name='conv3')(y)

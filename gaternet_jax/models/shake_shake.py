@@ -83,6 +83,8 @@ class ShakeShake(nn.Module):
     se_reduction: must be 0; Shake-Shake has no -SE variant in the paper.
     include_head: False drops the classifier and returns pooled features.
     dtype: computation dtype (parameters and batch statistics stay float32).
+    strided_padding: how the branches' strided 3x3 convolutions pad (layers.STRIDED_PADDINGS;
+      'symmetric' is the Torch code's pad 1, centred on the pixels path 1 of the shortcut takes).
   """
 
   depth: int = 26
@@ -92,6 +94,7 @@ class ShakeShake(nn.Module):
   se_reduction: int = 0
   include_head: bool = True
   dtype: Any = jnp.float32
+  strided_padding: str = 'symmetric'
 
   def __post_init__(self):
     # Refused at construction so that describe/train fail before any tracing.
@@ -141,7 +144,13 @@ class ShakeShake(nn.Module):
     # shortcut's) input, while identity shortcuts carry the un-rectified sum.
     x = layers.batch_norm(train, dtype=self.dtype, name='stem_bn')(x)
     for s in specs:
-      block = ShakeBlock(s.out_channels, s.stride, dtype=self.dtype, name=s.name.replace('/', '_'))
+      block = ShakeBlock(
+        s.out_channels,
+        s.stride,
+        dtype=self.dtype,
+        strided_padding=self.strided_padding,
+        name=s.name.replace('/', '_'),
+      )
       x = block(x, slicer.next(s.out_channels), slicer.next(s.out_channels), train=train)
     slicer.check_consumed()
     x = nn.relu(x)
@@ -156,6 +165,7 @@ class ShakeBlock(nn.Module):
   out: int
   stride: int
   dtype: Any = jnp.float32
+  strided_padding: str = 'symmetric'
 
   @nn.compact
   def __call__(self, x, gate1, gate2, *, train):
@@ -174,7 +184,9 @@ class ShakeBlock(nn.Module):
     return y + self._shortcut(x, h, train)
 
   def _branch(self, h, gate, name, train):
-    conv = functools.partial(layers.conv, self.out, 3, dtype=self.dtype)
+    conv = functools.partial(
+      layers.conv, self.out, 3, dtype=self.dtype, padding=self.strided_padding
+    )
     bn = functools.partial(layers.batch_norm, train, dtype=self.dtype)
     y = conv(self.stride, name=f'{name}_conv1')(h)
     y = nn.relu(bn(name=f'{name}_bn1')(y))

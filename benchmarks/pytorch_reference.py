@@ -1,6 +1,19 @@
-"""PyTorch reference throughput of the plain CIFAR ResNet-20 on CPU; one JSON line.
+"""PyTorch reference of the plain CIFAR ResNet-20: throughput, or an accuracy anchor; one JSON line.
 
   python benchmarks/pytorch_reference.py [--batch_size 128] [--steps 20] [--rounds 1]
+  python benchmarks/pytorch_reference.py --train --data_dir DIR --workdir W [--epochs 15]
+      [--seeds 0,1] [--holdout 5000]
+
+Training mode (the accuracy anchor): for each seed, trains our ResNet-20 (`gaternet train
+--config experiments/cifar10_resnet20.py:plain` on the image folder DIR, a subprocess) and this
+file's PyTorch ResNet-20 on the same training images, with the same hold-out (the examples our
+loader holds out, read through it), the same augmentation (4 zero pixels of padding, a random
+32x32 crop, a mirror with probability 1/2), the same normalisation (the dataset's channel
+statistics) and He et al.'s recipe at the same budget: batch 128, SGD with momentum 0.9 and
+coupled weight decay 1e-4 on every parameter, learning rate 0.1 divided by 10 at 50% and 75% of
+the steps, each epoch a fresh permutation of which the last partial batch is dropped. It prints
+both hold-out top-1 errors (%) per seed and their means. Finished runs are kept in W and skipped
+when the command is run again (ours resume where they stopped).
 
 A point of comparison for benchmarks/throughput.py's plain variant: the same network written in
 torch.nn (3x3 conv 16, three stages of three post-activation basic units with 16/32/64 filters,
@@ -29,8 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +65,7 @@ MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channe
 class BasicUnit(nn.Module):
   """Post-activation basic block with option-A shortcut: layers.BasicUnit(projection=False).
 
-  Convolutions use symmetric padding 1; JAX's 'SAME' pads stride-2 convolutions (0, 1) instead,
-  which shifts the sampling grid by one pixel but costs the same, so it does not matter here.
+  Convolutions use symmetric padding 1, as ours (model.strided_padding='symmetric').
   """
 
   def __init__(self, in_channels: int, out_channels: int, stride: int):
@@ -164,15 +181,160 @@ def measure(
   return {'train_images_per_s': train, 'inference_images_per_s': inference}
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH_SIZE = 128
+CROP_PADDING = 4
+
+
+def holdout_split(data_dir: str, holdout: int) -> dict:
+  """Our loader's training and hold-out arrays of the image folder, and its channel statistics."""
+  sys.path.insert(0, REPO)
+  from gaternet_jax import data  # noqa: PLC0415 - JAX only in training mode
+
+  config = data.default_data_config()
+  config.update(name='imagefolder', data_dir=data_dir, holdout=holdout, eval_split='holdout')
+  dataset = data.load_dataset(config)
+  info = dataset.info
+  return {
+    'train': dataset.train_arrays(),
+    'holdout': dataset.eval_arrays('holdout'),
+    'mean': info.mean,
+    'std': info.std,
+  }
+
+
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Pad-crop-flip of uint8 NHWC images, as gaternet_jax/data/augment.random_crop_flip."""
+  n, h, w, _ = images.shape
+  p = CROP_PADDING
+  padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+  dy, dx = rng.integers(0, 2 * p + 1, size=(2, n))
+  flips = rng.random(n) < 0.5
+  out = np.empty_like(images)
+  for i in range(n):
+    crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+    out[i] = crop[:, ::-1] if flips[i] else crop
+  return out
+
+
+def train_torch(split: dict, epochs: float, seed: int) -> dict:
+  """Trains this file's ResNet-20 with He et al.'s recipe; its hold-out top-1 error and time."""
+  torch.manual_seed(seed)
+  rng = np.random.default_rng(seed)
+  model = build_model()
+  images, labels = split['train']
+  steps_per_epoch = len(images) // BATCH_SIZE
+  total = int(round(epochs * steps_per_epoch))
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+  mean = torch.tensor(split['mean'], dtype=torch.float32).view(1, 3, 1, 1)
+  std = torch.tensor(split['std'], dtype=torch.float32).view(1, 3, 1, 1)
+
+  def inputs(batch: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+    return (x - mean) / std
+
+  started = time.time()
+  model.train()
+  step, order = 0, np.empty(0, np.int64)
+  while step < total:
+    if step % steps_per_epoch == 0:
+      order = rng.permutation(len(images))
+    index = order[(step % steps_per_epoch) * BATCH_SIZE :][:BATCH_SIZE]
+    lr = 0.1 * (0.1 ** sum(step >= b * total for b in (0.5, 0.75)))
+    for group in optimizer.param_groups:
+      group['lr'] = lr
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(inputs(augment(images[index], rng)))
+    F.cross_entropy(logits, torch.from_numpy(labels[index]).long()).backward()
+    optimizer.step()
+    step += 1
+  model.eval()
+  held_images, held_labels = split['holdout']
+  correct = 0
+  with torch.inference_mode():
+    for start in range(0, len(held_images), 500):
+      logits = model(inputs(held_images[start : start + 500]))
+      correct += int((logits.argmax(1).numpy() == held_labels[start : start + 500]).sum())
+  return {
+    'holdout_top1_error': 100.0 * (1.0 - correct / len(held_images)),  # percent, as ours
+    'steps': total,
+    'wall_time_s': time.time() - started,
+  }
+
+
+def train_ours(data_dir: str, workdir: str, epochs: float, seed: int, holdout: int) -> dict:
+  """`gaternet train` of the plain ResNet-20 on the same folder and hold-out; its results."""
+  command = [
+    sys.executable, '-m', 'gaternet_jax.main', 'train',
+    '--config', os.path.join(REPO, 'experiments', 'cifar10_resnet20.py:plain'),
+    '--workdir', workdir, '--config.data.name=imagefolder', f'--config.data.data_dir={data_dir}',
+    f'--config.data.holdout={holdout}', '--config.data.eval_split=holdout',
+    f'--config.schedule.num_epochs={epochs}', f'--config.seed={seed}',
+  ]  # fmt: skip
+  subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  return {
+    'holdout_top1_error': results['eval']['top1_error'],
+    'steps': results['step'],
+    'wall_time_s': results['wall_time_s'],
+  }
+
+
+def parity(data_dir: str, workdir: str, epochs: float, seeds: list[int], holdout: int) -> dict:
+  """Both implementations per seed (finished ones read back from `workdir`); both means."""
+  os.makedirs(workdir, exist_ok=True)
+  split = None
+  result = {'epochs': epochs, 'holdout': holdout, 'torch_version': torch.__version__}
+  for impl in ('ours', 'torch'):
+    runs = {}
+    for seed in seeds:
+      done = os.path.join(workdir, f'{impl}_seed{seed}.json')
+      if os.path.exists(done):
+        with open(done) as f:
+          runs[seed] = json.load(f)
+        continue
+      if impl == 'ours':
+        runs[seed] = train_ours(
+          data_dir, os.path.join(workdir, f'ours_seed{seed}'), epochs, seed, holdout
+        )
+      else:
+        split = split or holdout_split(data_dir, holdout)
+        runs[seed] = train_torch(split, epochs, seed)
+      with open(done + '.tmp', 'w') as f:
+        json.dump(runs[seed], f)
+      os.replace(done + '.tmp', done)
+    errors = [runs[s]['holdout_top1_error'] for s in seeds]
+    result[impl] = {
+      'holdout_top1_error': {str(s): e for s, e in zip(seeds, errors)},
+      'mean': statistics.mean(errors),
+      'wall_time_s': {str(s): runs[s]['wall_time_s'] for s in seeds},
+    }
+  result['mean_difference'] = result['ours']['mean'] - result['torch']['mean']
+  return result
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batch_size', type=int, default=128)
   parser.add_argument('--steps', type=int, default=20, help='timed steps per measurement')
   parser.add_argument('--rounds', type=int, default=1, help='repetitions; medians are reported')
   parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's)")
+  parser.add_argument('--train', action='store_true', help='the accuracy anchor (see above)')
+  parser.add_argument('--data_dir', help='training mode: an image folder with train/')
+  parser.add_argument('--workdir', help='training mode: where both runs and their results go')
+  parser.add_argument('--epochs', type=float, default=15.0)
+  parser.add_argument('--seeds', default='0,1')
+  parser.add_argument('--holdout', type=int, default=5000)
   args = parser.parse_args(argv)
   if args.threads is not None:
     torch.set_num_threads(args.threads)
+  if args.train:
+    if not args.data_dir or not args.workdir:
+      parser.error('--train needs --data_dir and --workdir')
+    seeds = [int(s) for s in args.seeds.split(',')]
+    print(json.dumps(parity(args.data_dir, args.workdir, args.epochs, seeds, args.holdout)))
+    return
   result = {
     'torch_version': torch.__version__,
     'threads': torch.get_num_threads(),

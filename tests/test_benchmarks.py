@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from conftest import REPO
 
 
@@ -139,3 +141,29 @@ def test_step_profile_reads_the_kernels_of_device_stream_lines(tmp_path):
     ['loop_convert_fusion', 0.001],
   ]  # fmt: skip
   assert groups == ['conv_or_matmul', 'reduction', 'convert']
+
+
+def test_pytorch_reference_trains_both_implementations_on_one_holdout(tmp_path):
+  # torch is an optional extra (the `benchmark` extra): without it there is nothing to compare.
+  import pytest  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+
+  pytest.importorskip('torch', reason='the PyTorch anchor needs the benchmark extra (torch)')
+  rng = np.random.default_rng(0)
+  for c in range(10):
+    folder = tmp_path / 'data' / 'train' / f'class{c}'
+    folder.mkdir(parents=True)
+    for i in range(16):
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+  args = [
+    'benchmarks/pytorch_reference.py', '--train', '--data_dir', str(tmp_path / 'data'),
+    '--workdir', str(tmp_path / 'w'), '--epochs', '2', '--seeds', '0,1', '--holdout', '20',
+  ]  # fmt: skip
+  out = _json_line(*args)
+  for impl in ('ours', 'torch'):
+    errors = out[impl]['holdout_top1_error']
+    assert set(errors) == {'0', '1'} and all(0 <= e <= 100 for e in errors.values())
+    assert out[impl]['mean'] == pytest.approx(sum(errors.values()) / 2)
+  assert out['mean_difference'] == pytest.approx(out['ours']['mean'] - out['torch']['mean'])
+  # A rerun reads the finished runs back instead of training again.
+  assert _json_line(*args) == out

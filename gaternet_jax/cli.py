@@ -15,11 +15,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 # Imported after `environment.prepare()` (main.py): these start JAX.
-from gaternet_jax import describe, distributed, environment, evaluate, export, procedure, report
-from gaternet_jax import sweep, tradeoff
+from gaternet_jax import describe, distributed, environment, evaluate, export, preemption, procedure
+from gaternet_jax import report
+from gaternet_jax import reproduce, sweep, tradeoff
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.analysis import collect
-from gaternet_jax.errors import Interrupted, UserError
+from gaternet_jax.errors import Interrupted, StopSignal, UserError
 
 FLAGS = flags.FLAGS
 
@@ -35,6 +36,10 @@ USAGE = {
   'tradeoff': 'gaternet tradeoff --workdir DIR [--split S] [--thresholds T1,T2,...] [--out DIR]',
   'report': 'gaternet report DIR [DIR ...] [--out table.md]',
   'sweep': 'gaternet sweep --config FILE --sweep FIELD=V1,V2 [--sweep ...] --workdir DIR',
+  'reproduce': (
+    'gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR '
+    '[--config.FIELD=VALUE ...]'
+  ),
 }
 CONFIG_HELP = (
   'Every field of the config can be set with --config.FIELD=VALUE; '
@@ -42,10 +47,21 @@ CONFIG_HELP = (
 )
 
 
-_ALL = ('train', 'evaluate', 'describe', 'analyze', 'export', 'tradeoff', 'report', 'sweep')
+_ALL = (
+  'train',
+  'evaluate',
+  'describe',
+  'analyze',
+  'export',
+  'tradeoff',
+  'report',
+  'sweep',
+  'reproduce',
+)
 # (commands, kind, name, default, help): every flag of every command, in --help order.
 _FLAGS = (
-  (('train', 'evaluate', 'analyze', 'export', 'tradeoff', 'sweep'), 'string', 'workdir', None,
+  (('train', 'evaluate', 'analyze', 'export', 'tradeoff', 'sweep', 'reproduce'), 'string', 'workdir',
+   None,
    'Run directory (checkpoints, events, results); gs:// works.'),
   (('train',), 'integer', 'resume_step', None,
    'Resume from this checkpoint, not the latest (later ones are set aside).'),
@@ -69,6 +85,9 @@ _FLAGS = (
    'Output: a folder (default WORKDIR/analysis, WORKDIR/export, WORKDIR/tradeoff) / for report, '
    'a Markdown file.'),
   (('sweep',), 'multi_string', 'sweep', [], 'FIELD=V1,V2,... (repeat for a grid).'),
+  (('reproduce',), 'string', 'seeds', '0,1,2', 'Seeds S1,S2,... (each: plain, gated, control).'),
+  (('reproduce',), 'float', 'epochs', None,
+   "Epochs per stage (default: the config's schedule.num_epochs)."),
   (_ALL, 'string', 'coordinator_address', None,
    'Manual multi-process launch: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).'),
   (_ALL, 'integer', 'num_processes', None, 'Manual launch: processes (or JAX_NUM_PROCESSES).'),
@@ -79,7 +98,7 @@ _FLAGS = (
 def _define(command: str) -> list[str]:
   """Defines the command's flags; returns their names in the order --help lists them."""
   names = []
-  if command in ('train', 'describe', 'sweep'):
+  if command in ('train', 'describe', 'sweep', 'reproduce'):
     text = 'Experiment config FILE[:variant].'
     config_flags.DEFINE_config_file('config', None, text, lock_config=True)
     names.append('config')
@@ -125,8 +144,9 @@ def run(command: str, argv: list[str], fail: Callable[[str], None]) -> None:
         process_id=FLAGS.process_id,
       )
       environment.enable_compilation_cache()
-      COMMANDS[command](args)
-    except Interrupted as e:
+      with preemption.CommandSignals():
+        COMMANDS[command](args)
+    except (Interrupted, StopSignal) as e:
       print(f'gaternet: {e}', file=sys.stderr)
       raise SystemExit(e.exit_code) from None
     except UserError as e:
@@ -229,6 +249,15 @@ def cmd_sweep(argv) -> None:
   for result in sweep.sweep(config, workdir, FLAGS.sweep, procedure.train_and_evaluate):
     if distributed.is_leader():
       print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def cmd_reproduce(argv) -> None:
+  config, workdir = _value('config'), _value('workdir')
+  seeds = reproduce.parse_seeds(FLAGS.seeds)
+  say = lambda message: print(f'gaternet reproduce: {message}', file=sys.stderr, flush=True)
+  summary = reproduce.reproduce(config, workdir, seeds, FLAGS.epochs, progress=say)
+  if distributed.is_leader():
+    print(reproduce.markdown(summary), end='')
 
 
 COMMANDS = {name: globals()[f'cmd_{name}'] for name in _ALL}

@@ -33,3 +33,18 @@ class Interrupted(UserError):
   def __init__(self, message: str, exit_code: int):
     super().__init__(message)
     self.exit_code = exit_code
+
+
+class StopSignal(BaseException):
+  """SIGTERM/SIGINT outside a training loop, raised at once from the signal handler
+  (preemption.CommandSignals). A BaseException, as KeyboardInterrupt is: raised wherever the
+  main thread happens to be, it must not be swallowed by an `except Exception` on the way (it
+  was, and the command went on to train its next stages).
+
+  Attributes:
+    exit_code: 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
+  """
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code

@@ -6,6 +6,7 @@
   gaternet analyze  --workdir DIR [--split S] [--max-examples N] [--out DIR]
   gaternet report   DIR [DIR ...] [--out table.md]
   gaternet sweep    --config FILE --sweep field=v1,v2 [--sweep ...] --workdir DIR
+  gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR
 
 `gaternet COMMAND --help` lists a command's flags. Errors caused by the user's input print one
 line on stderr and exit with status 2.
@@ -17,7 +18,17 @@ import sys
 
 from gaternet_jax import environment
 
-COMMANDS = ('train', 'evaluate', 'describe', 'analyze', 'export', 'tradeoff', 'report', 'sweep')
+COMMANDS = (
+  'train',
+  'evaluate',
+  'describe',
+  'analyze',
+  'export',
+  'tradeoff',
+  'report',
+  'sweep',
+  'reproduce',
+)
 
 
 def _fail(message: str) -> None:
@@ -35,10 +46,14 @@ def main(argv: list[str] | None = None) -> None:
       f'usage: gaternet {{{",".join(COMMANDS)}}} [flags]; '
       f'got {argv[1] if len(argv) > 1 else "no command"!r}'
     )
-  environment.prepare()  # before JAX starts
-  from gaternet_jax import cli  # noqa: PLC0415
+  try:
+    environment.prepare()  # before JAX starts
+    from gaternet_jax import cli  # noqa: PLC0415
 
-  cli.run(argv[1], [f'gaternet {argv[1]}'] + argv[2:], _fail)
+    cli.run(argv[1], [f'gaternet {argv[1]}'] + argv[2:], _fail)
+  except KeyboardInterrupt:  # Ctrl-C before the command's own handler is in place (imports)
+    print('gaternet: stopped by SIGINT before the command started', file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == '__main__':

@@ -27,16 +27,86 @@ import threading
 import jax
 import numpy as np
 
+from gaternet_jax.errors import Interrupted, StopSignal
+
 # The coordination-service key JAX's preemption service writes when a host is told it will be
 # preempted (`kPreemptionNoticeKey` in XLA's tsl preemption_sync_manager.cc).
 PREEMPTION_NOTICE_KEY = 'RECEIVED_PREEMPTION_NOTICE'
 
 
+# The CommandSignals of the command this process runs, while one is installed (signal handlers
+# are process-wide, so this is the one place that knows whether a training loop is polling).
+_command: CommandSignals | None = None
+
+
+class CommandSignals:
+  """SIGTERM/SIGINT for a whole command: never ignored, never a traceback.
+
+  Installed by the CLI around a command (main thread). While a training loop runs, its
+  StopRequests takes the signal and stops at the next step boundary with a checkpoint. Anywhere
+  else (setup, compilation, between the stages of a procedure or the runs of a sweep, evaluation)
+  the command stops at once with `StopSignal`: finished runs and checkpoints are on disk, so the
+  same command resumes. On several processes SIGTERM belongs to JAX's preemption service.
+  """
+
+  def __init__(self):
+    self._previous: dict[int, object] = {}
+    self.loop: StopRequests | None = None
+    self.pending: int | None = None  # a signal that came outside a training loop
+
+  def __enter__(self) -> CommandSignals:
+    global _command
+    if threading.current_thread() is threading.main_thread():
+      signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      _command = self
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    global _command
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+    _command = None
+
+  def _handle(self, signum, frame) -> None:
+    if self.loop is not None:
+      self.loop._handle(signum, frame)  # noqa: SLF001 - the loop's own handler, delegated
+      return
+    self.pending = self.pending or signum
+    # Raised at once where the main thread can raise. Python runs handlers between any two
+    # bytecodes, also inside a weakref callback or __del__, where it prints and ignores what they
+    # raise (a Ctrl-C between two stages was lost that way): `check_stop` raises it again at the
+    # next boundary (between stages and runs, before a training loop).
+    raise self.stop_signal()
+
+  def stop_signal(self) -> StopSignal:
+    return StopSignal(
+      f'stopped by {signal.Signals(self.pending).name} outside the training loop; finished runs '
+      'and checkpoints are kept: run the same command again to resume',
+      128 + self.pending,
+    )
+
+
+def check_stop() -> None:
+  """Raises the command's StopSignal if it got SIGTERM/SIGINT outside a training loop.
+
+  Called at the boundaries of a command's work (before a training loop, between the stages of a
+  procedure and the runs of a sweep): a signal whose immediate raise was swallowed stops there.
+  """
+  if _command is not None and _command.pending is not None:
+    raise _command.stop_signal()
+
+
 class StopRequests:
   """Context manager that turns SIGTERM/SIGINT into a stop request the loop polls.
 
-  The previous handlers are restored on exit. Outside the main thread (where Python cannot set
-  handlers) it only polls the multi-host preemption service.
+  Under a CommandSignals it takes the command's signals over; otherwise (a library call) it
+  installs its own handlers and restores the previous ones on exit. Outside the main thread
+  (where Python cannot set handlers) it only polls the multi-host preemption service. A signal
+  that arrives after the last `should_stop` (during the final step) is raised as `Interrupted` on
+  exit, once that step is checkpointed, so it is never lost.
   """
 
   def __init__(self, *, start_step: int = 0, sync_every: int = 1):
@@ -46,7 +116,9 @@ class StopRequests:
     self._polled = start_step  # the preemption service has seen every step up to this one
 
   def __enter__(self) -> StopRequests:
-    if threading.current_thread() is threading.main_thread():
+    if _command is not None and threading.current_thread() is threading.main_thread():
+      _command.loop = self
+    elif threading.current_thread() is threading.main_thread():
       signals = [signal.SIGINT]
       if jax.process_count() == 1:
         signals.append(signal.SIGTERM)  # on several processes JAX's preemption service has it
@@ -54,17 +126,24 @@ class StopRequests:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
-  def __exit__(self, *exc_info) -> None:
+  def __exit__(self, exc_type, *exc_info) -> None:
+    if _command is not None and _command.loop is self:
+      _command.loop = None
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous.clear()
+    if exc_type is None and self._signal is not None and jax.process_count() == 1:
+      raise Interrupted(
+        f'stopped by {self.signal_name} after the last training step, which is checkpointed; '
+        'run the same command again to finish',
+        self.exit_code,
+      )
 
   def _handle(self, signum, frame) -> None:
     del frame
     if self._signal is not None and signum == signal.SIGINT:
-      # A second Ctrl-C means "now": give the default behaviour back and raise at once.
-      signal.signal(signal.SIGINT, signal.default_int_handler)
-      raise KeyboardInterrupt
+      # A second Ctrl-C means "now": stop at once (the last checkpoint stays on disk).
+      raise StopSignal('stopped at once by a second SIGINT; the last checkpoint is kept', 130)
     self._signal = signum
 
   def should_stop(self, step: int) -> bool:

@@ -23,7 +23,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from gaternet_jax import checkpoints, distributed, models, restore, steps, train, validation
+from gaternet_jax import checkpoints, distributed, models, preemption, restore, steps, train
+from gaternet_jax import validation
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax import workdir_lock
 from gaternet_jax.errors import CheckpointError, UserError
@@ -52,6 +53,35 @@ def train_and_evaluate(
     if config.model.gated and config.procedure.pretrain:
       return run(config, workdir, resume_step=resume_step)
     return train.run(config, workdir, resume_step=resume_step)
+
+
+def train_control(
+  config: ml_collections.ConfigDict, workdir: str, backbone_dir: str
+) -> dict[str, Any]:
+  """The control the paper lacks: a plain backbone with a gated run's training.
+
+  `config` is plain; the run starts from `backbone_dir`'s parameters and batch statistics (the
+  plain run a gated run took as its stage 1) and trains for the joint stage's epochs and learning
+  rate, with a fresh optimizer, a restarted schedule and the joint stage's random stream: stage 1
+  + stage 3 arranged as the procedure arranges them, without the gater. Resumable like any run.
+  """
+  validation.validate_workdir(workdir)
+  validation.validate_config(config)
+  if config.model.gated:
+    raise UserError('the control trains a plain backbone; got a gated config')
+  config = checkpoints.keep_legacy_values(config, workdir)
+  p = config.procedure
+  workdir_lib.ensure_writable(workdir, jax.process_index())
+  with _locked(workdir):
+    return train.run(
+      config,
+      workdir,
+      stage='control',
+      stream=STREAMS[STAGE_JOINT],
+      num_epochs=config.schedule.num_epochs + p.joint_extra_epochs,
+      learning_rate=p.joint_learning_rate,
+      initialize=lambda state, setup: init_from_pretrained(state, setup, backbone_dir, None),
+    )
 
 
 @contextlib.contextmanager
@@ -173,6 +203,7 @@ def run(
     if init_path:  # checked by check_init_sources
       return restore.pretrained_dir(init_path, stage)
     stage_dir = workdir_lib.join(workdir, stage)
+    preemption.check_stop()
     if not distributed.agree(lambda: workdir_lib.is_finished(stage_dir)):
       train.run(
         stage_config,
@@ -190,6 +221,7 @@ def run(
     None if local else pretrain(STAGE_GATER, gater_stage_config(config), config.init.gater)
   )
   joint_dir = workdir_lib.join(workdir, STAGE_JOINT)
+  preemption.check_stop()
   if distributed.agree(lambda: workdir_lib.is_finished(joint_dir)):
     results = workdir_lib.read_results(joint_dir)
   else:

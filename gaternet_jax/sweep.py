@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import ml_collections
 
-from gaternet_jax import validation, workdir as workdir_lib
+from gaternet_jax import preemption, validation, workdir as workdir_lib
 from gaternet_jax.errors import UserError
 
 
@@ -105,4 +105,5 @@ def sweep(
 ) -> Iterator[dict[str, Any]]:
   """Trains every grid point in `workdir/<field=value,...>`; yields {'point': ..., **results}."""
   for name, point, run_config in grid_configs(config, specs):
+    preemption.check_stop()
     yield {'point': point, **train(run_config, workdir_lib.join(workdir, name))}

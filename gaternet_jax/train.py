@@ -211,6 +211,7 @@ def run(
       lambda: time.monotonic() - last_saved >= min_interval
     )
 
+  preemption.check_stop()  # a signal during setup and compilation stops before training
   with preemption.StopRequests(start_step=step, sync_every=config.log_every_steps) as stop:
     while step < plan.total_steps:
       # A chunk never crosses a log, eval or checkpoint step, so each happens where the config

@@ -1,6 +1,12 @@
 """The multi-host stop decision (`preemption.StopRequests.should_stop`) with the JAX preemption
 service and the all-gather faked: which ids the service sees and when the hosts stop. The real
-service is exercised end to end by `test_multiprocess.py`."""
+service is exercised end to end by `test_multiprocess.py`. Then a command's signals on one
+process: outside the training loop, inside it, and during its last step."""
+
+import os
+import signal
+import time
+import weakref
 
 import jax
 import numpy as np
@@ -8,6 +14,7 @@ import pytest
 from jax.experimental import multihost_utils
 
 from gaternet_jax import preemption
+from gaternet_jax.errors import Interrupted, StopSignal
 
 
 @pytest.fixture
@@ -57,3 +64,62 @@ def test_another_hosts_notice_or_ctrl_c_stops_both_at_the_agreement_step(
 
 def test_no_notice_without_a_distributed_client():
   assert preemption._preemption_notice_posted() is False
+
+
+@pytest.mark.parametrize('sig,code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_outside_the_training_loop_stops_the_command_at_once(sig, code):
+  before = signal.getsignal(signal.SIGINT)
+  with preemption.CommandSignals():
+    with pytest.raises(StopSignal) as stopped:
+      try:
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises long before this ends
+      except Exception:  # noqa: BLE001 - what swallowed it when it was an Exception
+        pytest.fail('an `except Exception` caught the stop')
+  assert stopped.value.exit_code == code and 'run the same command again' in str(stopped.value)
+  assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_the_training_loop_takes_the_commands_signals_over():
+  with preemption.CommandSignals():
+    # The loop polls the signal and stops by raising its own Interrupted (train.run); its exit
+    # raises nothing more.
+    with pytest.raises(Interrupted, match='at step 1'):
+      with preemption.StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop.should_stop(1) and stop.exit_code == 143
+        raise Interrupted('stopped at step 1', stop.exit_code)
+
+
+def test_a_signal_during_the_last_step_is_not_lost():
+  # The last step is past the loop's last should_stop: the signal stops the command on exit.
+  with preemption.CommandSignals():
+    with pytest.raises(Interrupted) as stopped:
+      with preemption.StopRequests():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+    assert stopped.value.exit_code == 130 and 'after the last training step' in str(stopped.value)
+    # Outside the loop again: the command's own handler is back.
+    with pytest.raises(StopSignal, match='outside the training loop'):
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(5)
+
+
+def test_a_signal_whose_raise_was_swallowed_stops_at_the_next_boundary():
+  # Python ignores what a handler raises when it runs inside a weakref callback or __del__ (a
+  # Ctrl-C between two stages was lost that way): the boundary check raises it again.
+  class Owner:
+    pass
+
+  with preemption.CommandSignals():
+    preemption.check_stop()  # nothing pending: nothing raised
+    owner = Owner()
+    # The callback runs when `owner` dies; the signal arrives (is handled) inside it.
+    finalizer = weakref.ref(owner, lambda _: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(1)))
+    del owner
+    assert finalizer() is None
+    with pytest.raises(StopSignal, match='SIGTERM outside the training loop') as stopped:
+      preemption.check_stop()
+  assert stopped.value.exit_code == 143
+  preemption.check_stop()  # no command installed any more: nothing pending

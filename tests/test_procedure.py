@@ -22,7 +22,9 @@ def test_three_stages_and_results(gated_run):
   workdir, results = gated_run
   for stage in (workdir_lib.STAGE_BACKBONE, workdir_lib.STAGE_GATER, workdir_lib.STAGE_JOINT):
     assert os.path.exists(os.path.join(workdir, stage, 'results.json')), stage
-  assert workdir_lib.load_config(os.path.join(workdir, workdir_lib.STAGE_BACKBONE)).variant == 'plain'
+  assert (
+    workdir_lib.load_config(os.path.join(workdir, workdir_lib.STAGE_BACKBONE)).variant == 'plain'
+  )
   gater_config = workdir_lib.load_config(os.path.join(workdir, workdir_lib.STAGE_GATER))
   assert gater_config.model.backbone == 'cifar_resnet8' and not gater_config.model.gated
   assert results['stage'] == workdir_lib.STAGE_JOINT and results['gated_filters'] == 112

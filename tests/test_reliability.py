@@ -52,12 +52,16 @@ def _wait_for(predicate, timeout=300):
 
 
 @pytest.fixture(scope='module')
-def undisturbed(tmp_path_factory, ):
+def undisturbed(
+  tmp_path_factory,
+):
   """A plain 60-step run nobody touched: the reference for bit-identical outcomes."""
   from conftest import run_cli  # noqa: PLC0415
 
   workdir = str(tmp_path_factory.mktemp('undisturbed') / 'w')
-  result = run_cli('train', *PLAIN, '--workdir', workdir, *LONG, '--config.checkpoint_every_steps=1000')
+  result = run_cli(
+    'train', *PLAIN, '--workdir', workdir, *LONG, '--config.checkpoint_every_steps=1000'
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   return workdir
 
@@ -105,6 +109,43 @@ def test_signal_checkpoints_the_current_step_and_resumes_bit_identically(
   assert again.returncode == 0, again.stderr[-2000:]
   assert f'Resumed {workdir} from step {step}' in again.stderr
   assert _digest(workdir, 60) == _digest(undisturbed, 60)
+
+
+@pytest.mark.parametrize('sig,code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_at_a_stage_boundary_stops_with_one_line_and_resumes(tmp_path, cli, sig, code):
+  # Sent the moment stage 1 has finished: between stages, outside any training loop (or, if
+  # stage 2 is already under way, in its loop). Either way: one line, 130/143, resumable.
+  workdir = str(tmp_path / 'w')
+  args = ['--config', 'experiments/default.py:gated', '--workdir', workdir, *TINY_FLAGS]
+  proc = _start(args)
+  stage1 = os.path.join(workdir, workdir_lib.STAGE_BACKBONE, 'results.json')
+  try:
+    assert _wait_for(lambda: os.path.exists(stage1) or proc.poll() is not None)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == code, err[-2000:]
+  lines = [l for l in err.splitlines() if l.startswith(f'gaternet: stopped by {sig.name}')]
+  assert len(lines) == 1 and 'Traceback' not in err, err[-2000:]
+  assert not workdir_lib.is_finished(os.path.join(workdir, workdir_lib.STAGE_JOINT))
+  again = cli('train', *args)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert workdir_lib.is_finished(workdir)
+
+
+def test_ctrl_c_while_a_run_sets_up_is_one_line(tmp_path):
+  workdir = str(tmp_path / 'w')
+  proc = _start([*PLAIN, '--workdir', workdir, *TINY_FLAGS])
+  try:
+    # config.json is written before the data and the steps are built: setup is under way.
+    assert _wait_for(lambda: os.path.exists(os.path.join(workdir, 'config.json')))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, err[-2000:]
+  assert 'Traceback' not in err and err.count('gaternet: stopped by SIGINT') == 1, err[-2000:]
 
 
 def test_flipped_byte_is_one_error_line_naming_the_step(tmp_path, cli):
@@ -175,7 +216,7 @@ def test_nonsense_values_are_refused_before_anything_is_written(tmp_path, cli, o
   workdir = tmp_path / 'w'
   result = cli('train', '--config', 'experiments/default.py', '--workdir', str(workdir), override)
   line = _one_error_line(result)
-  assert override.split('=')[0][len('--config.'):] in line
+  assert override.split('=')[0][len('--config.') :] in line
   assert [l for l in result.stderr.splitlines() if l.strip()] == [line]  # nothing before it
   assert not workdir.exists()
 
@@ -202,7 +243,15 @@ def test_sweep_of_fields_whose_default_is_none(tmp_path, cli):
 
 def test_sweep_checks_every_point_before_training_any(tmp_path, cli):
   line = _one_error_line(
-    cli('sweep', *PLAIN, '--workdir', str(tmp_path), *TINY_FLAGS, '--sweep', 'optimizer.learning_rate=0.1,-1')  # fmt: skip
+    cli(
+      'sweep',
+      *PLAIN,
+      '--workdir',
+      str(tmp_path),
+      *TINY_FLAGS,
+      '--sweep',
+      'optimizer.learning_rate=0.1,-1',
+    )  # fmt: skip
   )
   assert 'optimizer.learning_rate' in line and not any(tmp_path.iterdir())
   assert '--sweep' in _one_error_line(cli('sweep', *PLAIN, '--workdir', str(tmp_path)))

@@ -83,7 +83,9 @@ def test_every_strided_window_pads_symmetrically(name, size):
     half = (kernel - 1) // 2
     assert pads == ((half, half), (half, half)), (kernel, pads)
   # The legacy padding is what older runs computed: 'SAME' on even sizes is lopsided.
-  assert any(k > 1 and pads[0][0] != pads[0][1] for k, pads in _strided_paddings(name, 'same', size))
+  assert any(
+    k > 1 and pads[0][0] != pads[0][1] for k, pads in _strided_paddings(name, 'same', size)
+  )
 
 
 def test_padding_changes_no_parameter_or_gate_count():
@@ -94,7 +96,10 @@ def test_padding_changes_no_parameter_or_gate_count():
       size = 64 if name.startswith('resnet') else 32
       x = jnp.zeros((1, size, size, 3))
       params = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x, train=False))
-      shapes[padding] = (jax.tree.map(lambda a: a.shape, params), model.gate_layout((size, size, 3)))
+      shapes[padding] = (
+        jax.tree.map(lambda a: a.shape, params),
+        model.gate_layout((size, size, 3)),
+      )
     assert shapes['symmetric'] == shapes['same']
 
 
@@ -110,7 +115,9 @@ def _drop_padding_field(workdir: str) -> None:
 
 def test_a_run_saved_before_the_field_keeps_computing_what_it_computed(tmp_path):
   old = str(tmp_path / 'old')
-  trained = procedure.train_and_evaluate(tiny_default('plain', **{'model.strided_padding': 'same'}), old)
+  trained = procedure.train_and_evaluate(
+    tiny_default('plain', **{'model.strided_padding': 'same'}), old
+  )
   before = evaluate.evaluate_workdir(old)
   _drop_padding_field(old)
   assert restore.load_state(old).config.model.strided_padding == 'same'

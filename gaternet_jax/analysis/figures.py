@@ -365,6 +365,33 @@ def _label_points(fig, ax, points, labels) -> None:
     placed.append(box)
 
 
+def reproduce_figure(summary: dict) -> mpl_figure.Figure:
+  """`gaternet reproduce`'s summary: each run kind's top-1 error per seed (dots) and mean +- std
+  (bar), and its mean MACs used per image."""
+  kinds = list(summary['runs'])
+  fig = _new_figure(8.0, 3.4)
+  errors, macs = fig.subplots(1, 2, width_ratios=(3, 2))
+  for x, kind in enumerate(kinds):
+    run = summary['runs'][kind]
+    mean, std = run['top1_error']['mean'], run['top1_error']['std']
+    errors.bar(x, mean, yerr=std, color=f'C{x}', alpha=0.35, capsize=4)
+    per_seed = [run['per_seed'][str(s)]['top1_error'] for s in summary['seeds']]
+    errors.scatter([x] * len(per_seed), per_seed, color=f'C{x}', zorder=3, s=14)
+    macs.bar(x, run['macs']['mean'] / 1e6, color=f'C{x}', alpha=0.6)
+  low = min(run['per_seed'][str(s)]['top1_error'] for run in summary['runs'].values()
+            for s in summary['seeds'])  # fmt: skip
+  errors.set_ylim(bottom=max(0.0, low - 2.0))
+  for ax in (errors, macs):
+    ax.set_xticks(range(len(kinds)), kinds)
+  errors.set_ylabel(f'top-1 error (%), {summary["split"]}')
+  macs.set_ylabel('MACs used per image (millions)')
+  fig.suptitle(
+    f'{summary["name"]}: {len(summary["seeds"])} seeds, '
+    f'{summary["epochs_per_stage"]:g} epochs per stage'
+  )
+  return fig
+
+
 def save_figure(fig: mpl_figure.Figure, path: str | os.PathLike) -> None:
   """Writes `fig` as a PNG to `path`, a local path or any `etils.epath` URL (e.g. ``gs://``).
 

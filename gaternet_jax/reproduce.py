@@ -1,0 +1,214 @@
+"""`gaternet reproduce`: a row of the paper's Table 1 over several seeds, with the control it lacks.
+
+For every seed s, in `WORKDIR/seed<s>/`:
+
+  plain/    the plain backbone (the baseline row);
+  gated/    the paper's procedure (section 4.4): stage 1 is `plain/` of the same seed; stage 2, the
+            gater's extractor pre-trained as a classifier, is another seed's `plain/` when the
+            extractor has the backbone's architecture (a separately pre-trained classifier, as
+            the paper asks, at no extra cost), else trained in the procedure; then the joint stage;
+  control/  the plain backbone trained on from `plain/` for the joint stage's epochs with a
+            restarted schedule: the gated model's total training (stage 1 + stage 3) without the
+            gater, the control that says whether a gain comes from the gates or from the extra
+            schedule.
+
+Runs are trained plain first, then gated, then controls; each is an ordinary run (evaluate,
+analyze, export and load_run work on it), finished ones are skipped and interrupted ones resume.
+At the end every run is scored on the config's evaluation split and `reproduce.json`,
+`reproduce.md` and `reproduce.png` summarise them: per seed and mean +- std, the top-1 error, the
+gate density and the MACs used; gated - plain and gated - control.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+import ml_collections
+
+from gaternet_jax import checkpoints, distributed, evaluate, preemption, procedure
+from gaternet_jax import workdir as workdir_lib
+from gaternet_jax.errors import UserError
+
+RUNS = ('plain', 'gated', 'control')
+RESULTS_JSON = 'reproduce.json'
+TABLE_MD = 'reproduce.md'
+FIGURE_PNG = 'reproduce.png'
+# The evaluation of a finished run, kept beside it so a rerun of the command does not redo it.
+EVALUATION_JSON = 'reproduce_evaluation.json'
+
+
+def parse_seeds(text: str) -> list[int]:
+  """'0,1,2' -> [0, 1, 2]; distinct non-negative integers, at least one."""
+  try:
+    seeds = [int(s) for s in text.split(',') if s.strip()]
+  except ValueError:
+    raise UserError(f'--seeds must be integers separated by commas, got {text!r}') from None
+  if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    raise UserError(f'--seeds must be distinct non-negative integers, got {text!r}')
+  return seeds
+
+
+def run_dir(workdir: str, seed: int, run: str) -> str:
+  return workdir_lib.join(workdir, f'seed{seed}', run)
+
+
+def plan(
+  config: ml_collections.ConfigDict, workdir: str, seeds: list[int], epochs: float | None = None
+) -> dict[str, list[tuple[int, ml_collections.ConfigDict]]]:
+  """run kind -> [(seed, config)] of every run, checked before any trains."""
+  if not config.model.gated or not config.procedure.pretrain:
+    raise UserError(
+      'reproduce needs a gated config trained by the procedure '
+      '(e.g. experiments/cifar10_resnet20.py:gated, procedure.pretrain=True)'
+    )
+  if config.init.backbone or config.init.gater:
+    raise UserError('reproduce sets init.backbone and init.gater itself; leave them unset')
+  if epochs is not None and not epochs > 0:
+    raise UserError(f'--epochs must be > 0, got {epochs}')
+  config = config.copy_and_resolve_references()
+  if epochs is not None:
+    config.schedule.num_epochs = float(epochs)
+  plain = procedure.backbone_stage_config(config)
+  gater = procedure.gater_stage_config(config)
+  # A plain run of another seed is stage 2 when it is the classifier stage 2 would train.
+  share_gater = len(seeds) > 1 and all(
+    gater.model[k] == plain.model[k] for k in ('backbone', 'width', 'se_reduction')
+  )
+  runs = {kind: [] for kind in RUNS}
+  for i, seed in enumerate(seeds):
+    plain_s = with_seed(plain, seed)
+    gated_s = with_seed(config, seed)
+    gated_s.init.backbone = run_dir(workdir, seed, 'plain')
+    if share_gater:
+      gated_s.init.gater = run_dir(workdir, seeds[(i + 1) % len(seeds)], 'plain')
+    control_s = with_seed(plain, seed)
+    control_s.init.backbone = run_dir(workdir, seed, 'plain')  # recorded in its config.json
+    runs['plain'].append((seed, plain_s))
+    runs['gated'].append((seed, gated_s))
+    runs['control'].append((seed, control_s))
+  return runs
+
+
+def with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  config = config.copy_and_resolve_references()
+  config.seed = seed
+  return config
+
+
+def reproduce(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  seeds: list[int],
+  epochs: float | None = None,
+  progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+  """Trains (or resumes) every run of `plan`, then writes and returns the summary."""
+  runs = plan(config, workdir, seeds, epochs)
+  train = {
+    'plain': procedure.train_and_evaluate,
+    'gated': procedure.train_and_evaluate,
+    'control': lambda c, directory: procedure.train_control(c, directory, c.init.backbone),
+  }
+  for kind in RUNS:  # every plain run first: the gated runs start from them
+    for seed, c in runs[kind]:
+      directory = run_dir(workdir, seed, kind)
+      if distributed.agree(lambda d=directory: workdir_lib.is_finished(d)):
+        # Finished: nothing is written again, but a different config is still refused.
+        checkpoints.check_resume_config(c, directory, procedure.STAGES)
+        continue
+      preemption.check_stop()
+      progress(f'seed {seed}: {kind}')
+      train[kind](c, directory)
+  rows = {kind: {seed: scored(run_dir(workdir, seed, kind)) for seed in seeds} for kind in RUNS}
+  summary = summarize(rows, runs['gated'][0][1], seeds)
+  if distributed.is_leader():
+    workdir_lib.write_json(workdir, RESULTS_JSON, summary)
+    workdir_lib.path(workdir, TABLE_MD).write_text(markdown(summary))
+    from gaternet_jax.analysis import figures  # noqa: PLC0415 - matplotlib only here
+
+    figures.save_figure(figures.reproduce_figure(summary), workdir_lib.path(workdir, FIGURE_PNG))
+  return summary
+
+
+def scored(directory: str) -> dict[str, Any]:
+  """`evaluate` of a finished run on its evaluation split, cached beside it by step."""
+  step = workdir_lib.read_results(directory)['step']
+  if workdir_lib.exists(directory, EVALUATION_JSON):
+    cached = workdir_lib.read_json(directory, EVALUATION_JSON)
+    if cached.get('step') == step:
+      return cached
+  result = evaluate.evaluate_workdir(directory)
+  if distributed.is_leader():
+    workdir_lib.write_json(directory, EVALUATION_JSON, result)
+  return result
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+  return {
+    'mean': statistics.mean(values),
+    'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+  }
+
+
+def summarize(rows: dict[str, dict[int, dict]], config, seeds: list[int]) -> dict[str, Any]:
+  """Per seed and mean +- std of each run kind; the gated run's differences to the others."""
+  out: dict[str, Any] = {
+    'name': config.name,
+    'split': rows['gated'][seeds[0]]['split'],
+    'epochs_per_stage': config.schedule.num_epochs,
+    'seeds': seeds,
+    'runs': {},
+  }
+  for kind in RUNS:
+    per_seed = {
+      str(s): {
+        'top1_error': rows[kind][s]['top1_error'],
+        'macs': rows[kind][s]['macs'],
+        'gate_density': rows[kind][s].get('gate_density', 1.0),
+        'step': rows[kind][s]['step'],
+      }
+      for s in seeds
+    }
+    out['runs'][kind] = {
+      'per_seed': per_seed,
+      **{
+        metric: _mean_std([per_seed[str(s)][metric] for s in seeds])
+        for metric in ('top1_error', 'macs', 'gate_density')
+      },
+    }
+  for other in ('plain', 'control'):
+    differences = [rows['gated'][s]['top1_error'] - rows[other][s]['top1_error'] for s in seeds]
+    out[f'gated_minus_{other}'] = {'per_seed': differences, **_mean_std(differences)}
+  return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+  """The summary as a Markdown table (errors in %, MACs in millions per image)."""
+  seeds = summary['seeds']
+  head = ['run', *[f'seed {s}' for s in seeds], 'mean ± std', 'gate density', 'MMACs used']
+  title = (
+    f'{summary["name"]}, {summary["epochs_per_stage"]:g} epochs per stage, '
+    f'top-1 error (%) on {summary["split"]}'
+  )
+  lines = [
+    title,
+    '',
+    '| ' + ' | '.join(head) + ' |',
+    '|' + '---|' * len(head),
+  ]
+  for kind in RUNS:
+    r = summary['runs'][kind]
+    cells = [f'{r["per_seed"][str(s)]["top1_error"]:.2f}' for s in seeds]
+    lines.append(
+      f'| {kind} | ' + ' | '.join(cells) + f' | {r["top1_error"]["mean"]:.2f} ± '
+      f'{r["top1_error"]["std"]:.2f} | {r["gate_density"]["mean"]:.3f} | '
+      f'{r["macs"]["mean"] / 1e6:.2f} |'
+    )
+  for other in ('plain', 'control'):
+    d = summary[f'gated_minus_{other}']
+    cells = [f'{v:+.2f}' for v in d['per_seed']]
+    lines.append(
+      f'| gated − {other} | ' + ' | '.join(cells) + f' | {d["mean"]:+.2f} ± {d["std"]:.2f} | | |'
+    )
+  return '\n'.join(lines) + '\n'

@@ -1,0 +1,117 @@
+"""`gaternet reproduce`: plain, gated and control runs per seed, resumable, with a table."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, TINY_FLAGS, tiny_default
+
+from gaternet_jax import reproduce, workdir as workdir_lib
+from gaternet_jax.errors import UserError
+
+
+def _files(workdir):
+  """Every file under `workdir` (but the summary) with its modification time."""
+  out = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      if not name.startswith('reproduce.'):
+        out[path] = os.path.getmtime(path)
+  return out
+
+
+@pytest.fixture(scope='module')
+def reproduced(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('reproduce'))
+  summary = reproduce.reproduce(tiny_default('gated'), workdir, [0, 1])
+  return workdir, summary
+
+
+def test_reproduce_trains_plain_gated_and_control_per_seed_and_writes_the_table(reproduced):
+  workdir, summary = reproduced
+  assert summary['seeds'] == [0, 1] and summary['split'] == 'test'
+  for kind in reproduce.RUNS:
+    for seed in (0, 1):
+      run = reproduce.run_dir(workdir, seed, kind)
+      assert workdir_lib.is_finished(run)
+      row = summary['runs'][kind]['per_seed'][str(seed)]
+      assert 0 <= row['top1_error'] <= 100 and row['macs'] > 0
+  # The gated run's stage 1 is its seed's plain run; its stage 2 the other seed's plain run.
+  gated0 = workdir_lib.load_config(reproduce.run_dir(workdir, 0, 'gated'))
+  assert gated0.init.backbone == reproduce.run_dir(workdir, 0, 'plain')
+  assert gated0.init.gater == reproduce.run_dir(workdir, 1, 'plain')
+  assert gated0.seed == 0
+  assert workdir_lib.load_config(reproduce.run_dir(workdir, 1, 'control')).seed == 1
+  # The control trains as many steps again as the joint stage, on top of its plain run.
+  control = workdir_lib.read_results(reproduce.run_dir(workdir, 0, 'control'))
+  joint = workdir_lib.read_results(reproduce.run_dir(workdir, 0, 'gated'))
+  assert control['step'] == joint['step'] == 6
+  assert summary['runs']['plain']['gate_density']['mean'] == 1.0
+  differences = summary['gated_minus_control']['per_seed']
+  for seed, d in zip((0, 1), differences):
+    gated = summary['runs']['gated']['per_seed'][str(seed)]['top1_error']
+    control = summary['runs']['control']['per_seed'][str(seed)]['top1_error']
+    assert d == pytest.approx(gated - control)
+  table = open(os.path.join(workdir, reproduce.TABLE_MD)).read()
+  assert '| gated − control |' in table and '| control |' in table
+  assert json.load(open(os.path.join(workdir, reproduce.RESULTS_JSON))) == summary
+  assert os.path.getsize(os.path.join(workdir, reproduce.FIGURE_PNG)) > 1000
+
+
+def test_a_rerun_skips_finished_runs(reproduced):
+  workdir, summary = reproduced
+  before = _files(workdir)
+  assert reproduce.reproduce(tiny_default('gated'), workdir, [0, 1]) == summary
+  assert _files(workdir) == before  # nothing trained, evaluated or written again
+
+
+def test_bad_arguments_are_one_line():
+  for text in ('', '0,0', '-1', 'a,b'):
+    with pytest.raises(UserError, match='--seeds'):
+      reproduce.parse_seeds(text)
+  with pytest.raises(UserError, match='gated config'):
+    reproduce.plan(tiny_default('plain'), '/tmp/x', [0])
+  with pytest.raises(UserError, match='init.backbone'):
+    reproduce.plan(tiny_default('gated', **{'init.backbone': '/tmp/x'}), '/tmp/x', [0])
+  with pytest.raises(UserError, match='--epochs'):
+    reproduce.plan(tiny_default('gated'), '/tmp/x', [0], epochs=0)
+
+
+def test_one_seed_trains_its_own_gater_stage(tmp_path):
+  runs = reproduce.plan(tiny_default('gated'), str(tmp_path), [3], epochs=2)
+  ((seed, gated),) = runs['gated']
+  assert seed == 3 and gated.init.gater is None and gated.schedule.num_epochs == 2.0
+
+
+def test_killed_reproduce_resumes_to_the_same_table(reproduced, tmp_path):
+  _, summary = reproduced
+  workdir = str(tmp_path / 'r')
+  command = [
+    sys.executable, '-m', 'gaternet_jax.main', 'reproduce', '--config', 'experiments/default.py',
+    '--seeds', '0,1', '--workdir', workdir, *TINY_FLAGS,
+  ]  # fmt: skip
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  # Stop it once the first gated run has begun (the plain runs are done by then).
+  target = os.path.join(reproduce.run_dir(workdir, 0, 'gated'), 'config.json')
+  deadline = time.time() + 600
+  while not os.path.exists(target) and process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=300)
+  assert process.returncode in (0, 143), err.decode()[-2000:]
+  assert not os.path.exists(os.path.join(workdir, reproduce.RESULTS_JSON))
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert '| gated − plain |' in again.stdout
+  resumed = json.load(open(os.path.join(workdir, reproduce.RESULTS_JSON)))
+  for kind in reproduce.RUNS:
+    for seed in ('0', '1'):
+      assert (
+        resumed['runs'][kind]['per_seed'][seed]['top1_error']
+        == summary['runs'][kind]['per_seed'][seed]['top1_error']
+      )

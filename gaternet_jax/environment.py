@@ -22,7 +22,7 @@ KEEP_BARRIERS_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
 # another XLA build may not know), only when the user has not set XLA flags of their own, and
 # before JAX starts.
 CPU_XLA_FLAGS = f'--xla_cpu_experimental_ynn_fusion_type= {KEEP_BARRIERS_FLAG}'
-# GATERNET_CPU_FLAGS=0 turns the CPU flags off (e.g. to measure without them).
+# GATERNET_CPU_FLAGS=0 (or false/no/off) turns the CPU flags off (e.g. to measure without them).
 DISABLE_VARIABLE = 'GATERNET_CPU_FLAGS'
 _ACCELERATOR_PLUGINS = (
   'jax_cuda12_plugin',
@@ -33,6 +33,38 @@ _ACCELERATOR_PLUGINS = (
   'jax_plugins',
 )
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'gaternet_jax', 'xla')
+
+
+# The spellings a GATERNET_* on/off switch accepts (case-insensitive).
+_TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+SWITCHES = ('GATERNET_CPU_FLAGS', 'GATERNET_KEEP_FREED_MEMORY', 'GATERNET_NATIVE_KERNELS')
+
+
+def switch(name: str, environ=os.environ) -> bool | None:
+  """An on/off environment variable: True, False, or None when unset (the default applies).
+
+  Raises:
+    UserError: any other value, the empty one included (it used to mean the default silently).
+  """
+  if name not in environ:
+    return None
+  value = environ[name].strip().lower()
+  if value in _TRUE:
+    return True
+  if value in _FALSE:
+    return False
+  from gaternet_jax.errors import UserError  # noqa: PLC0415 - pure Python, no JAX
+
+  raise UserError(
+    f'{name}={environ[name]!r} is not an on/off value: use one of {"/".join(_TRUE)} or '
+    f'{"/".join(_FALSE)}, or unset it for the default'
+  )
+
+
+def check_switches(environ=os.environ) -> None:
+  """Raises UserError for the first GATERNET_* switch with a value `switch` does not accept."""
+  for name in SWITCHES:
+    switch(name, environ)
 
 
 def cpu_only_install() -> bool:
@@ -55,7 +87,7 @@ def train_compiler_options(platform: str, environ=os.environ) -> dict[str, objec
 
   CPU only; none with GATERNET_CPU_FLAGS=0, and none that the user's own XLA_FLAGS already set.
   """
-  if platform != 'cpu' or environ.get(DISABLE_VARIABLE, '1') == '0':
+  if platform != 'cpu' or switch(DISABLE_VARIABLE, environ) is False:
     return {}
   user_flags = environ.get('XLA_FLAGS', '')
   return {k: v for k, v in CPU_TRAIN_COMPILER_OPTIONS.items() if f'--{k}=' not in user_flags}
@@ -67,10 +99,12 @@ def prepare(environ=os.environ) -> None:
   Must run before JAX initialises its backend; it changes nothing a user has set.
   """
   if (
-    'XLA_FLAGS' not in environ and environ.get(DISABLE_VARIABLE, '1') != '0' and cpu_only_install()
+    'XLA_FLAGS' not in environ
+    and switch(DISABLE_VARIABLE, environ) is not False
+    and cpu_only_install()
   ):
     environ['XLA_FLAGS'] = CPU_XLA_FLAGS
-    if environ.get(MALLOC_VARIABLE, '1') != '0':
+    if switch(MALLOC_VARIABLE, environ) is not False:
       keep_freed_memory()
   environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

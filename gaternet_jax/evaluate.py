@@ -42,7 +42,7 @@ def evaluate_workdir(
     setup = dataclasses.replace(setup, model=models.with_unit_skipping(setup.model))
   info = dataset.info
   split = split or config.data.eval_split
-  info.split_size(split)  # a clear error for an unknown split
+  info.split_size(split, '--split')  # a clear error for an unknown --split
   totals = device_loops.Evaluator(setup, dataset).totals(state, split, gate_threshold)
   stats = describe.describe(config, num_classes=info.num_classes, image_shape=info.image_shape)
   layout = models.gate_layout(config, info.image_shape) if config.model.gated else []

@@ -38,6 +38,13 @@ from gaternet_jax.models import pruning as pruning_lib
 
 EXPORT_DIR = 'export'
 EXPORT_FILE = 'export.json'
+# An export is written into `<out>.partial` first and renamed into place once complete; this file
+# marks that folder as ours, so that only a folder this command made is ever deleted.
+STAGING_MARKER = '.gaternet_export_staging'
+
+
+def _staging(out: str) -> str:
+  return out.rstrip('/') + '.partial'
 
 
 def plan_from_gates(gates: np.ndarray, layout: list[GatedLayer]):
@@ -151,6 +158,12 @@ def _check_out(out: str, source: str) -> None:
   root = workdir_lib.path(out)
   if root.exists() and not root.is_dir():
     raise UserError(f'--out {out!r} is a file')
+  staging = _staging(out)
+  if workdir_lib.exists(staging) and not workdir_lib.exists(staging, STAGING_MARKER):
+    raise UserError(
+      f"{staging!r} exists and was not made by gaternet export (it is used as the export's "
+      'staging folder): move it, or choose another --out'
+    )
   if not root.exists() or not any(root.iterdir()):
     return
   if workdir_lib.exists(out, EXPORT_FILE):
@@ -204,7 +217,7 @@ def export_workdir(
   _check_exportable(config, workdir)
   split = split or TRAIN
   info = dataset.info
-  info.split_size(split)
+  info.split_size(split, '--split')  # a clear error for an unknown --split
   out = out or workdir_lib.join(workdir, EXPORT_DIR)
   if os.path.abspath(out) == os.path.abspath(directory):
     raise UserError('--out must not be the run directory itself')
@@ -271,11 +284,14 @@ def export_workdir(
 def _write(out: str, config, setup, state, step: int, result: dict[str, Any]) -> None:
   """Writes the export into a fresh `out` (an earlier export of the same run is replaced only
   once the new one is complete)."""
-  staging = out.rstrip('/') + '.partial'
+  staging = _staging(out)
   if distributed.is_leader():
-    if workdir_lib.exists(staging):  # left by an export that did not finish
-      workdir_lib.path(staging).rmtree()
+    if workdir_lib.exists(staging):
+      if not workdir_lib.exists(staging, STAGING_MARKER):  # checked first; a folder made since
+        raise UserError(f'{staging!r} was not made by gaternet export; it is left as it is')
+      workdir_lib.path(staging).rmtree()  # left by an export that did not finish
     workdir_lib.ensure_writable(staging)
+    workdir_lib.path(staging, STAGING_MARKER).write_text('gaternet export staging folder\n')
     workdir_lib.save_config(config, staging)
   distributed.barrier('export-staging')
   manager = checkpoints.make_manager(staging, keep=1)
@@ -283,6 +299,7 @@ def _write(out: str, config, setup, state, step: int, result: dict[str, Any]) ->
   checkpoints.finish(manager, staging, step)
   if distributed.is_leader():
     workdir_lib.write_json(staging, EXPORT_FILE, result)
+    workdir_lib.path(staging, STAGING_MARKER).unlink()
     if workdir_lib.exists(out):
       workdir_lib.path(out).rmtree()
     workdir_lib.path(staging).rename(workdir_lib.path(out))

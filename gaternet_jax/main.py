@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from gaternet_jax import environment
+from gaternet_jax import environment, errors
 
 COMMANDS = (
   'train',
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
       f'usage: gaternet {{{",".join(COMMANDS)}}} [flags]; '
       f'got {argv[1] if len(argv) > 1 else "no command"!r}'
     )
+  try:
+    environment.check_switches()
+  except errors.UserError as e:
+    _fail(str(e))
   try:
     environment.prepare()  # before JAX starts
     from gaternet_jax import cli  # noqa: PLC0415

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from gaternet_jax import checkpoints, distributed, evaluate, preemption, procedure
+from gaternet_jax import checkpoints, distributed, evaluate, preemption, procedure, sweep
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.errors import UserError
 
@@ -105,6 +105,8 @@ def reproduce(
 ) -> dict[str, Any]:
   """Trains (or resumes) every run of `plan`, then writes and returns the summary."""
   runs = plan(config, workdir, seeds, epochs)
+  # The data-dependent checks of the plain and the gated config, before anything trains.
+  sweep.check_data([(f'reproduce {kind} run', runs[kind][0][1]) for kind in ('plain', 'gated')])
   train = {
     'plain': procedure.train_and_evaluate,
     'gated': procedure.train_and_evaluate,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -43,8 +44,13 @@ def pretrained_dir(path: str, stage: str) -> str:
   return path
 
 
-def require_checkpoint(workdir: str) -> str:
-  """The run directory of `workdir`, or one clear UserError if it holds no trained run."""
+def require_checkpoint(workdir: str | os.PathLike) -> str:
+  """The run directory of `workdir` (a string or any path-like, e.g. pathlib or epath), or one
+  clear UserError if it holds no trained run."""
+  if isinstance(workdir, os.PathLike):
+    workdir = os.fspath(workdir)
+  if not isinstance(workdir, str):
+    raise UserError(f'a workdir is a path, got {type(workdir).__name__}')
   if not workdir or not workdir.strip():
     raise UserError('--workdir must not be empty')
   root = workdir_lib.path(workdir)
@@ -82,6 +88,7 @@ def load_state(
   """
   directory = run_dir(workdir)
   config = workdir_lib.load_config(directory)
+  requested = step
   available = distributed.agree(lambda: checkpoints.latest_step(directory))
   if available is None:
     raise CheckpointError(f'no checkpoint in {directory!r}: train there first')
@@ -101,11 +108,28 @@ def load_state(
     )
     info = dataset.info
   setup = steps.build(config, info, mesh=mesh)
-  manager = checkpoints.make_manager(directory, keep=config.keep_checkpoints, create=False)
-  try:
-    state = checkpoints.restore(manager, step, setup.abstract_state, directory, verify=verify)
-  finally:
-    manager.close()
+  while True:
+    manager = checkpoints.make_manager(directory, keep=config.keep_checkpoints, create=False)
+    try:
+      state = checkpoints.restore(manager, step, setup.abstract_state, directory, verify=verify)
+      break
+    except CheckpointError:
+      # A run training in this directory removes its oldest checkpoint after each save, so the
+      # one listed may be gone by the time it is read. Gone is not damaged: take the newest
+      # that exists now (or say so, when that one was asked for); still listed, it is damaged.
+      listed = distributed.agree(lambda: checkpoints.steps(directory))
+      if step in listed:
+        raise
+      if requested is not None:
+        raise CheckpointError(
+          f'checkpoint {step} in {directory!r} was removed while it was read: a run training '
+          f'there keeps only its latest {config.keep_checkpoints}; it has {listed} now'
+        ) from None
+      if not listed or listed[-1] <= step:
+        raise
+      step = listed[-1]
+    finally:
+      manager.close()
   return Loaded(config, setup, state, dataset, step)
 
 
@@ -167,6 +191,13 @@ class Run:
         f'predict takes uint8 images of shape (n, {", ".join(map(str, self.image_shape))}), '
         f'got {images.shape}'
       )
+    if images.dtype != np.uint8:
+      # Anything else has no one reading: floats in [0, 1] or [0, 255], wider ints that wrap.
+      raise UserError(
+        f'predict takes uint8 images (pixels 0-255, as the training data), got {images.dtype}; '
+        "convert explicitly, e.g. np.clip(np.round(x * 255), 0, 255).astype('uint8') for "
+        'floats in [0, 1]'
+      )
     batch = self.batch_size
     logits, gates = [], []
     for start in range(0, len(images), batch):
@@ -183,7 +214,7 @@ class Run:
 
 
 def load_run(
-  workdir: str,
+  workdir: str | os.PathLike,
   step: int | None = None,
   *,
   skip_off_units: bool = False,

@@ -1,7 +1,8 @@
 """`gaternet sweep`: a grid over config fields, one resumable sub-workdir per point.
 
-Every point is built and validated before the first one trains, so a bad value in the last point
-is reported at once, not after hours of training.
+Every point is built and validated before the first one trains, its data-dependent checks
+included (batch sizes against the examples and devices), so a bad value in the last point is
+reported at once, naming the point, not after hours of training.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import ml_collections
 
-from gaternet_jax import preemption, validation, workdir as workdir_lib
+from gaternet_jax import configs, preemption, validation, workdir as workdir_lib
 from gaternet_jax.errors import UserError
 
 
@@ -97,6 +98,30 @@ def grid_configs(
   return points
 
 
+def check_data(points: list[tuple[str, ml_collections.ConfigDict]]) -> None:
+  """The checks that need the data, for every (label, config) before any trains: the dataset and
+  its splits exist, the hold-out fits, the batch sizes fit the examples and the devices, the
+  model builds. Each distinct data config is loaded once. Raises UserError naming the point."""
+  import jax  # noqa: PLC0415 - the data and the steps need JAX; the grid's parsing does not
+
+  from gaternet_jax import data as data_lib, steps  # noqa: PLC0415
+
+  infos = {}
+  for label, config in points:
+    key = repr(sorted(configs.flatten(config.data).items()))
+    try:
+      if key not in infos:
+        infos[key] = data_lib.load_dataset(
+          config.data,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+          devices_per_process=jax.local_device_count(),
+        ).info
+      steps.build(config, infos[key])
+    except UserError as e:
+      raise UserError(f'{label}: {e}') from None
+
+
 def sweep(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -104,6 +129,8 @@ def sweep(
   train: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
 ) -> Iterator[dict[str, Any]]:
   """Trains every grid point in `workdir/<field=value,...>`; yields {'point': ..., **results}."""
-  for name, point, run_config in grid_configs(config, specs):
+  points = grid_configs(config, specs)
+  check_data([(f'sweep point {point}', run_config) for _, point, run_config in points])
+  for name, point, run_config in points:
     preemption.check_stop()
     yield {'point': point, **train(run_config, workdir_lib.join(workdir, name))}

@@ -71,7 +71,7 @@ def tradeoff_workdir(
     raise UserError(f'{workdir!r} holds a {config.variant} model; tradeoff needs a gated run')
   info = dataset.info
   split = split or config.data.eval_split
-  info.split_size(split)
+  info.split_size(split, '--split')  # a clear error for an unknown --split
   stats = describe.describe(config, num_classes=info.num_classes, image_shape=info.image_shape)
   plain = describe.describe(
     describe.plain_backbone_config(config),

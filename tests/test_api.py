@@ -1,6 +1,7 @@
 """The Python API (`gaternet_jax.load_run`) and the command line's help and config listing."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -63,10 +64,64 @@ def test_load_run_errors_are_one_line(tmp_path):
     gaternet_jax.load_run(str(tmp_path), batch_size=0)
 
 
-def test_predict_refuses_images_of_another_shape(gated_run):
+def test_predict_refuses_images_of_another_shape_or_dtype(gated_run):
   run = restore.load_run(gated_run[0])
   with pytest.raises(UserError, match='shape'):
     run.predict(np.zeros((2, 8, 8, 1), np.uint8))
+  images = embedded.load_arrays()['test'][0][:4]
+  # Floats in [0, 1] used to be cast to uint8 (all black), wide ints wrapped, NaN became 0.
+  for wrong in (
+    images.astype('float32') / 255,
+    images.astype('int64') + 256,
+    np.full_like(images, np.nan, dtype='float64'),
+  ):
+    with pytest.raises(UserError, match='predict takes uint8 images') as refused:
+      run.predict(wrong)
+    assert '\n' not in str(refused.value) and str(wrong.dtype) in str(refused.value)
+
+
+def test_load_run_takes_any_path_like(gated_run):
+  import pathlib  # noqa: PLC0415
+
+  from etils import epath  # noqa: PLC0415
+
+  for path in (pathlib.Path(gated_run[0]), epath.Path(gated_run[0])):
+    assert gaternet_jax.load_run(path).gated
+  with pytest.raises(UserError, match='a workdir is a path'):
+    gaternet_jax.load_run(3)
+
+
+def test_reading_a_run_whose_checkpoint_is_removed_meanwhile(gated_run, tmp_path, monkeypatch):
+  """A run that trains removes its oldest checkpoint after each save: evaluate, export and
+  load_run, which list the checkpoints first and read one after, must not fail when the one they
+  listed is gone (it used to be 'checkpoint N is unreadable'), and must say it plainly when that
+  exact step was asked for."""
+  import shutil  # noqa: PLC0415
+
+  from gaternet_jax import checkpoints  # noqa: PLC0415
+
+  stage = str(tmp_path / 'run')
+  shutil.copytree(workdir_lib.join(gated_run[0], workdir_lib.STAGE_JOINT), stage)
+  original = checkpoints.restore
+
+  def training_meanwhile(manager, step, *args, **kwargs):
+    # The "training run" saves step + 3 and removes `step` between listing and reading.
+    if step == 6:
+      root = os.path.join(stage, 'checkpoints')
+      shutil.copytree(os.path.join(root, '6'), os.path.join(root, '9'))
+      digests = json.load(open(os.path.join(stage, 'checksums.json')))
+      digests['9'] = digests['6']
+      json.dump(digests, open(os.path.join(stage, 'checksums.json'), 'w'))
+      shutil.rmtree(os.path.join(root, '6'))
+    return original(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoints, 'restore', training_meanwhile)
+  assert restore.load_state(stage).step == 9
+  monkeypatch.setattr(checkpoints, 'restore', original)
+  os.rename(os.path.join(stage, 'checkpoints', '9'), os.path.join(stage, 'checkpoints', '6'))
+  monkeypatch.setattr(checkpoints, 'restore', training_meanwhile)
+  with pytest.raises(UserError, match='checkpoint 6 .* was removed while it was read'):
+    restore.load_state(stage, step=6)
 
 
 @pytest.mark.parametrize('command', ['train', 'evaluate', 'describe', 'analyze', 'sweep'])
@@ -86,3 +141,13 @@ def test_describe_show_config_lists_every_field(cli):
   assert result.returncode == 0, result.stderr[-2000:]
   for field in ('l1_weight:', 'learning_rate:', 'num_epochs:', 'holdout:', 'joint_extra_epochs:'):
     assert field in result.stdout
+
+
+def test_command_errors_name_the_commands_own_flags(gated_run):
+  from gaternet_jax import evaluate  # noqa: PLC0415
+  from gaternet_jax.analysis import collect  # noqa: PLC0415
+
+  with pytest.raises(UserError, match=r'set --split to one of them'):
+    evaluate.evaluate_workdir(gated_run[0], split='nope')
+  with pytest.raises(UserError, match='--max-embed-examples must be at least 0'):
+    collect.analyze_workdir(gated_run[0], max_embed_examples=-1)

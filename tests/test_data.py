@@ -284,6 +284,24 @@ def test_imagefolder_with_one_class_is_refused(tmp_path):
   assert '\n' not in str(e.value)
 
 
+def test_imagefolder_with_an_empty_class_folder_is_refused(tmp_path):
+  _write_folder(tmp_path, {'train': 2, 'test': 1})
+  (tmp_path / 'train' / 'yak').mkdir()  # would be an extra class no example has
+  with pytest.raises(UserError, match='yak has no') as e:
+    data.load_dataset(_config(name='imagefolder', data_dir=str(tmp_path)))
+  assert '\n' not in str(e.value)
+
+
+def test_imagefolder_with_16_bit_images_is_refused(tmp_path):
+  _write_folder(tmp_path, {'train': 2, 'test': 1})
+  deep = tmp_path / 'train' / 'moose' / 'deep.png'
+  Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(deep)
+  assert Image.open(deep).mode.startswith('I')
+  with pytest.raises(UserError, match='deep.png has more than 8 bits') as e:
+    data.load_dataset(_config(name='imagefolder', data_dir=str(tmp_path)))
+  assert '\n' not in str(e.value)
+
+
 def test_imagefolder_without_eval_folder_needs_holdout(tmp_path):
   _write_folder(tmp_path, {'train': 3})
   with pytest.raises(UserError, match='test'):

@@ -293,6 +293,16 @@ def test_export_bad_input(gated_run, engineered_run, tmp_path, cli):
   one_error_line(cli('export', '--workdir', workdir, '--out', str(other)), 'different run')
   assert sorted(p.name for p in other.iterdir()) == before
   one_error_line(cli('export', '--workdir', workdir, '--max-examples', '0'), 'max-examples')
+  # A folder named like the export's staging folder that the user made is never deleted.
+  mine = tmp_path / 'mydata.partial'
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('precious')
+  out = str(tmp_path / 'mydata')
+  one_error_line(
+    cli('export', '--workdir', workdir, '--out', out, '--max-examples', '50'),
+    'was not made by gaternet export',
+  )
+  assert (mine / 'notes.txt').read_text() == 'precious' and not os.path.exists(out)
 
 
 def test_gate_threshold_and_tradeoff(engineered_run, tmp_path, cli):

@@ -286,6 +286,8 @@ print(ok, '|', native.unavailable_reason(), '|', float(f(x, w).sum()) if ok else
   'env, reason',
   [
     ({native.SWITCH_VARIABLE: '0'}, 'GATERNET_NATIVE_KERNELS=0'),
+    ({native.SWITCH_VARIABLE: 'off'}, 'GATERNET_NATIVE_KERNELS=off'),
+    ({native.SWITCH_VARIABLE: 'False'}, 'GATERNET_NATIVE_KERNELS=False'),
     ({'CXX': '/nonexistent/c++'}, 'no C++ compiler found'),
     ({'CXX': 'false'}, 'false failed'),
   ],
@@ -307,10 +309,35 @@ def test_the_library_is_built_once_per_cache_and_reused(tmp_path):
   stamp = os.stat(tmp_path / library).st_mtime_ns
   second = _fresh_python(AVAILABILITY, env)
   assert second.returncode == 0 and second.stdout.strip().splitlines()[-1].startswith('True')
-  assert os.listdir(tmp_path) == [library]  # no second library, no partial file left
+  # No second library, no partial file left; the library's checksum beside it.
+  assert sorted(os.listdir(tmp_path)) == [library, library + '.sha256']
   assert os.stat(tmp_path / library).st_mtime_ns == stamp
   # 9 conv taps of ones over a 4x4 image of ones, 16 channels: corners 4, edges 6, inside 9.
-  assert first.stdout.strip().endswith(str(float(16 * 16 * (4 * 4 + 4 * 2 * 6 + 4 * 9))))
+  expected = str(float(16 * 16 * (4 * 4 + 4 * 2 * 6 + 4 * 9)))
+  assert first.stdout.strip().endswith(expected)
+
+  # A truncated library (a copy cut short, a full disk) is rebuilt, not loaded: loading it died
+  # of SIGBUS in every later process.
+  size = os.path.getsize(tmp_path / library)
+  with open(tmp_path / library, 'r+b') as f:
+    f.truncate(20_000)
+  third = _fresh_python(AVAILABILITY, env)
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert third.stdout.strip().splitlines()[-1].startswith('True')
+  assert third.stdout.strip().endswith(expected)
+  assert 'does not match its checksum' in third.stderr
+  assert os.path.getsize(tmp_path / library) == size and native.verified(str(tmp_path / library))
+  assert sorted(os.listdir(tmp_path)) == [library, library + '.sha256']
+
+
+@pytest.mark.parametrize('value', ['garbage', '', 'nope'])
+def test_an_unknown_switch_value_is_one_line(value, cli):
+  result = cli(
+    'describe', '--config', 'experiments/default.py', env={native.SWITCH_VARIABLE: value}
+  )
+  errors = [l for l in result.stderr.splitlines() if l.startswith('gaternet: error:')]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+  assert f'GATERNET_NATIVE_KERNELS={value!r} is not an on/off value' in errors[0]
 
 
 OTHER_BUILD = """

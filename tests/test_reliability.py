@@ -255,6 +255,13 @@ def test_sweep_checks_every_point_before_training_any(tmp_path, cli):
   )
   assert 'optimizer.learning_rate' in line and not any(tmp_path.iterdir())
   assert '--sweep' in _one_error_line(cli('sweep', *PLAIN, '--workdir', str(tmp_path)))
+  # A value only the data can refute (the default set has 1,500 training images), in the last
+  # point: refused before the first point trains, naming the point.
+  line = _one_error_line(
+    cli('sweep', *PLAIN, '--workdir', str(tmp_path), *TINY_FLAGS, '--sweep', 'batch_size=100,2000')
+  )
+  assert "sweep point {'batch_size': '2000'}" in line and '1500 training examples' in line
+  assert not any(tmp_path.iterdir())
 
 
 def test_stage_streams_differ_within_a_run_and_across_seeds(tmp_path):

@@ -87,13 +87,17 @@ def analyze_workdir(
   """
   if max_examples is not None and max_examples < 1:
     raise UserError(f'--max-examples must be at least 1, got {max_examples}')
+  if max_embed_examples is not None and max_embed_examples < 0:
+    raise UserError(
+      f'--max-embed-examples must be at least 0 (0: no t-SNE), got {max_embed_examples}'
+    )
   directory = restore.require_checkpoint(workdir)
   config, setup, state, dataset, _ = restore.load_state(directory)
   if not config.model.gated:
     raise UserError(f'{workdir!r} holds a {config.variant} model; analyze needs a gated run')
   split = split or config.data.eval_split
   info = dataset.info
-  info.split_size(split)  # a clear error for an unknown split
+  info.split_size(split, '--split')  # a clear error for an unknown --split
   _, _, predict_fn = steps.compile_steps(setup)
   gates, labels = collect_gates(state, dataset, split, setup, predict_fn, max_examples)
   if not distributed.is_leader():

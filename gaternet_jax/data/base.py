@@ -52,15 +52,16 @@ class DatasetInfo:
   in_memory: bool
   class_names: tuple[str, ...] | None = None  # label id -> name, where the source knows them
 
-  def split_size(self, split: str) -> int:
-    """Global size of `split` ('train' included); UserError for an unknown split."""
+  def split_size(self, split: str, flag: str = '--config.data.eval_split') -> int:
+    """Global size of `split` ('train' included); UserError for an unknown split, naming the
+    `flag` that chose it (a command's own `--split`, or the config's evaluation split)."""
     if split == TRAIN:
       return self.num_train
     if split not in self.split_sizes:
       known = ', '.join([TRAIN, *sorted(self.split_sizes)])
       raise errors.UserError(
         f"dataset '{self.name}' has no split '{split}'; its splits are: {known} "
-        '(set --config.data.eval_split to one of them)'
+        f'(set {flag} to one of them)'
       )
     return self.split_sizes[split]
 

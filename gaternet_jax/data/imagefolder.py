@@ -24,7 +24,10 @@ NAME = 'imagefolder'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 _LAYOUT = '<root>/<split>/<class>/*.jpg|*.jpeg|*.png'
 # Pillow modes read as one channel; everything else (RGB, RGBA, P, CMYK, ...) becomes RGB.
-_GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+_GRAY_MODES = ('1', 'L', 'LA')
+# More than 8 bits per pixel (16-bit PNGs, 32-bit integer or float images): Pillow's conversion
+# to 8 bits clips them rather than scaling, so they are refused instead of silently converted.
+_WIDE_MODES = ('I', 'F')
 # Files per task handed to a decoding thread: big enough that scheduling costs nothing.
 _CHUNK = 256
 
@@ -85,6 +88,13 @@ def load(
   if not train_files:
     raise errors.DatasetNotFoundError(
       f'no {"/".join(IMAGE_EXTENSIONS)} images found under {train_dir}/<class>/ (layout {_LAYOUT})'
+    )
+  empty = [c for label, c in enumerate(classes) if not np.any(train_labels == label)]
+  if empty:
+    # It would silently be one more output of the classifier that no example ever has.
+    raise errors.UserError(
+      f'class folder {os.path.join(train_dir, empty[0])} has no {"/".join(IMAGE_EXTENSIONS)} '
+      f'images ({len(empty)} such folder(s)); remove it or add its images'
     )
 
   eval_files = {}
@@ -183,10 +193,19 @@ def _probe(path: str) -> tuple[int, int, str]:
   try:
     with Image.open(path) as image:
       width, height = image.size
+      _check_depth(path, image.mode)
       mode = 'L' if image.mode in _GRAY_MODES else 'RGB'
   except OSError as e:  # PIL.UnidentifiedImageError is an OSError.
     raise errors.UserError(f'cannot read image {path}: {e}') from e
   return height, width, mode
+
+
+def _check_depth(path: str, mode: str) -> None:
+  if mode.split(';')[0] in _WIDE_MODES:
+    raise errors.UserError(
+      f'image {path} has more than 8 bits per pixel (Pillow mode {mode}); convert the folder to '
+      '8-bit images first (a conversion here would clip, not scale, the values)'
+    )
 
 
 def _decode(paths: list[str], shape: tuple[int, int, int], mode: str) -> np.ndarray:
@@ -210,6 +229,7 @@ def _decode(paths: list[str], shape: tuple[int, int, int], mode: str) -> np.ndar
               f"image {path} is {image.size[0]}x{image.size[1]} (WxH) but the dataset's "
               f'images are {width}x{height}; an image folder needs images of one size'
             )
+          _check_depth(path, image.mode)
           if image.mode != mode:
             image = image.convert(mode)
           out[i] = np.asarray(image).reshape(shape)

@@ -5,10 +5,12 @@ Throughput); the kernels here replace them where `models/native_conv.py` finds t
 They are an optimisation only: every caller falls back on XLA's own computation when
 `available()` is False, i.e. when
 
-- the environment variable GATERNET_NATIVE_KERNELS is '0' (to measure or debug without them);
+- the environment variable GATERNET_NATIVE_KERNELS is '0' (or false/no/off: to measure or debug
+  without them; a value that is no on/off spelling is an error, environment.switch);
 - it is unset and the CPU is not one they were measured on: the default is on only for x86-64
-  CPUs with AVX-512 (measured on the 2-core AVX-512 development machine); '1' turns them on for
-  any CPU they compile for (AVX2 / SSE / NEON builds, correct but unmeasured there);
+  CPUs with AVX-512 (measured on the 2-core AVX-512 development machine); '1' (true/yes/on)
+  turns them on for any CPU they compile for (AVX2 / SSE / NEON builds, correct but unmeasured
+  there);
 - no C++ compiler is found (`$CXX`, else `c++`, `g++` or `clang++` on the PATH), or it fails;
 - the shared library cannot be loaded or registered.
 
@@ -18,7 +20,9 @@ overrides it), named by a hash of the sources, the flags, the compiler's version
 and the CPU's identity, so a home directory shared by different machines keeps one library per
 CPU kind. Concurrent first uses (test workers, the processes of a multi-process run) each write a
 temporary file and rename it into place; the rename is atomic, so no process loads a half-written
-library.
+library. Beside each library its SHA-256 (`<name>.so.sha256`, put in place before the library) is
+checked before every load: a truncated or damaged library (a disk filling up, a copy cut short)
+is rebuilt, and if that fails too the kernels are off for the process with one warning.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ import threading
 
 from absl import logging
 
-# '0': off; '1': on for any CPU they compile for; unset: on where measured (`measured_cpu()`).
+from gaternet_jax import environment
+
+# off; on for any CPU they compile for; unset: on where measured (`measured_cpu()`).
 SWITCH_VARIABLE = 'GATERNET_NATIVE_KERNELS'
 CACHE_VARIABLE = 'GATERNET_NATIVE_CACHE_DIR'
 # Extra compiler flags, after CXX_FLAGS (e.g. '-mno-avx512f' to build and test the AVX2 tiles).
@@ -139,10 +145,40 @@ def _compile(compiler: str, include_dir: str, files: dict[str, bytes], destinati
       if result.returncode != 0:
         first = (result.stderr.strip().splitlines() or ['no output'])[0]
         raise RuntimeError(f'{os.path.basename(compiler)} failed: {first}')
+      # The digest goes into place first: a library without a matching one is never loaded.
+      digest_partial = partial + '.sha256'
+      with open(digest_partial, 'w') as f:
+        f.write(_sha256(partial))
+      os.replace(digest_partial, _digest_path(destination))
       os.replace(partial, destination)
     finally:
-      if os.path.exists(partial):
-        os.remove(partial)
+      for leftover in (partial, partial + '.sha256'):
+        if os.path.exists(leftover):
+          os.remove(leftover)
+
+
+def _digest_path(library: str) -> str:
+  return library + '.sha256'
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def verified(library: str) -> bool:
+  """Whether `library` is exactly what a build wrote (its SHA-256 matches the one written beside
+  it). A truncated library is mapped but not all there: loading it died of SIGBUS, every time,
+  with no message; one damaged in any other way could do worse. Those are rebuilt instead."""
+  try:
+    with open(_digest_path(library)) as f:
+      expected = f.read().strip()
+    return expected == _sha256(library)
+  except OSError:
+    return False
 
 
 def _build_and_register() -> str:
@@ -156,14 +192,21 @@ def _build_and_register() -> str:
   cache_dir = os.environ.get(CACHE_VARIABLE) or DEFAULT_CACHE_DIR
   files = _source_files()
   path = os.path.join(cache_dir, _library_name(compiler, include_dir, files))
-  if not os.path.exists(path):
-    logging.info('Compiling gaternet_jax native CPU kernels into %s', path)
+  if not verified(path):
+    if os.path.exists(_digest_path(path)) and os.path.exists(path):
+      logging.warning('%s does not match its checksum (truncated or damaged); rebuilding', path)
+    elif os.path.exists(path):
+      logging.info('%s has no checksum (built by an older version); rebuilding', path)
+    else:
+      logging.info('Compiling gaternet_jax native CPU kernels into %s', path)
     try:
       _compile(compiler, include_dir, files, path)
     except OSError:
       # An unwritable cache (read-only home): build for this process only.
       path = os.path.join(tempfile.mkdtemp(prefix='gaternet_native_'), os.path.basename(path))
       _compile(compiler, include_dir, files, path)
+    if not verified(path):  # replaced meanwhile by a damaged file: never load it
+      raise RuntimeError(f'{path} does not match its checksum after a rebuild')
   library = ctypes.cdll.LoadLibrary(path)
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
@@ -174,10 +217,10 @@ def available() -> bool:
   """True once the kernels are compiled, loaded and registered (tried once per process)."""
   with _lock:
     if not _state:
-      switch = os.environ.get(SWITCH_VARIABLE)
-      if switch == '0':
-        _state['error'] = f'{SWITCH_VARIABLE}=0'
-      elif switch != '1' and not measured_cpu():
+      switch = environment.switch(SWITCH_VARIABLE)
+      if switch is False:
+        _state['error'] = f'{SWITCH_VARIABLE}={os.environ[SWITCH_VARIABLE]}'
+      elif switch is None and not measured_cpu():
         _state['error'] = (
           f'not measured on this CPU (they were on x86-64 with AVX-512); {SWITCH_VARIABLE}=1 '
           'turns them on'

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -145,7 +146,6 @@ def test_step_profile_reads_the_kernels_of_device_stream_lines(tmp_path):
 
 def test_pytorch_reference_trains_both_implementations_on_one_holdout(tmp_path):
   # torch is an optional extra (the `benchmark` extra): without it there is nothing to compare.
-  import pytest  # noqa: PLC0415
   from PIL import Image  # noqa: PLC0415
 
   pytest.importorskip('torch', reason='the PyTorch anchor needs the benchmark extra (torch)')
@@ -167,3 +167,30 @@ def test_pytorch_reference_trains_both_implementations_on_one_holdout(tmp_path):
   assert out['mean_difference'] == pytest.approx(out['ours']['mean'] - out['torch']['mean'])
   # A rerun reads the finished runs back instead of training again.
   assert _json_line(*args) == out
+
+
+def test_gate_gradients_reports_the_dead_zone_and_the_forces_on_fc2s_bias(gated_run):
+  workdir, _ = gated_run
+  out = _json_line('benchmarks/gate_gradients.py', '--workdir', workdir, '--batches', '2')
+  assert out['examples'] == 200 and out['gates'] > 0 and 0 <= out['gate_density'] <= 1
+  zone = out['dead_zone']
+  assert 0 <= zone['gates_below_on_every_example'] <= zone['below_share'] <= 1
+  assert 0 < zone['expected_noisy_share'] < 1  # N(0, 1) noise reaches past +-2.4 sometimes
+  bias = out['fc2_bias']
+  # The L1 term only ever pushes a gate's bias down (closing), on every gate.
+  assert bias['l1_grad_mean'] > 0 and bias['l1_closing_share'] == 1.0
+  assert bias['weight_decay_grad_mean'] == pytest.approx(
+    out['weight_decay'] * bias['mean'], rel=1e-4
+  )
+  plain = _json_line_fails(
+    'benchmarks/gate_gradients.py', '--workdir', f'{workdir}/stage1_backbone'
+  )
+  assert 'holds no GaterNet' in plain
+
+
+def _json_line_fails(*args):
+  result = subprocess.run(
+    [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  return result.stderr.strip().splitlines()[-1]

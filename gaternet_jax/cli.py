@@ -12,6 +12,7 @@ import sys
 from typing import Callable
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
 # Imported after `environment.prepare()` (main.py): these start JAX.
@@ -40,6 +41,9 @@ USAGE = {
     'gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR '
     '[--config.FIELD=VALUE ...]'
   ),
+  'compile': (
+    'gaternet compile --config FILE[:variant] --topology v4-32 [--json] [--config.FIELD=VALUE ...]'
+  ),
 }
 CONFIG_HELP = (
   'Every field of the config can be set with --config.FIELD=VALUE; '
@@ -47,17 +51,7 @@ CONFIG_HELP = (
 )
 
 
-_ALL = (
-  'train',
-  'evaluate',
-  'describe',
-  'analyze',
-  'export',
-  'tradeoff',
-  'report',
-  'sweep',
-  'reproduce',
-)
+_ALL = tuple(USAGE)  # every command, in the order `gaternet --help` lists them
 # (commands, kind, name, default, help): every flag of every command, in --help order.
 _FLAGS = (
   (('train', 'evaluate', 'analyze', 'export', 'tradeoff', 'sweep', 'reproduce'), 'string', 'workdir',
@@ -76,7 +70,9 @@ _FLAGS = (
    'Skip every unit whose gates are all off for the whole batch (same results; ResNets).'),
   (('tradeoff',), 'string', 'thresholds', None,
    'Gate thresholds T1,T2,... (default: -1,0,0.5,1,2,4).'),
-  (('evaluate', 'describe'), 'bool', 'json', False, 'Print one JSON object.'),
+  (('evaluate', 'describe', 'compile'), 'bool', 'json', False, 'Print one JSON object.'),
+  (('compile',), 'string', 'topology', None,
+   'TPU slice: v4-8 ... v4-4096, v5e-1 ... v5e-256, v5p-8 ..., v6e-1 ..., or raw, e.g. v4:2x2x4.'),
   (('describe',), 'bool', 'show_config', False,
    'Print the resolved config (every field --config.FIELD= can set).'),
   (('analyze', 'export'), 'integer', 'max-examples', None, 'Use at most this many examples.'),
@@ -98,7 +94,7 @@ _FLAGS = (
 def _define(command: str) -> list[str]:
   """Defines the command's flags; returns their names in the order --help lists them."""
   names = []
-  if command in ('train', 'describe', 'sweep', 'reproduce'):
+  if command in ('train', 'describe', 'sweep', 'reproduce', 'compile'):
     text = 'Experiment config FILE[:variant].'
     config_flags.DEFINE_config_file('config', None, text, lock_config=True)
     names.append('config')
@@ -258,6 +254,17 @@ def cmd_reproduce(argv) -> None:
   summary = reproduce.reproduce(config, workdir, seeds, FLAGS.epochs, progress=say)
   if distributed.is_leader():
     print(reproduce.markdown(summary), end='')
+
+
+def cmd_compile(argv) -> None:
+  from gaternet_jax import aot  # noqa: PLC0415 - the TPU topology API, only here
+
+  config = _value('config')
+  # TPU executables cannot be read back without a TPU client: compile afresh, store nothing.
+  jax.config.update('jax_enable_compilation_cache', False)
+  result = aot.compile_for(config, _value('topology', ' (e.g. --topology v4-32)'))
+  print(json.dumps(result, sort_keys=True) if FLAGS.json else aot.format_text(result))
+  aot.check_fits(result)
 
 
 COMMANDS = {name: globals()[f'cmd_{name}'] for name in _ALL}

@@ -93,6 +93,17 @@ def train_compiler_options(platform: str, environ=os.environ) -> dict[str, objec
   return {k: v for k, v in CPU_TRAIN_COMPILER_OPTIONS.items() if f'--{k}=' not in user_flags}
 
 
+def prepare_tpu_compile(environ=os.environ) -> None:
+  """Before JAX starts, for `gaternet compile` on a machine without a TPU: JAX stays on the CPU,
+  and libtpu, asked only for a topology, does not look for a TPU VM's metadata (without these it
+  printed a page of warnings about undeterminable TPU types and worker hostnames). Nothing the
+  user has set is changed."""
+  environ.setdefault('JAX_PLATFORMS', 'cpu')
+  environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  environ.setdefault('TPU_ACCELERATOR_TYPE', 'v4-8')
+  environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+
+
 def prepare(environ=os.environ) -> None:
   """Sets the CPU XLA flags (unless the user set XLA_FLAGS) and quiets TensorFlow's C++ logs.
 

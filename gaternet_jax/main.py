@@ -7,6 +7,7 @@
   gaternet report   DIR [DIR ...] [--out table.md]
   gaternet sweep    --config FILE --sweep field=v1,v2 [--sweep ...] --workdir DIR
   gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR
+  gaternet compile  --config experiments/imagenet_resnet101.py[:variant] --topology v4-32 [--json]
 
 `gaternet COMMAND --help` lists a command's flags. Errors caused by the user's input print one
 line on stderr and exit with status 2.
@@ -19,16 +20,9 @@ import sys
 from gaternet_jax import environment, errors
 
 COMMANDS = (
-  'train',
-  'evaluate',
-  'describe',
-  'analyze',
-  'export',
-  'tradeoff',
-  'report',
-  'sweep',
-  'reproduce',
-)
+  'train', 'evaluate', 'describe', 'analyze', 'export', 'tradeoff', 'report', 'sweep', 'reproduce',
+  'compile',
+)  # fmt: skip
 
 
 def _fail(message: str) -> None:
@@ -52,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     _fail(str(e))
   try:
     environment.prepare()  # before JAX starts
+    if argv[1] == 'compile':
+      environment.prepare_tpu_compile()
     from gaternet_jax import cli  # noqa: PLC0415
 
     cli.run(argv[1], [f'gaternet {argv[1]}'] + argv[2:], _fail)

@@ -102,7 +102,7 @@ def base_config(
   # The original recipe of CIFAR ResNets (He et al. 2016): SGD with momentum 0.9, batch 128,
   # learning rate 0.1 divided by 10 at 50% and 75% of training, weight decay 1e-4, 164 epochs.
   c.batch_size = 128  # global
-  c.eval_batch_size = 500  # global
+  c.eval_batch_size = 512  # global; a power of two, so that any slice of 2^k devices divides it
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = False

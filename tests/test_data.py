@@ -498,3 +498,52 @@ def test_constant_channel_gets_a_nonzero_std():
   images[..., 0] = np.arange(4)[:, None, None] * 10
   mean, std = base.channel_stats(images)
   assert std[1] == std[2] == base.MIN_STD and std[0] > 1
+
+
+def test_random_resized_crop_reaches_eight_percent_of_the_image():
+  # min_object_covered=0.1 against the whole-image box used to floor the crop's area at 10%.
+  from gaternet_jax.data import tfds_sources  # noqa: PLC0415
+
+  tf, _ = tfds_sources.import_tf()
+  jpeg = tf.io.encode_jpeg(tf.zeros((200, 200, 3), tf.uint8))
+  shape = tf.io.extract_jpeg_shape(jpeg)
+  areas = []
+  for i in range(1500):
+    _, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape,
+      bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4]),
+      seed=[i, 0],
+      min_object_covered=tfds_sources._CROP_MIN_COVERED,
+      aspect_ratio_range=tfds_sources._CROP_ASPECT,
+      area_range=tfds_sources._CROP_AREA,
+      max_attempts=tfds_sources._CROP_ATTEMPTS,
+      use_image_if_no_bounding_boxes=True,
+    )
+    areas.append(float(size[0] * size[1]) / (200 * 200))
+  assert 0.075 <= min(areas) < 0.09  # was 0.100 with min_object_covered=0.1
+  crop = tfds_sources._random_resized_crop(tf, jpeg, 64, tf.constant([1, 2]))
+  assert tuple(crop.shape) == (64, 64, 3) and crop.dtype == tf.uint8
+
+
+def test_a_tensorflow_that_already_holds_a_gpu_is_reported(monkeypatch, caplog):
+  # TensorFlow initialised elsewhere first cannot be told to drop its GPUs any more; that used to
+  # pass in silence.
+  import logging  # noqa: PLC0415
+
+  import tensorflow as tf  # noqa: PLC0415
+
+  from gaternet_jax.data import tfds_sources  # noqa: PLC0415
+
+  def already_initialised(devices, kind):
+    raise RuntimeError('Visible devices cannot be modified after being initialized')
+
+  monkeypatch.setattr(tf.config, 'set_visible_devices', already_initialised)
+  monkeypatch.setattr(tf.config, 'get_visible_devices', lambda kind: ['GPU:0'])
+  with caplog.at_level(logging.WARNING):
+    tfds_sources.import_tf()
+  assert 'holds 1' in caplog.text and 'JAX needs' in caplog.text
+  monkeypatch.setattr(tf.config, 'get_visible_devices', lambda kind: [])
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    tfds_sources.import_tf()
+  assert 'holds' not in caplog.text

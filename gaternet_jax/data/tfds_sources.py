@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
+from absl import logging
 import numpy as np
 
 from gaternet_jax import errors
@@ -27,10 +28,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STREAMED = ('imagenet2012',)
 
-# Inception-style random-resized-crop (as in the Flax ImageNet example).
+# Inception-style random-resized-crop: 8%-100% of the image, aspect 3/4-4/3. The sampler's
+# `min_object_covered` must be 0 (as big_vision passes): against the whole-image box it is a
+# lower bound on the crop's area too, and the 0.1 of the Flax example made the smallest crop 10%
+# of the image, not 8% (measured: minimum area 0.100 over 3,000 samples; with 0, 0.080).
 _CROP_AREA = (0.08, 1.0)
 _CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
-_CROP_MIN_COVERED = 0.1
+_CROP_MIN_COVERED = 0.0
 _CROP_ATTEMPTS = 10
 # Evaluation: shorter side resized to image_size / 0.875, then a centre crop of image_size.
 _EVAL_CROP_FRACTION = 0.875
@@ -51,8 +55,16 @@ def import_tf() -> tuple[Any, Any]:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:
     # TensorFlow's devices were already initialized (by another import in this process); the
-    # visible set can no longer change, and whoever initialized it chose.
-    pass
+    # visible set can no longer change. Say so when that left it an accelerator: it may hold
+    # that GPU's memory, which JAX then cannot have.
+    held = tf.config.get_visible_devices('GPU')
+    if held:
+      logging.warning(
+        'TensorFlow was initialised before gaternet_jax could hide the GPUs from it and holds '
+        '%d; it may take memory JAX needs. Import TensorFlow after gaternet_jax, or call '
+        "tf.config.set_visible_devices([], 'GPU') first.",
+        len(held),
+      )
   return tf, tfds
 
 

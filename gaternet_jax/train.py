@@ -195,13 +195,25 @@ def run(
 
   min_interval = checkpoints.min_interval_s(config, steps.platform(setup))
   last_saved = time.monotonic()
+  # Where this piece of the run's wall time went (results.json `time_split_s`; of a resumed run,
+  # the last piece): setup (data, model, state), the first dispatch (its tracing and
+  # compilation), evaluation, checkpoints (a save first waits for the steps in flight), and
+  # training: the rest.
+  time_split = {
+    'setup': time.time() - started,
+    'first_dispatch': 0.0,
+    'eval': 0.0,
+    'checkpoint': 0.0,
+  }
 
   def save(step: int) -> None:
     nonlocal last_saved
+    saving = time.time()
     _check_finite(*previous)  # never write a checkpoint of a diverged state
     checkpoints.save(manager, workdir, step, state)
     _record_elapsed(workdir, elapsed_before + time.time() - started)
     last_saved = time.monotonic()
+    time_split['checkpoint'] += time.time() - saving
 
   def checkpoint_due(step: int) -> bool:
     if step % config.checkpoint_every_steps:
@@ -217,7 +229,10 @@ def run(
       # A chunk never crosses a log, eval or checkpoint step, so each happens where the config
       # puts it, whatever the steps per dispatch.
       n = min(dispatch.max_steps, _next_boundary(step, cadences, plan.total_steps) - step)
+      dispatching = time.time()
       state, metrics = dispatch(state, step, n)
+      if step == start_step:
+        time_split['first_dispatch'] = time.time() - dispatching
       if previous is not None:
         _check_finite(*previous)  # the previous chunk's flags: read without stalling the device
       previous = (step, n, metrics.pop('finite'), metrics['loss'])
@@ -229,8 +244,10 @@ def run(
         pending = []
       is_last = step == plan.total_steps
       if step % plan.eval_every_steps == 0 or is_last:
+        evaluating = time.time()
         with report.timed('eval'):
           eval_metrics = evaluator(state, config.data.eval_split)
+        time_split['eval'] += time.time() - evaluating
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
       saved = is_last or checkpoint_due(step)
       if saved:
@@ -270,6 +287,8 @@ def run(
     'split': config.data.eval_split,
     'eval': eval_metrics,
   }
+  time_split['train'] = time.time() - started - sum(time_split.values())
+  results['time_split_s'] = {k: round(v, 2) for k, v in time_split.items()}
   write_results(workdir, results)
   return results
 

@@ -194,3 +194,26 @@ def _json_line_fails(*args):
   )
   assert result.returncode == 2, result.stderr[-2000:]
   return result.stderr.strip().splitlines()[-1]
+
+
+def test_gpu_check_runs_both_calls_in_smoke_mode(tmp_path):
+  """The prepared GPU check cannot rot between leases: both calls on the CPU, tiny budget."""
+  out, work = str(tmp_path / 'out'), str(tmp_path / 'work')
+  args = ['benchmarks/gpu_check.py', '--smoke', '--out', out, '--work', work]
+  a = _json_line(*args, '--call', 'A')
+  assert a['plain_164_epochs']['step'] == 6
+  assert set(a['plain_164_epochs']['time_split_s']) >= {'first_dispatch', 'train', 'eval'}
+  for part in ('throughput_f32_b16', 'throughput_bf16_b32'):
+    assert a[part]['plain']['train_images_per_s']['median'] > 0
+    assert a[part]['gated']['batch_size'] == int(part.rsplit('b', 1)[1])
+  b = _json_line(*args, '--call', 'B', '--l1_weight', '0.5')
+  gated = b['gated_joint_164_epochs']
+  assert gated['step'] == 6 and 'gate_density' in gated['eval']
+  parts = [json.loads(l)['part'] for l in open(os.path.join(out, 'gpu_check.jsonl'))]
+  assert parts == [
+    'throughput_f32_b16',
+    'throughput_bf16_b32',
+    'plain_164_epochs',
+    'gated_joint_164_epochs',
+  ]
+  assert os.path.exists(os.path.join(out, 'gated.log'))

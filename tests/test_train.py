@@ -154,6 +154,11 @@ def test_plain_run_end_to_end(tmp_path):
   results = procedure.train_and_evaluate(tiny_default('plain'), workdir)
   assert results['step'] == 6 and results['eval']['examples'] == 297
   assert results['params'] > 0 and results['gated_filters'] == 0
+  # The wall time split into setup, the first dispatch (compilation), eval, checkpoints, training.
+  split = results['time_split_s']
+  assert set(split) == {'setup', 'first_dispatch', 'eval', 'checkpoint', 'train'}
+  assert all(v >= 0 for v in split.values()) and split['first_dispatch'] > 0
+  assert sum(split.values()) == pytest.approx(results['wall_time_s'], abs=0.1)
   stored = json.load(open(os.path.join(workdir, 'results.json')))
   assert stored['step'] == 6 and stored['name'] == 'default'
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))

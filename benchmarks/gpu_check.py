@@ -1,0 +1,152 @@
+"""The prepared GPU check: one lease used fully, in calls of at most 9 minutes; one JSON line.
+
+  python benchmarks/gpu_check.py --call A --data_dir DIR --out OUT [--work gpu_runs]
+  python benchmarks/gpu_check.py --call B --data_dir DIR --out OUT [--work gpu_runs] [--l1_weight L]
+  python benchmarks/gpu_check.py --call A --smoke --out OUT     # the CPU test of the same path
+
+Call A: (1) the README's GPU throughput table: ResNet-20 plain and gated, float32 and bfloat16,
+batch 128 and 1024, training and inference images/s and compile seconds (benchmarks/throughput.py,
+one child process per precision and batch); (2) the full 164-epoch plain ResNet-20 on the CIFAR-10
+JPEGs (45k/5k hold-out), bfloat16, with its wall time split into setup, compilation (the first
+dispatch), training, evaluation and checkpointing (results.json `time_split_s`).
+Call B: the gated joint stage, 164 epochs, bfloat16, from call A's plain run (`init.backbone`, and
+`init.gater`: the gater's extractor is a ResNet-20, the plain run's architecture) at the config's
+lambda or `--l1_weight`, with the same split. B must run on the machine A ran on (within its 30 s
+of warmth): A's run lives in `--work`, an ignored folder of the working tree that stays there.
+
+Every finished part is appended to OUT/gpu_check.jsonl at once and its output kept in
+OUT/<part>.log, so a call cut off at its limit still returns what it finished; the last line
+printed is the whole summary. `--smoke` swaps in the embedded default data, batch sizes 16/32 and a
+few steps (and two of the four throughput points), so that a test runs this same path on the CPU (tests/test_benchmarks.py).
+
+On the device machine (no network; no ml_collections there, and no TensorFlow, which this path
+never needs), prepared here once:
+  echo /.whl/ >> .git/info/exclude; echo /gpu_data/ >> .git/info/exclude
+  python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0
+  mkdir -p gpu_data && cp ../shared/data/cifar10-jpeg-*.tar.gz gpu_data/
+and each call (carry: .whl, gpu_data; 9-minute limit):
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
+  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && \\
+  (ls gpu_data/train >/dev/null 2>&1 || for t in gpu_data/*.tar.gz; do tar -xzf $t -C gpu_data; done) && \\
+  python3 benchmarks/gpu_check.py --call A --data_dir gpu_data --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'experiments', 'cifar10_resnet20.py')
+
+
+def _run(part: str, command: list[str], out: str, timeout: float | None = None) -> str:
+  """Runs `command` (output to OUT/<part>.log); its stdout; raises on failure."""
+  started = time.time()
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
+  result = subprocess.run(
+    command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, check=False
+  )
+  with open(os.path.join(out, f'{part}.log'), 'w') as f:
+    f.write(f'$ {" ".join(command)}\n{result.stdout}\n{result.stderr}\n')
+    f.write(f'# exit {result.returncode} after {time.time() - started:.1f} s\n')
+  if result.returncode:
+    raise RuntimeError(f'{part} failed (exit {result.returncode}): {result.stderr[-800:]}')
+  return result.stdout
+
+
+def _record(out: str, summary: dict, part: str, value) -> None:
+  summary[part] = value
+  with open(os.path.join(out, 'gpu_check.jsonl'), 'a') as f:
+    f.write(
+      json.dumps({'part': part, **({'value': value} if not isinstance(value, dict) else value)})
+      + '\n'
+    )
+
+
+def throughput(out: str, summary: dict, smoke: bool) -> None:
+  """ResNet-20 plain and gated at each precision and batch size: benchmarks/throughput.py."""
+  config = os.path.join(REPO, 'experiments', 'default.py') if smoke else CONFIG
+  grid = (
+    [(False, 16), (True, 32)] if smoke else [(h, b) for h in (False, True) for b in (128, 1024)]
+  )
+  for half, batch in grid:
+    part = f'throughput_{"bf16" if half else "f32"}_b{batch}'
+    stdout = _run(
+        part,
+        [
+          sys.executable, os.path.join(REPO, 'benchmarks', 'throughput.py'), f'--config={config}',
+          f'--batch_size={batch}', f'--half_precision={half}', '--rounds=1' if smoke else '--rounds=3',
+          '--steps=2' if smoke else '--steps=50',
+        ],
+        out,
+      )  # fmt: skip
+    _record(out, summary, part, json.loads(stdout.strip().splitlines()[-1]))
+
+
+def _train(part: str, variant: str, args, out: str, extra: list[str]) -> dict:
+  """`gaternet train` of ResNet-20 (`variant`) in --work/<part>; its results.json."""
+  workdir = os.path.join(args.work, part)
+  if args.smoke:
+    data = ['--config.data.holdout=300', '--config.max_steps=6', '--config.eval_every_epochs=100']
+    config = os.path.join(REPO, 'experiments', 'default.py')
+  else:
+    data = [
+      '--config.data.name=imagefolder', f'--config.data.data_dir={os.path.abspath(args.data_dir)}',
+      '--config.data.holdout=5000',
+    ]  # fmt: skip
+    config = CONFIG
+  command = [
+    sys.executable, '-m', 'gaternet_jax.main', 'train', f'--config={config}:{variant}',
+    f'--workdir={workdir}', '--config.data.eval_split=holdout', '--config.half_precision=True',
+    *data, *extra,
+  ]  # fmt: skip
+  _run(part, command, out)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  keep = ('step', 'total_steps', 'wall_time_s', 'time_split_s', 'eval', 'stages')
+  return {k: results[k] for k in keep if k in results}
+
+
+def call_a(args, out: str, summary: dict) -> None:
+  throughput(out, summary, args.smoke)
+  _record(out, summary, 'plain_164_epochs', _train('plain', 'plain', args, out, []))
+
+
+def call_b(args, out: str, summary: dict) -> None:
+  plain = os.path.join(args.work, 'plain')
+  if not os.path.exists(os.path.join(plain, 'results.json')):
+    raise SystemExit(f"gpu_check: call B needs call A's finished plain run in {plain}")
+  extra = [f'--config.init.backbone={plain}', f'--config.init.gater={plain}']
+  if args.l1_weight is not None:
+    extra.append(f'--config.gater.l1_weight={args.l1_weight}')
+  _record(out, summary, 'gated_joint_164_epochs', _train('gated', 'gated', args, out, extra))
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--call', choices=('A', 'B'), required=True)
+  parser.add_argument('--data_dir', help='the CIFAR-10 JPEG folder (train/...), not for --smoke')
+  parser.add_argument('--out', required=True, help='where the JSON lines and logs go ($OUT)')
+  parser.add_argument('--work', default=os.path.join(REPO, 'gpu_runs'), help='the runs, kept')
+  parser.add_argument('--l1_weight', type=float, default=None)
+  parser.add_argument('--smoke', action='store_true', help='embedded data, tiny budget (CPU)')
+  args = parser.parse_args(argv)
+  if not args.smoke and not args.data_dir:
+    parser.error('--data_dir is required (the CIFAR-10 JPEGs), except with --smoke')
+  os.makedirs(args.out, exist_ok=True)
+  summary: dict = {'call': args.call, 'smoke': args.smoke}
+  started = time.time()
+  try:
+    (call_a if args.call == 'A' else call_b)(args, args.out, summary)
+  finally:
+    summary['wall_s'] = round(time.time() - started, 1)
+    print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+  main()

@@ -18,40 +18,21 @@ from ml_collections import config_flags
 # Imported after `environment.prepare()` (main.py): these start JAX.
 from gaternet_jax import describe, distributed, environment, evaluate, export, preemption, procedure
 from gaternet_jax import report
-from gaternet_jax import reproduce, sweep, tradeoff
+from gaternet_jax import reproduce, sweep, tradeoff, usage
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.analysis import collect
 from gaternet_jax.errors import Interrupted, StopSignal, UserError
 
 FLAGS = flags.FLAGS
 
-USAGE = {
-  'train': 'gaternet train --config FILE[:variant] --workdir DIR [--config.FIELD=VALUE ...]',
-  'evaluate': (
-    'gaternet evaluate --workdir DIR [--split S] [--step N] [--gate-threshold T] '
-    '[--skip-off-units] [--json]'
-  ),
-  'describe': 'gaternet describe --config FILE[:variant] [--json] [--show_config]',
-  'analyze': 'gaternet analyze --workdir DIR [--split S] [--max-examples N] [--out DIR]',
-  'export': 'gaternet export --workdir DIR [--split S] [--max-examples N] [--out DIR]',
-  'tradeoff': 'gaternet tradeoff --workdir DIR [--split S] [--thresholds T1,T2,...] [--out DIR]',
-  'report': 'gaternet report DIR [DIR ...] [--out table.md]',
-  'sweep': 'gaternet sweep --config FILE --sweep FIELD=V1,V2 [--sweep ...] --workdir DIR',
-  'reproduce': (
-    'gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR '
-    '[--config.FIELD=VALUE ...]'
-  ),
-  'compile': (
-    'gaternet compile --config FILE[:variant] --topology v4-32 [--json] [--config.FIELD=VALUE ...]'
-  ),
-}
+USAGE = usage.USAGE
 CONFIG_HELP = (
   'Every field of the config can be set with --config.FIELD=VALUE; '
   'list them with: gaternet describe --config FILE[:variant] --show_config'
 )
 
 
-_ALL = tuple(USAGE)  # every command, in the order `gaternet --help` lists them
+_ALL = usage.COMMANDS
 # (commands, kind, name, default, help): every flag of every command, in --help order.
 _FLAGS = (
   (('train', 'evaluate', 'analyze', 'export', 'tradeoff', 'sweep', 'reproduce'), 'string', 'workdir',
@@ -64,9 +45,9 @@ _FLAGS = (
   (('export',), 'string', 'split', None,
    'Calibration split (default: train, without augmentation).'),
   (('evaluate',), 'integer', 'step', None, 'Checkpoint step to evaluate (default: the latest).'),
-  (('evaluate',), 'float', 'gate-threshold', 0.0,
+  (('evaluate',), 'float', 'gate_threshold', 0.0,
    "Evaluation gates are 1(g' > T); 0 is the trained model, higher switches filters off."),
-  (('evaluate',), 'bool', 'skip-off-units', False,
+  (('evaluate',), 'bool', 'skip_off_units', False,
    'Skip every unit whose gates are all off for the whole batch (same results; ResNets).'),
   (('tradeoff',), 'string', 'thresholds', None,
    'Gate thresholds T1,T2,... (default: -1,0,0.5,1,2,4).'),
@@ -75,11 +56,12 @@ _FLAGS = (
    'TPU slice: v4-8 ... v4-4096, v5e-1 ... v5e-256, v5p-8 ..., v6e-1 ..., or raw, e.g. v4:2x2x4.'),
   (('describe',), 'bool', 'show_config', False,
    'Print the resolved config (every field --config.FIELD= can set).'),
-  (('analyze', 'export'), 'integer', 'max-examples', None, 'Use at most this many examples.'),
-  (('analyze',), 'integer', 'max-embed-examples', 2000, 'Examples in the t-SNE embedding.'),
+  (('analyze', 'export'), 'integer', 'max_examples', None, 'Use at most this many examples.'),
+  (('analyze',), 'integer', 'max_embed_examples', 2000, 'Examples in the t-SNE embedding.'),
   (('analyze', 'export', 'tradeoff', 'report'), 'string', 'out', None,
    'Output: a folder (default WORKDIR/analysis, WORKDIR/export, WORKDIR/tradeoff) / for report, '
    'a Markdown file.'),
+  (('report',), 'multi_string', 'workdir', [], 'A finished run (repeat; or list them after it).'),
   (('sweep',), 'multi_string', 'sweep', [], 'FIELD=V1,V2,... (repeat for a grid).'),
   (('reproduce',), 'string', 'seeds', '0,1,2', 'Seeds S1,S2,... (each: plain, gated, control).'),
   (('reproduce',), 'float', 'epochs', None,
@@ -89,6 +71,10 @@ _FLAGS = (
   (_ALL, 'integer', 'num_processes', None, 'Manual launch: processes (or JAX_NUM_PROCESSES).'),
   (_ALL, 'integer', 'process_id', None, 'Manual launch: this process (or JAX_PROCESS_ID).'),
 )  # fmt: skip
+
+
+# Flags once spelled with hyphens: those spellings still work, as hidden aliases.
+HYPHENATED_ALIASES = ('gate_threshold', 'skip_off_units', 'max_examples', 'max_embed_examples')
 
 
 def _define(command: str) -> list[str]:
@@ -102,6 +88,8 @@ def _define(command: str) -> list[str]:
     if command in commands:
       getattr(flags, f'DEFINE_{kind}')(name, default, text)
       names.append(name)
+      if name in HYPHENATED_ALIASES:  # the spelling of older READMEs and scripts, not listed
+        flags.DEFINE_alias(name.replace('_', '-'), name)
   auto = 'jax.distributed.initialize(): auto = on a TPU pod, a SLURM step or a manual launch.'
   flags.DEFINE_enum('distributed', 'auto', ['auto', 'true', 'false'], auto)
   return names + ['distributed']
@@ -119,6 +107,8 @@ def run(command: str, argv: list[str], fail: Callable[[str], None]) -> None:
   names = _define(command)
   if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
     print(_help(command, names))
+    if '--helpfull' in argv[1:]:  # and every flag absl knows, its own included
+      print('\nall flags:\n' + FLAGS.get_help())
     return
 
   def parse(args):
@@ -188,8 +178,8 @@ def cmd_evaluate(argv) -> None:
     _value('workdir'),
     split=FLAGS.split,
     step=FLAGS.step,
-    gate_threshold=FLAGS['gate-threshold'].value,
-    skip_off_units=FLAGS['skip-off-units'].value,
+    gate_threshold=FLAGS.gate_threshold,
+    skip_off_units=FLAGS.skip_off_units,
   )
   if distributed.is_leader():
     print(json.dumps(result, sort_keys=True) if FLAGS.json else evaluate.format_text(result))
@@ -207,8 +197,8 @@ def cmd_describe(argv) -> None:
 def cmd_analyze(argv) -> None:
   workdir = _value('workdir')
   out = FLAGS.out or os.fspath(workdir_lib.path(workdir, workdir_lib.ANALYSIS_DIR))
-  limits = {'max_examples': FLAGS['max-examples'].value}
-  limits['max_embed_examples'] = FLAGS['max-embed-examples'].value
+  limits = {'max_examples': FLAGS.max_examples}
+  limits['max_embed_examples'] = FLAGS.max_embed_examples
   result = collect.analyze_workdir(workdir, split=FLAGS.split, out_dir=out, **limits)
   if result:
     print(collect.format_text(result, out))
@@ -216,7 +206,7 @@ def cmd_analyze(argv) -> None:
 
 def cmd_export(argv) -> None:
   result = export.export_workdir(
-    _value('workdir'), split=FLAGS.split, max_examples=FLAGS['max-examples'].value, out=FLAGS.out
+    _value('workdir'), split=FLAGS.split, max_examples=FLAGS.max_examples, out=FLAGS.out
   )
   if distributed.is_leader():
     print(export.format_text(result))
@@ -232,9 +222,10 @@ def cmd_tradeoff(argv) -> None:
 
 
 def cmd_report(argv) -> None:
-  if not argv[1:]:
+  workdirs = [*FLAGS.workdir, *argv[1:]]
+  if not workdirs:
     raise UserError(f'usage: {USAGE["report"]}')
-  table = report.make_table(argv[1:])
+  table = report.make_table(workdirs)
   print(table)
   if FLAGS.out:
     report.write_table(FLAGS.out, table)

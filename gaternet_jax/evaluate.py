@@ -33,7 +33,7 @@ def evaluate_workdir(
     filters and `macs` (mean per image actually used: the gater and the filters that are on).
   """
   if not math.isfinite(gate_threshold):
-    raise UserError(f'--gate-threshold must be a finite number, got {gate_threshold}')
+    raise UserError(f'--gate_threshold must be a finite number, got {gate_threshold}')
   directory = restore.require_checkpoint(workdir)
   config, setup, state, dataset, step = restore.load_state(directory, step=step)
   if gate_threshold != 0.0 and not config.model.gated:

@@ -211,7 +211,7 @@ def export_workdir(
   """Exports the run in `workdir` (default calibration split: the training images, unaugmented)
   to `out` (default WORKDIR/export); returns what `export.json` records."""
   if max_examples is not None and max_examples < 1:
-    raise UserError(f'--max-examples must be at least 1, got {max_examples}')
+    raise UserError(f'--max_examples must be at least 1, got {max_examples}')
   directory = restore.require_checkpoint(workdir)
   config, setup, state, dataset, step = restore.load_state(directory)
   _check_exportable(config, workdir)

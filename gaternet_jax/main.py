@@ -1,28 +1,14 @@
-"""The `gaternet` command: train, evaluate, describe, analyze, report, sweep.
-
-  gaternet train    --config experiments/cifar10_resnet20.py[:variant] --workdir DIR [--config.x=v]
-  gaternet evaluate --workdir DIR [--split S] [--step N] [--json]
-  gaternet describe --config experiments/imagenet_resnet152.py[:variant] [--json] [--show_config]
-  gaternet analyze  --workdir DIR [--split S] [--max-examples N] [--out DIR]
-  gaternet report   DIR [DIR ...] [--out table.md]
-  gaternet sweep    --config FILE --sweep field=v1,v2 [--sweep ...] --workdir DIR
-  gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR
-  gaternet compile  --config experiments/imagenet_resnet101.py[:variant] --topology v4-32 [--json]
-
-`gaternet COMMAND --help` lists a command's flags. Errors caused by the user's input print one
-line on stderr and exit with status 2.
-"""
+"""The `gaternet` command: `gaternet --help` lists every command (gaternet_jax/usage.py), and
+`gaternet COMMAND --help` that command's flags. Errors caused by the user's input print one line
+on stderr and exit with status 2."""
 
 from __future__ import annotations
 
 import sys
 
-from gaternet_jax import environment, errors
+from gaternet_jax import environment, errors, usage
 
-COMMANDS = (
-  'train', 'evaluate', 'describe', 'analyze', 'export', 'tradeoff', 'report', 'sweep', 'reproduce',
-  'compile',
-)  # fmt: skip
+COMMANDS = usage.COMMANDS
 
 
 def _fail(message: str) -> None:
@@ -33,8 +19,8 @@ def _fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
-    if len(argv) >= 2 and argv[1] in ('-h', '--help', 'help'):
-      print(__doc__)
+    if len(argv) >= 2 and argv[1] in ('-h', '--help', '--helpfull', 'help'):
+      print(usage.overview())
       return
     _fail(
       f'usage: gaternet {{{",".join(COMMANDS)}}} [flags]; '

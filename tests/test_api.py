@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
 import gaternet_jax
-from gaternet_jax import analysis, restore
+from gaternet_jax import analysis, restore, usage
 from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.data import embedded
 from gaternet_jax.errors import UserError
@@ -124,16 +125,39 @@ def test_reading_a_run_whose_checkpoint_is_removed_meanwhile(gated_run, tmp_path
     restore.load_state(stage, step=6)
 
 
-@pytest.mark.parametrize('command', ['train', 'evaluate', 'describe', 'analyze', 'sweep'])
+@pytest.mark.parametrize('command', usage.COMMANDS)
 def test_each_command_lists_its_own_flags(cli, command):
   result = cli(command, '--help')
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith(f'usage: gaternet {command}')
   flags = [l.split()[0] for l in result.stdout.splitlines() if l.startswith('  --')]
   assert '--distributed' in flags and len(flags) == len(set(flags))
-  assert ('--workdir' in flags) == (command != 'describe')
-  if command in ('train', 'describe', 'sweep'):
+  assert ('--workdir' in flags) == (command not in ('describe', 'compile'))
+  # Spelled as absl and flax spell them: underscores (the hyphenated ones are hidden aliases).
+  assert not [f for f in flags if '-' in f[2:]], flags
+  assert not re.search(r'--[a-z]+-[a-z]', result.stdout.split('flags:')[0])
+  if command in ('train', 'describe', 'sweep', 'reproduce', 'compile'):
     assert '--show_config' in result.stdout  # how to see the config's fields
+
+
+def test_gaternet_help_names_every_command_and_helpfull_is_absls(cli):
+  overview = cli('--help')
+  assert overview.returncode == 0
+  for command in usage.COMMANDS:
+    assert f'  {command} ' in overview.stdout and usage.USAGE[command] in overview.stdout
+  full = cli('evaluate', '--helpfull')
+  assert full.returncode == 0 and '--gate_threshold' in full.stdout + full.stderr
+  assert 'absl' in (full.stdout + full.stderr)  # absl's own flags too
+
+
+def test_report_takes_workdir_flags_and_the_hyphenated_spellings_still_work(gated_run, cli):
+  workdir, _ = gated_run
+  table = cli('report', '--workdir', workdir)
+  assert table.returncode == 0 and table.stdout.startswith('|'), table.stderr[-2000:]
+  assert cli('report', workdir).stdout == table.stdout
+  old = cli('evaluate', '--workdir', workdir, '--gate-threshold=0.5', '--skip-off-units', '--json')
+  new = cli('evaluate', '--workdir', workdir, '--gate_threshold=0.5', '--skip_off_units', '--json')
+  assert old.returncode == 0 and json.loads(old.stdout) == json.loads(new.stdout)
 
 
 def test_describe_show_config_lists_every_field(cli):
@@ -149,5 +173,5 @@ def test_command_errors_name_the_commands_own_flags(gated_run):
 
   with pytest.raises(UserError, match=r'set --split to one of them'):
     evaluate.evaluate_workdir(gated_run[0], split='nope')
-  with pytest.raises(UserError, match='--max-embed-examples must be at least 0'):
+  with pytest.raises(UserError, match='--max_embed_examples must be at least 0'):
     collect.analyze_workdir(gated_run[0], max_embed_examples=-1)

@@ -292,7 +292,7 @@ def test_export_bad_input(gated_run, engineered_run, tmp_path, cli):
   before = sorted(p.name for p in other.iterdir())
   one_error_line(cli('export', '--workdir', workdir, '--out', str(other)), 'different run')
   assert sorted(p.name for p in other.iterdir()) == before
-  one_error_line(cli('export', '--workdir', workdir, '--max-examples', '0'), 'max-examples')
+  one_error_line(cli('export', '--workdir', workdir, '--max-examples', '0'), 'max_examples')
   # A folder named like the export's staging folder that the user made is never deleted.
   mine = tmp_path / 'mydata.partial'
   mine.mkdir()
@@ -328,7 +328,7 @@ def test_gate_threshold_and_tradeoff(engineered_run, tmp_path, cli):
     assert rows[3][key] == pytest.approx(higher[key]), key
   assert (out / 'tradeoff.png').stat().st_size > 10_000
   one_error_line(cli('tradeoff', '--workdir', workdir, '--thresholds=1,x'), 'numbers')
-  one_error_line(cli('evaluate', '--workdir', workdir, '--gate-threshold=abc'), 'gate-threshold')
+  one_error_line(cli('evaluate', '--workdir', workdir, '--gate_threshold=abc'), 'gate_threshold')
 
 
 def test_macs_used_counts_only_filters_that_are_on():

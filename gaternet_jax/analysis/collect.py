@@ -86,10 +86,10 @@ def analyze_workdir(
   Returns the analysis dict on process 0 and {} on the others.
   """
   if max_examples is not None and max_examples < 1:
-    raise UserError(f'--max-examples must be at least 1, got {max_examples}')
+    raise UserError(f'--max_examples must be at least 1, got {max_examples}')
   if max_embed_examples is not None and max_embed_examples < 0:
     raise UserError(
-      f'--max-embed-examples must be at least 0 (0: no t-SNE), got {max_embed_examples}'
+      f'--max_embed_examples must be at least 0 (0: no t-SNE), got {max_embed_examples}'
     )
   directory = restore.require_checkpoint(workdir)
   config, setup, state, dataset, _ = restore.load_state(directory)

@@ -29,7 +29,12 @@ STRIDED_PADDINGS = ('symmetric', 'same')
 # Fields added after runs were saved without them, with the value those runs used: a stored
 # config.json that lacks one is read with this value (workdir.load_config), so a run saved by an
 # older version keeps computing what it computed, and a resume of it keeps that value.
-LEGACY_VALUES = {'model.strided_padding': 'same'}
+LEGACY_VALUES = {
+  'model.strided_padding': 'same',
+  'gating.batch_shaping_reduction': 'mean',
+  'gating.module_weight_decay': True,
+}
+BATCH_SHAPING_REDUCTIONS = ('sum', 'mean')
 
 
 def parse_variant(arg: str | None, default: str = 'gated') -> str:
@@ -164,8 +169,17 @@ def gating_config(variant: str = 'gated') -> ml_collections.ConfigDict:
   g.losses = {'bas': 'batch_shaping,l0', 'gaternet_bas': 'l1,batch_shaping'}.get(variant, 'l1')
   g.temperature = gumbel.GUMBEL_TEMPERATURE  # Gumbel-sigmoid temperature (gradient only)
   g.module_hidden = batch_shaping.GATE_HIDDEN_UNITS  # local gating modules' FC1 width
-  g.module_init_bias = 1.0  # their FC2 bias at the start: P(on) = sigmoid(1) = 0.73
+  # Their FC2 bias at the start: 0 (P(on) = 1/2), as the CIFAR-10 recipe's script leaves the
+  # framework's default (mean 0); runs before 2026-12-05 stored 1.0 (P(on) = 0.73).
+  g.module_init_bias = 0.0
+  # Weight decay on the gating modules: off, as the recipe's script (it would pull every gate's
+  # logit towards a fixed value, whatever the input). Runs saved before: on (LEGACY_VALUES).
+  g.module_weight_decay = False
   g.batch_shaping_weight = batch_shaping.BATCH_SHAPING_WEIGHT  # gamma at the start
+  # How gamma weighs the gates: 'sum' of every gate's loss over the whole network (the recipe's
+  # gamma = 0.75 multiplies that sum; gating/batch_shaping.py), or their 'mean' (the authors'
+  # loss function alone; C times weaker; runs before 2026-12-05).
+  g.batch_shaping_reduction = 'sum'
   g.batch_shaping_end = batch_shaping.BATCH_SHAPING_END_EPOCH / epochs  # decayed to 0 here
   g.prior_a = batch_shaping.BETA_PRIOR_A  # the Beta(a, b) prior of the batch-shaping loss
   g.prior_b = batch_shaping.BETA_PRIOR_B

@@ -98,9 +98,13 @@ def _batch_shaping_term(aux: Mapping[str, jax.Array], config, progress: Progress
     initial_weight=g.batch_shaping_weight,
   )
   # On the GLOBAL batch: under jit with the batch sharded, the sort is a global sort.
-  return weight * batch_shaping.batch_shaping_loss(
+  per_gate = batch_shaping.batch_shaping_per_gate(
     _on_probability(aux, config), g.prior_a, g.prior_b
   )
+  reduction = g.get(
+    'batch_shaping_reduction', configs.LEGACY_VALUES['gating.batch_shaping_reduction']
+  )
+  return weight * (jnp.sum(per_gate) if reduction == 'sum' else jnp.mean(per_gate))
 
 
 # name -> (aux, config, progress) -> weighted scalar term. Each is added to the cross-entropy.

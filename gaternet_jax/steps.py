@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.struct
@@ -23,10 +23,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gaternet_jax import environment, losses, models
+from gaternet_jax import configs, environment, losses, models
 from gaternet_jax.models import initialization, materialize, native_conv, staged_batch_norm
 from gaternet_jax.data import augment
 from gaternet_jax.errors import UserError
+from gaternet_jax.gating.local import MODULE_NAME as LOCAL_GATE_MODULE
 
 
 @flax.struct.dataclass
@@ -95,10 +96,27 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, plan: Plan) -> opt
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule):
   o = config.optimizer
   return optax.chain(
-    # Coupled weight decay, i.e. an L2 term on every parameter, as in the ResNet recipes.
-    optax.add_decayed_weights(o.weight_decay),
+    # Coupled weight decay, i.e. an L2 term on every parameter, as in the ResNet recipes; the
+    # local gating modules only where `gating.module_weight_decay` says so.
+    optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask(config)),
     optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov),
   )
+
+
+def weight_decay_mask(config) -> Callable[[Any], Any] | None:
+  """None (decay every parameter), or params -> a tree of bools, False for the parameters of the
+  local gating modules (`<unit>/gate`) when the config exempts them."""
+  gating = configs.gating_of(config)
+  decay = gating.get('module_weight_decay', configs.LEGACY_VALUES['gating.module_weight_decay'])
+  if decay or not models.is_local(config):
+    return None
+
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(getattr(k, 'key', None) == LOCAL_GATE_MODULE for k in path), params
+    )
+
+  return mask
 
 
 def compute_dtype(config) -> Any:

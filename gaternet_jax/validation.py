@@ -122,6 +122,8 @@ RULES: dict[str, Rule] = {
   'gating.temperature': Rule(float, _above(0)),
   'gating.module_hidden': Rule(int, _at_least(1)),
   'gating.module_init_bias': Rule(float),
+  'gating.module_weight_decay': Rule(bool),
+  'gating.batch_shaping_reduction': Rule(str, _one_of(lambda: configs.BATCH_SHAPING_REDUCTIONS)),
   'gating.batch_shaping_weight': Rule(float, _at_least(0)),
   'gating.batch_shaping_end': Rule(float, _within(0, 1, low_open=True, high_open=False)),
   'gating.prior_a': Rule(float, _above(0)),

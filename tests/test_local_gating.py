@@ -388,3 +388,30 @@ def test_batch_shaping_training_step_on_four_devices_equals_one_device():
   assert one['batch_shaping'] > 0 and one['l0'] > 0
   for name in one:
     np.testing.assert_allclose(four[name], one[name], rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize('module_weight_decay', [False, True])
+def test_weight_decay_skips_the_gating_modules_unless_asked(module_weight_decay):
+  """The recipe's script exempts the gating modules from weight decay (it pulls every gate's
+  logit towards a fixed value whatever the image); `gating.module_weight_decay` puts it back."""
+  config = tiny_default('bas')
+  config.gating.module_weight_decay = module_weight_decay
+  config.optimizer.weight_decay = 0.1
+  _, setup = _build(config)
+  # Moved off zero (biases start there), so that every decayed parameter's decay shows.
+  params = jax.tree.map(lambda x: x + 1.0, steps.create_state(setup, 0).params)
+  tx = steps.make_optimizer(config, lambda step: 1.0)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  moved = {
+    jax.tree_util.keystr(path): bool(jnp.any(u != 0))
+    for path, u in jax.tree_util.tree_leaves_with_path(updates)
+  }
+  gate = {k: v for k, v in moved.items() if "['gate']" in k}
+  rest = {k: v for k, v in moved.items() if "['gate']" not in k}
+  assert gate and all(rest.values())  # zero gradients: only the decay moves anything
+  assert all(gate.values()) == module_weight_decay and any(gate.values()) == module_weight_decay
+  # A GaterNet has no local gating modules: every parameter decays either way.
+  gated = tiny_default('gated')
+  gated.optimizer.weight_decay = 0.1
+  assert steps.weight_decay_mask(gated) is None

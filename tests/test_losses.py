@@ -70,7 +70,8 @@ def test_batch_shaping_and_l0_follow_their_schedules_in_the_objective():
   c = _bas_config('batch_shaping,l0')
   aux = {'gates': GATES[:1].repeat(3, 0), 'gate_logits': GATE_LOGITS}
   p = jax.nn.sigmoid(GATE_LOGITS)
-  bas = float(batch_shaping.batch_shaping_loss(p, 0.6, 0.4))
+  # gamma weighs the sum over the network's gates of each gate's batch-shaping loss.
+  bas = float(jnp.sum(batch_shaping.batch_shaping_per_gate(p, 0.6, 0.4)))
   total = 1000
   expected = {  # step: (batch-shaping weight, L0 weight)
     0: (0.75, 0.0),
@@ -88,6 +89,27 @@ def test_batch_shaping_and_l0_follow_their_schedules_in_the_objective():
     np.testing.assert_allclose(terms['l0'], w_l0 * float(jnp.mean(p)), rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(loss, terms['cross_entropy'] + terms['sparsity'], rtol=1e-6)
     assert 'l1' not in terms
+
+
+@pytest.mark.parametrize(
+  'reduction,expected',
+  [('sum', 0.0225 * 2 / 3 + 0.395 / 3), ('mean', (0.0225 * 2 / 3 + 0.395 / 3) / 2)],
+)
+def test_the_batch_shaping_term_by_hand(reduction, expected):
+  """Beta(1, 1) (CDF(x) = x), N = 3 examples, C = 2 gates, gamma = 1, by hand: gate 0's
+  probabilities 0.1, 0.5, 0.9 against i/(N+1) = 1/4, 1/2, 3/4 give (0.15^2 + 0 + 0.15^2)/3; gate
+  1's 0.2, 0.2, 0.2 give (0.05^2 + 0.3^2 + 0.55^2)/3 = 0.395/3. 'sum' adds the gates (the
+  recipe's gamma = 0.75 weighs that sum), 'mean' averages them (runs before 2026-12-05)."""
+  c = _bas_config('batch_shaping')
+  c.gating.prior_a = c.gating.prior_b = 1.0
+  c.gating.batch_shaping_weight = 1.0
+  c.gating.batch_shaping_reduction = reduction
+  p = jnp.array([[0.1, 0.2], [0.5, 0.2], [0.9, 0.2]])
+  aux = {'gates': (p > 0.5).astype(jnp.float32), 'gate_logits': jnp.log(p / (1 - p))}
+  _, terms = losses.objective(
+    LOGITS[:1].repeat(3, 0), LABELS[:1].repeat(3), aux, c, losses.Progress(0, 100)
+  )
+  np.testing.assert_allclose(terms['batch_shaping'], expected, rtol=1e-5)
 
 
 def test_semhash_on_probability_is_the_normal_cdf_and_gumbel_the_sigmoid():

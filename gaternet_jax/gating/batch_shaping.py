@@ -16,10 +16,20 @@ prior. Its gradient, through the sort (a permutation), is
 which is what autodiff produces here: `jnp.sort`'s derivative routes each sorted position's
 gradient back to the example it came from, and `betainc`'s derivative in x is the Beta pdf.
 
-Normalisation: we divide by N and average over the C gates, as the authors' reference
-implementation does (Qualcomm-AI-research/batchshaping, `gbas_loss`: a sum over i divided by N,
-then a mean over the sub-arrays). That keeps the loss, and so its weight gamma, independent of the
-batch size and of the number of gates; the paper's sum over i is N times our per-gate value.
+Normalisation. Over the batch we divide by N, as the authors' reference implementation does
+(Qualcomm-AI-research/batchshaping, `gbas_loss`: a sum over i divided by N per sub-array), so the
+loss and gamma do not depend on the batch size. Over the gates, `gbas_loss` takes a mean, but that
+repository holds the loss function only, no model and no recipe; the recipe's gamma = 0.75 comes
+from a CIFAR-10 training script whose total loss is `loss_cls + sum over the gating modules of
+(per module: the squared residuals summed over the batch and the channels, divided by N)`, i.e.
+gamma times the SUM over every gate of the network of the per-gate value here. With a mean that
+gamma is C times weaker (C = 336 gates for ResNet-20, 2,016 for ResNet-110): too weak to shape
+anything. So the objective (losses.py) takes `gating.batch_shaping_reduction = 'sum'` by default:
+gamma means what the recipe's 0.75 meant. 'mean' is `gbas_loss`'s reduction, what runs before
+2026-12-05 trained with (configs.LEGACY_VALUES). The paper's own equation could not be read here
+(its stored copies stop at the introduction); the same script exempts the gating modules from
+weight decay and leaves their last bias at the framework's default (mean 0): the defaults of
+`gating.module_weight_decay` (False) and `gating.module_init_bias` (0.0).
 
 Which values are shaped: the noise-free on-probabilities sigmoid(alpha) of the gates
 (`gumbel.gate_on_probability`), one column per gate and one row per example, before any noise or
@@ -144,7 +154,9 @@ def batch_shaping_per_gate(
 def batch_shaping_loss(
   values: jax.Array, a: float = BETA_PRIOR_A, b: float = BETA_PRIOR_B
 ) -> jax.Array:
-  """The batch-shaping loss, averaged over gates: (1/C) sum_c (1/N) sum_i (F(X*_ic) - i/(N+1))^2.
+  """The batch-shaping loss averaged over gates: (1/C) sum_c (1/N) sum_i (F(X*_ic) - i/(N+1))^2
+  (`gbas_loss`'s reduction; the objective sums the per-gate values instead by default, see the
+  module docstring).
 
   Args:
     values: (N, C) continuous gate values in [0, 1], one row per example of the GLOBAL batch and

@@ -298,22 +298,25 @@ def config_conflicts(config, workdir: str, stages: tuple[str, ...] = ()) -> str 
   )
 
 
-def keep_legacy_values(config, workdir: str, stages: tuple[str, ...] = ()):
-  """`config`, or a copy with the stored run's value of every configs.LEGACY_VALUES field that
-  the run's config.json lacks, when `workdir` holds that run's training state: a run saved by an
-  older version resumes computing what it computed (the stored config decides, as on resume)."""
+def keep_stored_recipe(config, workdir: str, stages: tuple[str, ...] = ()):
+  """`config`, or a copy with the stored run's value of every configs.RECIPE_FIELDS field, when
+  `workdir` holds that run's training state: a run saved by an older version (a field it lacks
+  reads as configs.LEGACY_VALUES; one whose default changed since is stored) resumes computing
+  what it computed, instead of being refused as a different config."""
   if not workdir_lib.exists(workdir, workdir_lib.CONFIG_FILE):
     return config
   if not holds_training_state(workdir, stages):
     return config
-  stored = configs.flatten(workdir_lib.read_json(workdir, workdir_lib.CONFIG_FILE))
-  # A config without the field reads it as the legacy value already (e.g. models.strided_padding_of).
+  stored = configs.flatten(workdir_lib.load_config(workdir))  # legacy values filled in
   present = configs.flatten(config)
-  kept = {k: v for k, v in configs.LEGACY_VALUES.items() if k not in stored and k in present}
-  if not kept or all(present[k] == v for k, v in kept.items()):
+  kept = {
+    k: stored[k]
+    for k in configs.RECIPE_FIELDS
+    if k in stored and k in present and present[k] != stored[k]
+  }
+  if not kept:
     return config
-  logging.info('workdir %r was saved before %s existed: resuming with %s', workdir,
-               ', '.join(kept), kept)  # fmt: skip
+  logging.info('resuming %r with the values it was trained with: %s', workdir, kept)
   config = copy.deepcopy(config)
   config.update_from_flattened_dict(kept)
   return config

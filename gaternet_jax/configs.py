@@ -35,6 +35,10 @@ LEGACY_VALUES = {
   'gating.module_weight_decay': True,
 }
 BATCH_SHAPING_REDUCTIONS = ('sum', 'mean')
+# Fields that fix how a run trains from its start (its recipe's version): a resume keeps the
+# stored run's value (checkpoints.keep_stored_recipe), so a run saved before a default changed
+# (or before the field existed) goes on as it began instead of being refused as another config.
+RECIPE_FIELDS = (*LEGACY_VALUES, 'gating.module_init_bias')
 
 
 def parse_variant(arg: str | None, default: str = 'gated') -> str:

@@ -45,7 +45,7 @@ def train_and_evaluate(
   """
   validation.validate_workdir(workdir)
   validation.validate_config(config)
-  config = checkpoints.keep_legacy_values(config, workdir, STAGES)
+  config = checkpoints.keep_stored_recipe(config, workdir, STAGES)
   if config.model.gated and config.procedure.pretrain:
     check_init_sources(config)
   workdir_lib.ensure_writable(workdir, jax.process_index())
@@ -69,7 +69,7 @@ def train_control(
   validation.validate_config(config)
   if config.model.gated:
     raise UserError('the control trains a plain backbone; got a gated config')
-  config = checkpoints.keep_legacy_values(config, workdir)
+  config = checkpoints.keep_stored_recipe(config, workdir)
   p = config.procedure
   workdir_lib.ensure_writable(workdir, jax.process_index())
   with _locked(workdir):

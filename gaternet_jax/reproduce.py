@@ -117,6 +117,7 @@ def reproduce(
       directory = run_dir(workdir, seed, kind)
       if distributed.agree(lambda d=directory: workdir_lib.is_finished(d)):
         # Finished: nothing is written again, but a different config is still refused.
+        c = checkpoints.keep_stored_recipe(c, directory, procedure.STAGES)
         checkpoints.check_resume_config(c, directory, procedure.STAGES)
         continue
       preemption.check_stop()

@@ -104,11 +104,15 @@ def test_padding_changes_no_parameter_or_gate_count():
 
 
 def _drop_padding_field(workdir: str) -> None:
-  """Makes `workdir`'s config.json look like one saved before model.strided_padding existed."""
+  """Makes `workdir`'s config.json look like one saved before 2026-12-05: no
+  model.strided_padding, no gating.batch_shaping_reduction or module_weight_decay, and the
+  gating modules' FC2 bias at its old default."""
   path = os.path.join(workdir, 'config.json')
   with open(path) as f:
     stored = json.load(f)
   del stored['model']['strided_padding']
+  del stored['gating']['batch_shaping_reduction'], stored['gating']['module_weight_decay']
+  stored['gating']['module_init_bias'] = 1.0
   with open(path, 'w') as f:
     json.dump(stored, f)
 
@@ -128,8 +132,10 @@ def test_a_run_saved_before_the_field_keeps_computing_what_it_computed(tmp_path)
   # gives the original's final numbers.
   new_config = tiny_default('plain')
   assert new_config.model.strided_padding == 'symmetric'
-  kept = checkpoints.keep_legacy_values(new_config, old)
+  kept = checkpoints.keep_stored_recipe(new_config, old)
   assert kept.model.strided_padding == 'same' and new_config.model.strided_padding == 'symmetric'
+  assert kept.gating.batch_shaping_reduction == 'mean' and kept.gating.module_weight_decay
+  assert kept.gating.module_init_bias == 1.0 and new_config.gating.module_init_bias == 0.0
   resumed = procedure.train_and_evaluate(new_config, old, resume_step=3)
   assert resumed['step'] == trained['step']
   assert resumed['eval']['top1_error'] == trained['eval']['top1_error']

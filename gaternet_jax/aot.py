@@ -16,6 +16,7 @@ per chip (megacore); `v5e-64`: 64 chips), or by their raw topology (`v4:2x2x4`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import time
 from typing import Any
@@ -112,8 +113,16 @@ def parse_slice(name: str) -> Slice:
   )
 
 
+NO_LIBTPU = (
+  "gaternet compile needs the TPU compiler: pip install -e '.[tpu]' (libtpu; in its own "
+  'environment, never needed for anything else)'
+)
+
+
 def topology_devices(tpu: Slice) -> list:
   """The slice's TPU device descriptions (every host's), from libtpu's topology API."""
+  if importlib.util.find_spec('libtpu') is None:
+    raise UserError(NO_LIBTPU)
   try:
     from jax.experimental import topologies  # noqa: PLC0415
 
@@ -125,11 +134,8 @@ def topology_devices(tpu: Slice) -> list:
       num_slices=1,
     )
   except Exception as e:  # noqa: BLE001 - no plugin raises several types, by jax version
-    if 'tpu' in str(e).lower() and ('plugin' in str(e).lower() or 'unknown backend' in str(e)):
-      raise UserError(
-        "gaternet compile needs the TPU compiler: pip install -e '.[tpu]' (libtpu; not needed "
-        'for anything else)'
-      ) from None
+    if 'tpu' in str(e).lower() and ('not installed' in str(e) or 'plugin' in str(e).lower()):
+      raise UserError(NO_LIBTPU) from None
     raise UserError(f'cannot build TPU topology {tpu.topology}: {str(e).splitlines()[0]}') from None
   return list(topology.devices)
 

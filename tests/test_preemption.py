@@ -106,6 +106,7 @@ def test_a_signal_during_the_last_step_is_not_lost():
       time.sleep(5)
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # the swallowing
 def test_a_signal_whose_raise_was_swallowed_stops_at_the_next_boundary():
   # Python ignores what a handler raises when it runs inside a weakref callback or __del__ (a
   # Ctrl-C between two stages was lost that way): the boundary check raises it again.

@@ -217,3 +217,16 @@ def test_gpu_check_runs_both_calls_in_smoke_mode(tmp_path):
     'gated_joint_164_epochs',
   ]
   assert os.path.exists(os.path.join(out, 'gated.log'))
+
+
+def test_bas_gradients_compares_both_reductions_with_the_cross_entropy():
+  out = _json_line(
+    'benchmarks/bas_gradients.py', '--config', 'experiments/default.py:bas', '--batches', '1',
+    '--batch_size', '16',
+  )  # fmt: skip
+  norms = out['gating_grad_norm']
+  assert out['gates'] == 112 and all(v > 0 for v in norms.values())
+  # The sum over the gates is exactly C times the mean: its gradient too.
+  assert norms['sum'] / norms['mean'] == pytest.approx(out['gates'], rel=1e-3)
+  ratio = out['ratio_to_cross_entropy']
+  assert ratio['sum'] == pytest.approx(norms['sum'] / norms['cross_entropy'])

@@ -59,13 +59,10 @@ def _run(part: str, command: list[str], out: str, timeout: float | None = None) 
   return result.stdout
 
 
-def _record(out: str, summary: dict, part: str, value) -> None:
+def _record(out: str, summary: dict, part: str, value: dict) -> None:
   summary[part] = value
   with open(os.path.join(out, 'gpu_check.jsonl'), 'a') as f:
-    f.write(
-      json.dumps({'part': part, **({'value': value} if not isinstance(value, dict) else value)})
-      + '\n'
-    )
+    f.write(json.dumps({'part': part, **value}) + '\n')
 
 
 def throughput(out: str, summary: dict, smoke: bool) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gaternet_jax import describe, steps
+from gaternet_jax.models import layers
 from gaternet_jax.data.base import DatasetInfo
 from gaternet_jax.errors import UserError
 
@@ -210,7 +211,7 @@ def compile_for(config, topology: str) -> dict[str, Any]:
     if config[field] % tpu.devices:
       raise UserError(
         f'{field} {config[field]} is not a multiple of the {tpu.devices} devices of {tpu.name}; '
-        f'use a multiple (e.g. --config.{field}={_round_up(config[field], tpu.devices)})'
+        f'use a multiple (e.g. --config.{field}={layers.ceil_div(config[field], tpu.devices) * tpu.devices})'
       )
   devices = topology_devices(tpu)
   mesh = Mesh(np.asarray(devices), ('data',))
@@ -268,10 +269,6 @@ def compile_for(config, topology: str) -> dict[str, Any]:
   }
   result['fits'] = max(result['peak_bytes'], result['eval_peak_bytes']) <= chip.hbm_bytes
   return result
-
-
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
 
 
 def check_fits(result: dict[str, Any]) -> None:

@@ -42,6 +42,18 @@ def _start(args):
   )
 
 
+def _signal_when(args, ready, sig):
+  """Starts `gaternet train ARGS`, sends `sig` once `ready()` (or the run ended); (exit, stderr)."""
+  proc = _start(args)
+  try:
+    assert _wait_for(lambda: ready() or proc.poll() is not None)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  return proc.returncode, err
+
+
 def _wait_for(predicate, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
@@ -92,14 +104,8 @@ def test_signal_checkpoints_the_current_step_and_resumes_bit_identically(
   SIGTERM between checkpoint steps is also in test_device_loops and test_multiprocess."""
   workdir = str(tmp_path / 'w')
   args = [*PLAIN, '--workdir', workdir, *LONG, f'--config.checkpoint_every_steps={every}']
-  proc = _start(args)
-  try:
-    assert _wait_for(lambda: has_logged(workdir))
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=300)
-  finally:
-    proc.kill()
-  assert proc.returncode == code, err[-2000:]
+  returncode, err = _signal_when(args, lambda: has_logged(workdir), sig)
+  assert returncode == code, err[-2000:]
   lines = [l for l in err.splitlines() if l.startswith(f'gaternet: stopped by {sig.name} at step')]
   assert len(lines) == 1 and 'run the same command again to resume' in lines[0], err[-2000:]
   step = int(lines[0].split('at step ')[1].split(';')[0])
@@ -117,15 +123,9 @@ def test_signal_at_a_stage_boundary_stops_with_one_line_and_resumes(tmp_path, cl
   # stage 2 is already under way, in its loop). Either way: one line, 130/143, resumable.
   workdir = str(tmp_path / 'w')
   args = ['--config', 'experiments/default.py:gated', '--workdir', workdir, *TINY_FLAGS]
-  proc = _start(args)
   stage1 = os.path.join(workdir, workdir_lib.STAGE_BACKBONE, 'results.json')
-  try:
-    assert _wait_for(lambda: os.path.exists(stage1) or proc.poll() is not None)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=300)
-  finally:
-    proc.kill()
-  assert proc.returncode == code, err[-2000:]
+  returncode, err = _signal_when(args, lambda: os.path.exists(stage1), sig)
+  assert returncode == code, err[-2000:]
   lines = [l for l in err.splitlines() if l.startswith(f'gaternet: stopped by {sig.name}')]
   assert len(lines) == 1 and 'Traceback' not in err, err[-2000:]
   assert not workdir_lib.is_finished(os.path.join(workdir, workdir_lib.STAGE_JOINT))
@@ -136,15 +136,12 @@ def test_signal_at_a_stage_boundary_stops_with_one_line_and_resumes(tmp_path, cl
 
 def test_ctrl_c_while_a_run_sets_up_is_one_line(tmp_path):
   workdir = str(tmp_path / 'w')
-  proc = _start([*PLAIN, '--workdir', workdir, *TINY_FLAGS])
-  try:
-    # config.json is written before the data and the steps are built: setup is under way.
-    assert _wait_for(lambda: os.path.exists(os.path.join(workdir, 'config.json')))
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-  finally:
-    proc.kill()
-  assert proc.returncode == 130, err[-2000:]
+  # config.json is written before the data and the steps are built: setup is under way.
+  config = os.path.join(workdir, 'config.json')
+  returncode, err = _signal_when(
+    [*PLAIN, '--workdir', workdir, *TINY_FLAGS], lambda: os.path.exists(config), signal.SIGINT
+  )
+  assert returncode == 130, err[-2000:]
   assert 'Traceback' not in err and err.count('gaternet: stopped by SIGINT') == 1, err[-2000:]
 
 

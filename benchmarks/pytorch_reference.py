@@ -13,7 +13,8 @@ statistics) and He et al.'s recipe at the same budget: batch 128, SGD with momen
 coupled weight decay 1e-4 on every parameter, learning rate 0.1 divided by 10 at 50% and 75% of
 the steps, each epoch a fresh permutation of which the last partial batch is dropped. It prints
 both hold-out top-1 errors (%) per seed and their means. Finished runs are kept in W and skipped
-when the command is run again (ours resume where they stopped).
+when the command is run again; interrupted ones resume (ours at their last checkpoint, the
+PyTorch ones at their last epoch boundary).
 
 A point of comparison for benchmarks/throughput.py's plain variant: the same network written in
 torch.nn (3x3 conv 16, three stages of three post-activation basic units with 16/32/64 filters,
@@ -217,8 +218,13 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return out
 
 
-def train_torch(split: dict, epochs: float, seed: int) -> dict:
-  """Trains this file's ResNet-20 with He et al.'s recipe; its hold-out top-1 error and time."""
+def train_torch(split: dict, epochs: float, seed: int, checkpoint: str | None = None) -> dict:
+  """Trains this file's ResNet-20 with He et al.'s recipe; its hold-out top-1 error and time.
+
+  With `checkpoint` (a file path), the model, optimizer, step, data-order generator and elapsed
+  time are saved there at every epoch boundary and restored from it on the next call, so an
+  interrupted run resumes where its last epoch ended and computes what it would have computed.
+  """
   torch.manual_seed(seed)
   rng = np.random.default_rng(seed)
   model = build_model()
@@ -233,11 +239,25 @@ def train_torch(split: dict, epochs: float, seed: int) -> dict:
     x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
     return (x - mean) / std
 
-  started = time.time()
+  step, elapsed = 0, 0.0
+  if checkpoint and os.path.exists(checkpoint):
+    saved = torch.load(checkpoint, weights_only=False)
+    model.load_state_dict(saved['model'])
+    optimizer.load_state_dict(saved['optimizer'])
+    rng.bit_generator.state = saved['rng']
+    step, elapsed = saved['step'], saved['elapsed_s']
+  started = time.time() - elapsed
   model.train()
-  step, order = 0, np.empty(0, np.int64)
+  order = np.empty(0, np.int64)
   while step < total:
     if step % steps_per_epoch == 0:
+      if checkpoint and step:
+        state = {
+          'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
+          'rng': rng.bit_generator.state, 'elapsed_s': time.time() - started,
+        }  # fmt: skip
+        torch.save(state, checkpoint + '.tmp')
+        os.replace(checkpoint + '.tmp', checkpoint)
       order = rng.permutation(len(images))
     index = order[(step % steps_per_epoch) * BATCH_SIZE :][:BATCH_SIZE]
     lr = 0.1 * (0.1 ** sum(step >= b * total for b in (0.5, 0.75)))
@@ -258,6 +278,8 @@ def train_torch(split: dict, epochs: float, seed: int) -> dict:
   return {
     'holdout_top1_error': 100.0 * (1.0 - correct / len(held_images)),  # percent, as ours
     'steps': total,
+    # A fingerprint of the trained weights: a resumed run must end on the same ones.
+    'parameter_sum': float(sum(p.detach().double().sum() for p in model.parameters())),
     'wall_time_s': time.time() - started,
   }
 
@@ -300,7 +322,7 @@ def parity(data_dir: str, workdir: str, epochs: float, seeds: list[int], holdout
         )
       else:
         split = split or holdout_split(data_dir, holdout)
-        runs[seed] = train_torch(split, epochs, seed)
+        runs[seed] = train_torch(split, epochs, seed, os.path.join(workdir, f'torch_seed{seed}.pt'))
       with open(done + '.tmp', 'w') as f:
         json.dump(runs[seed], f)
       os.replace(done + '.tmp', done)

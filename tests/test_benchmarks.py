@@ -144,17 +144,21 @@ def test_step_profile_reads_the_kernels_of_device_stream_lines(tmp_path):
   assert groups == ['conv_or_matmul', 'reduction', 'convert']
 
 
-def test_pytorch_reference_trains_both_implementations_on_one_holdout(tmp_path):
-  # torch is an optional extra (the `benchmark` extra): without it there is nothing to compare.
+def _tiny_image_folder(root):
   from PIL import Image  # noqa: PLC0415
 
-  pytest.importorskip('torch', reason='the PyTorch anchor needs the benchmark extra (torch)')
   rng = np.random.default_rng(0)
   for c in range(10):
-    folder = tmp_path / 'data' / 'train' / f'class{c}'
+    folder = root / 'train' / f'class{c}'
     folder.mkdir(parents=True)
     for i in range(16):
       Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+
+
+def test_pytorch_reference_trains_both_implementations_on_one_holdout(tmp_path):
+  # torch is an optional extra (the `benchmark` extra): without it there is nothing to compare.
+  pytest.importorskip('torch', reason='the PyTorch anchor needs the benchmark extra (torch)')
+  _tiny_image_folder(tmp_path / 'data')
   args = [
     'benchmarks/pytorch_reference.py', '--train', '--data_dir', str(tmp_path / 'data'),
     '--workdir', str(tmp_path / 'w'), '--epochs', '2', '--seeds', '0,1', '--holdout', '20',
@@ -167,6 +171,27 @@ def test_pytorch_reference_trains_both_implementations_on_one_holdout(tmp_path):
   assert out['mean_difference'] == pytest.approx(out['ours']['mean'] - out['torch']['mean'])
   # A rerun reads the finished runs back instead of training again.
   assert _json_line(*args) == out
+
+
+def test_pytorch_reference_resumes_at_an_epoch_boundary_to_the_same_weights(tmp_path):
+  pytest.importorskip('torch', reason='the PyTorch anchor needs the benchmark extra (torch)')
+  import importlib.util  # noqa: PLC0415
+
+  spec = importlib.util.spec_from_file_location(
+    'pytorch_reference', 'benchmarks/pytorch_reference.py'
+  )
+  reference = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(reference)
+  _tiny_image_folder(tmp_path / 'data')
+  split = reference.holdout_split(str(tmp_path / 'data'), 20)
+  straight = reference.train_torch(split, 3, seed=0)
+  checkpoint = str(tmp_path / 'torch.pt')
+  first = reference.train_torch(split, 3, seed=0, checkpoint=checkpoint)
+  # The file now holds the start of the last epoch, as a run killed during it would have left.
+  resumed = reference.train_torch(split, 3, seed=0, checkpoint=checkpoint)
+  for run in (first, resumed):
+    assert run['parameter_sum'] == straight['parameter_sum']
+    assert run['holdout_top1_error'] == straight['holdout_top1_error']
 
 
 def test_gate_gradients_reports_the_dead_zone_and_the_forces_on_fc2s_bias(gated_run):

@@ -32,9 +32,10 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from gaternet_jax import losses, models, steps  # noqa: E402
+from gaternet_jax import models
 from gaternet_jax.data import base as data_base  # noqa: E402
 from gaternet_jax.gating.local import MODULE_NAME  # noqa: E402
+from gaternet_jax.training import losses, steps  # noqa: E402
 
 config_flags.DEFINE_config_file(
   'config', 'experiments/cifar10_resnet20_bas.py:bas', 'A BaS config.'
@@ -55,7 +56,7 @@ def _images(config, count: int):
     dataset = data.load_dataset(c)
     images, labels = dataset.train_arrays()
     return images[:count], labels[:count], dataset.info
-  from gaternet_jax import describe  # noqa: PLC0415
+  from gaternet_jax.commands import describe  # noqa: PLC0415
 
   num_classes, shape = describe.dataset_spec(config.data)
   rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@
 For every config (default: the Table-1 gated CIFAR-10 ResNets) it builds the model and times
 the initialisation (`init_s`: compiling and running the jitted init of parameters and optimizer
 state), then jax.jit's `lower` (`trace_s`) and `compile` (`compile_s`) of the real training dispatch
-(`device_loops.TrainDispatch`, resident synthetic data, the platform's steps per dispatch) with
+(`dispatch.TrainDispatch`, resident synthetic data, the platform's steps per dispatch) with
 the persistent compilation cache off, so every number is a cold compile. Each config runs in a
 fresh process (`--one` is the worker), so the in-memory caches of one cannot help the next.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from gaternet_jax import environment
+from gaternet_jax import cpu, environment
 
 environment.prepare()  # the `gaternet` command's settings, before JAX starts
 
@@ -24,11 +24,10 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import synthetic  # noqa: E402 - benchmarks/synthetic.py
 from absl import app, flags  # noqa: E402
 
-import synthetic  # noqa: E402 - benchmarks/synthetic.py
-
-from gaternet_jax import device_loops, steps  # noqa: E402
+from gaternet_jax.training import dispatch, steps  # noqa: E402
 
 TABLE1_GATED = [
   f'experiments/cifar10_resnet{depth}.py:{variant}'
@@ -49,9 +48,9 @@ def measure_one(spec: str) -> dict:
   state = jax.block_until_ready(steps.create_state(setup, 0))  # compiles and runs the init
   init_s = time.perf_counter() - start
   key = jax.random.key(0)
-  dispatch = device_loops.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
+  trainer = dispatch.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
   start = time.perf_counter()
-  lowered = dispatch.lower(state)
+  lowered = trainer.lower(state)
   traced = time.perf_counter()
   lowered.compile()
   done = time.perf_counter()
@@ -60,7 +59,7 @@ def measure_one(spec: str) -> dict:
     'compile_s': round(done - traced, 2),
     'total_s': round(done - start, 2),
     'init_s': round(init_s, 2),
-    'steps_per_dispatch': dispatch.max_steps,
+    'steps_per_dispatch': trainer.max_steps,
     'params': int(sum(x.size for x in jax.tree.leaves(state.params))),
   }
 
@@ -73,7 +72,7 @@ def main(argv):
   result = {
     'device_kind': jax.devices()[0].device_kind,
     'xla_flags': os.environ.get('XLA_FLAGS'),
-    'train_compiler_options': environment.train_compiler_options(jax.default_backend()),
+    'train_compiler_options': cpu.compiler_options(jax.default_backend(), 'train'),
   }
   for spec in FLAGS.configs:
     out = subprocess.run(

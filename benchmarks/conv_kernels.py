@@ -32,8 +32,11 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax import lax  # noqa: E402
 
-from gaternet_jax import native  # noqa: E402
-from gaternet_jax.models import layers, native_conv  # noqa: E402
+from gaternet_jax.cpu import (
+  native,  # noqa: E402
+  native_conv,
+)
+from gaternet_jax.models import layers  # noqa: E402
 
 flags.DEFINE_integer('batch_size', 128, 'Images per call.')
 flags.DEFINE_integer('calls', 9, 'Timed calls per measurement (their median is kept).')

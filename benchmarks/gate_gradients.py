@@ -8,7 +8,7 @@ no augmentation), it reports:
 
 - the gate logits g' and how many gates sit in Improved SemHash's zero-gradient zone. The
   saturating sigmoid 1.2 sigmoid(x) - 0.1 is clipped to 0 below x = -ln 11 = -2.398 and to 1 above
-  +2.398, and the backward pass of both gate kinds is its gradient (gaternet_jax/semhash.py): a
+  +2.398, and the backward pass of both gate kinds is its gradient (gaternet_jax/gating/semhash.py): a
   noisy logit g' + eps past either end sends no gradient from any loss term. Reported: the share of
   (example, gate) pairs whose noiseless g' is below -2.398 (closed for good unless the noise lifts
   it), the expected share of noisy logits in the zone, P(g' + eps < -2.398) + P(g' + eps > 2.398)
@@ -41,9 +41,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.scipy.special import ndtr  # noqa: E402
 
-from gaternet_jax import losses, restore, steps  # noqa: E402
+from gaternet_jax import configs  # noqa: E402
 from gaternet_jax.errors import UserError  # noqa: E402
 from gaternet_jax.models.gaternet import GaterNet  # noqa: E402
+from gaternet_jax.training import losses, restore, steps  # noqa: E402
 
 DEAD_BELOW = -math.log(11.0)  # 1.2 sigmoid(x) - 0.1 = 0
 DEAD_ABOVE = math.log(11.0)  # 1.2 sigmoid(x) - 0.1 = 1
@@ -60,7 +61,7 @@ def measure(workdir: str, batches: int = 8, split: str = 'train', seed: int = 0)
     images, labels = loaded.dataset.eval_arrays(split)
   batch_size = min(config.batch_size, len(images))
   n = min(batches, len(images) // batch_size)
-  weight = float(config.gater.l1_weight)
+  weight = float(configs.gating_of(config).l1_weight)
 
   def pieces(params, x, y, key):
     (logits, aux), _ = setup.model.apply(

@@ -4,7 +4,7 @@
   python benchmarks/gpu_check.py --call B --data_dir DIR --out OUT [--work gpu_runs] [--l1_weight L]
   python benchmarks/gpu_check.py --call A --smoke --out OUT     # the CPU test of the same path
 
-Call A: (1) the README's GPU throughput table: ResNet-20 plain and gated, float32 and bfloat16,
+Call A: (1) docs/performance.md's GPU throughput table: ResNet-20 plain and gated, float32 and bfloat16,
 batch 128 and 1024, training and inference images/s and compile seconds (benchmarks/throughput.py,
 one child process per precision and batch); (2) the full 164-epoch plain ResNet-20 on the CIFAR-10
 JPEGs (45k/5k hold-out), bfloat16, with its wall time split into setup, compilation (the first
@@ -120,7 +120,7 @@ def call_b(args, out: str, summary: dict) -> None:
     raise SystemExit(f"gpu_check: call B needs call A's finished plain run in {plain}")
   extra = [f'--config.init.backbone={plain}', f'--config.init.gater={plain}']
   if args.l1_weight is not None:
-    extra.append(f'--config.gater.l1_weight={args.l1_weight}')
+    extra.append(f'--config.gating.l1_weight={args.l1_weight}')
   _record(out, summary, 'gated_joint_164_epochs', _train('gated', 'gated', args, out, extra))
 
 

@@ -44,11 +44,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from gaternet_jax import describe, export, models, restore, steps  # noqa: E402
-from gaternet_jax import workdir as workdir_lib  # noqa: E402
+from gaternet_jax import models
+from gaternet_jax.commands import describe, export  # noqa: E402
 from gaternet_jax.errors import UserError  # noqa: E402
 from gaternet_jax.layout import layer_offsets  # noqa: E402
 from gaternet_jax.models.gaternet import Classifier  # noqa: E402
+from gaternet_jax.training import restore, steps
+from gaternet_jax.training import workdir as workdir_lib  # noqa: E402
 
 flags.DEFINE_string('workdir', None, 'A trained gated run (or procedure workdir).', required=True)
 flags.DEFINE_string('export', None, 'Its export (default: WORKDIR/export, if it exists).')

@@ -50,7 +50,6 @@ import sys
 import time
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn

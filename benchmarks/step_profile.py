@@ -29,10 +29,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import synthetic  # noqa: E402 - benchmarks/synthetic.py
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
-import synthetic  # noqa: E402 - benchmarks/synthetic.py
 
 config_flags.DEFINE_config_file('config', 'experiments/cifar10_resnet20.py', 'Experiment config.')
 flags.DEFINE_integer('batch_size', None, "Global batch (default: the config's).")

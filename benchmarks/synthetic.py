@@ -12,8 +12,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from gaternet_jax import describe, device_loops, steps
+from gaternet_jax.commands import describe
 from gaternet_jax.data.base import DatasetInfo, InMemoryDataset
+from gaternet_jax.training import dispatch, steps
 
 
 def load_config(spec: str):
@@ -72,7 +73,7 @@ class Training(NamedTuple):
 
   setup: steps.Setup
   state: Any
-  dispatch: device_loops.TrainDispatch
+  dispatch: dispatch.TrainDispatch
   images: np.ndarray
   labels: np.ndarray
 
@@ -82,5 +83,5 @@ def resident_training(config) -> Training:
   dataset, images, labels = resident_dataset(config, 4 * config.batch_size)
   setup = steps.build(config, dataset.info)
   key = jax.random.key(0)
-  dispatch = device_loops.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
-  return Training(setup, steps.create_state(setup, 0), dispatch, images, labels)
+  trainer = dispatch.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
+  return Training(setup, steps.create_state(setup, 0), trainer, images, labels)

@@ -10,7 +10,7 @@ Inference is the evaluation step on one batch. Each measurement runs `--steps` s
 warm-up; `--rounds` repeats every measurement in turn (interleaved, so that a slow spell of the
 machine hits all of them) and the medians are reported, with every round's value. The line also
 says whether the native CPU kernels ran (`native_kernels`: true, or why not) and whether freed
-memory was kept for reuse (`freed_memory_kept`; environment.keep_freed_memory).
+memory was kept for reuse (`freed_memory_kept`; cpu_flags.keep_freed_memory).
 
 `--pytorch` also measures `benchmarks/pytorch_reference.py` (the same ResNet-20 in PyTorch eager,
 NCHW and channels_last) in the same rounds, and adds the ratios of ours to it. It needs torch
@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import sys
 
-from gaternet_jax import environment
+from gaternet_jax import cpu, environment
+from gaternet_jax.cpu import flags as cpu_flags
 
 environment.prepare()  # the `gaternet` command's settings, before JAX starts
 
@@ -36,13 +37,13 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import synthetic  # noqa: E402 - benchmarks/synthetic.py
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import synthetic  # noqa: E402 - benchmarks/synthetic.py
-
-from gaternet_jax import native, steps  # noqa: E402
+from gaternet_jax.cpu import native  # noqa: E402
 from gaternet_jax.data import feed  # noqa: E402
+from gaternet_jax.training import steps
 
 config_flags.DEFINE_config_file('config', 'experiments/cifar10_resnet20.py', 'Experiment config.')
 flags.DEFINE_integer('batch_size', None, "Global batch (default: the config's).")
@@ -139,8 +140,8 @@ def main(argv):
     'devices': jax.device_count(),
     'backend': jax.default_backend(),
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
-    'train_compiler_options': environment.train_compiler_options(jax.default_backend()),
-    'freed_memory_kept': environment.freed_memory_kept(),
+    'train_compiler_options': cpu.compiler_options(jax.default_backend(), 'train'),
+    'freed_memory_kept': cpu_flags.freed_memory_kept(),
   }
   measurements = {v: Measurement(config, v) for v in FLAGS.variants}
   if FLAGS.pytorch and config.model.backbone != 'cifar_resnet20':

@@ -11,17 +11,18 @@ import os
 import sys
 from typing import Callable
 
-from absl import app, flags
 import jax
+from absl import app, flags
 from ml_collections import config_flags
 
-# Imported after `environment.prepare()` (main.py): these start JAX.
-from gaternet_jax import describe, distributed, environment, evaluate, export, preemption, procedure
-from gaternet_jax import report
-from gaternet_jax import reproduce, sweep, tradeoff, usage
-from gaternet_jax import workdir as workdir_lib
+from gaternet_jax import environment, legacy, usage
 from gaternet_jax.analysis import collect
+
+# Imported after `environment.prepare()` (main.py): these start JAX.
+from gaternet_jax.commands import describe, evaluate, export, report, reproduce, sweep, tradeoff
 from gaternet_jax.errors import Interrupted, StopSignal, UserError
+from gaternet_jax.training import distributed, preemption, procedure
+from gaternet_jax.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -117,7 +118,11 @@ def run(command: str, argv: list[str], fail: Callable[[str], None]) -> None:
     except (AttributeError, KeyError) as e:  # lock_config: an override names no existing field
       missing = str(e.__context__ or e).strip('"\'')
       culprit = [a for a in args if a.startswith('--config.') and f'.{missing}' in a.split('=')[0]]
-      fail(f'unknown config field {missing!r}' + (f' in {culprit[0]}' if culprit else ''))
+      field = culprit[0].split('=')[0].removeprefix('--config.') if culprit else ''
+      fail(
+        f'unknown config field {missing!r}'
+        + (f' in {culprit[0]}{legacy.renamed_hint(field)}' if culprit else '')
+      )
     except Exception as e:  # noqa: BLE001 - absl/config_flags raise several types
       fail(_first_line(e.__cause__ if isinstance(e.__cause__, UserError) else e))
 
@@ -248,7 +253,7 @@ def cmd_reproduce(argv) -> None:
 
 
 def cmd_compile(argv) -> None:
-  from gaternet_jax import aot  # noqa: PLC0415 - the TPU topology API, only here
+  from gaternet_jax.commands import aot  # noqa: PLC0415 - the TPU topology API, only here
 
   config = _value('config')
   # TPU executables cannot be read back without a TPU client: compile afresh, store nothing.

@@ -26,19 +26,7 @@ GATE_LOSSES = ('l1', 'l0', 'batch_shaping')
 # implementations, 'same' as TensorFlow's SAME.
 STRIDED_PADDINGS = ('symmetric', 'same')
 
-# Fields added after runs were saved without them, with the value those runs used: a stored
-# config.json that lacks one is read with this value (workdir.load_config), so a run saved by an
-# older version keeps computing what it computed, and a resume of it keeps that value.
-LEGACY_VALUES = {
-  'model.strided_padding': 'same',
-  'gating.batch_shaping_reduction': 'mean',
-  'gating.module_weight_decay': True,
-}
 BATCH_SHAPING_REDUCTIONS = ('sum', 'mean')
-# Fields that fix how a run trains from its start (its recipe's version): a resume keeps the
-# stored run's value (checkpoints.keep_stored_recipe), so a run saved before a default changed
-# (or before the field existed) goes on as it began instead of being refused as another config.
-RECIPE_FIELDS = (*LEGACY_VALUES, 'gating.module_init_bias')
 
 
 def parse_variant(arg: str | None, default: str = 'gated') -> str:
@@ -92,7 +80,6 @@ def base_config(
   c.gater.extractor_width = 1.0
   c.gater.bottleneck = bottleneck
   c.gater.init_bias = 1.0  # see models/gater.py: every gate starts open
-  c.gater.l1_weight = 0.1  # lambda of the sparsity term (the paper does not give its value)
   c.gater.dropout_rate = 0.0  # final rate of scheduled dropout on the gates (appendix B: 0.05)
 
   c.gating = gating_config(variant)
@@ -155,7 +142,7 @@ def gating_config(variant: str = 'gated') -> ml_collections.ConfigDict:
   """How a gated model gates and what shapes its gates (`config.gating`).
 
   GaterNet's recipe (variant 'gated'): the global gater, SemHash, the L1 term (its weight is
-  `gater.l1_weight`). Batch-Shaping's ('bas'): a gating module in every unit gating its first
+  `l1_weight`, the paper's lambda). Batch-Shaping's ('bas'): a gating module in every unit gating its first
   convolution, the Gumbel-sigmoid, the batch-shaping loss then L0. 'gaternet_bas': GaterNet's
   recipe plus the batch-shaping loss. Every method x binarizer x loss combination trains; the
   loss weights follow schedules over each run's training (fractions, like `schedule.boundaries`,
@@ -171,13 +158,17 @@ def gating_config(variant: str = 'gated') -> ml_collections.ConfigDict:
   g.binarizer = 'gumbel' if variant == 'bas' else 'semhash'  # or 'semhash' / 'gumbel'
   # Comma-separated names from GATE_LOSSES, each added to the cross-entropy with its weight.
   g.losses = {'bas': 'batch_shaping,l0', 'gaternet_bas': 'l1,batch_shaping'}.get(variant, 'l1')
+  # lambda of the L1 term (eq. 5; the paper does not give its value). Beside the other gate-loss
+  # weights: it weighs local gating's gates too, which have no gater (runs before 2026-12-05
+  # stored it as gater.l1_weight; legacy.RENAMED_FIELDS).
+  g.l1_weight = 0.1
   g.temperature = gumbel.GUMBEL_TEMPERATURE  # Gumbel-sigmoid temperature (gradient only)
   g.module_hidden = batch_shaping.GATE_HIDDEN_UNITS  # local gating modules' FC1 width
   # Their FC2 bias at the start: 0 (P(on) = 1/2), as the CIFAR-10 recipe's script leaves the
   # framework's default (mean 0); runs before 2026-12-05 stored 1.0 (P(on) = 0.73).
   g.module_init_bias = 0.0
   # Weight decay on the gating modules: off, as the recipe's script (it would pull every gate's
-  # logit towards a fixed value, whatever the input). Runs saved before: on (LEGACY_VALUES).
+  # logit towards a fixed value, whatever the input). Runs saved before: on (legacy.py).
   g.module_weight_decay = False
   g.batch_shaping_weight = batch_shaping.BATCH_SHAPING_WEIGHT  # gamma at the start
   # How gamma weighs the gates: 'sum' of every gate's loss over the whole network (the recipe's
@@ -426,15 +417,3 @@ def flatten(config: Any, prefix: str = '') -> dict[str, Any]:
     else:
       out[name] = list(value) if isinstance(value, tuple) else value
   return out
-
-
-def with_legacy_values(config: dict[str, Any]) -> dict[str, Any]:
-  """A stored config (nested dicts) with every LEGACY_VALUES field it lacks filled in."""
-  for field, value in LEGACY_VALUES.items():
-    *parents, leaf = field.split('.')
-    node = config
-    for p in parents:
-      node = node.get(p) if isinstance(node, dict) else None
-    if isinstance(node, dict) and leaf not in node:
-      node[leaf] = value
-  return config

@@ -6,6 +6,7 @@ import sys
 import tempfile
 
 from gaternet_jax import environment  # noqa: E402 - imports no JAX
+from gaternet_jax.cpu import flags as cpu_flags
 
 # The settings the `gaternet` command applies, before JAX starts.
 environment.prepare()
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from gaternet_jax import data as data_lib  # noqa: E402
-from gaternet_jax import steps  # noqa: E402
+from gaternet_jax.training import steps  # noqa: E402
 
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
@@ -58,7 +59,7 @@ def has_logged(workdir: str) -> bool:
 
 def run_on_cpu_devices(script: str, devices: int, timeout: int = 600) -> dict:
   """Runs `python -c script` on `devices` simulated CPU devices; returns its last line as JSON."""
-  flags = f'--xla_force_host_platform_device_count={devices} {environment.CPU_XLA_FLAGS}'
+  flags = f'--xla_force_host_platform_device_count={devices} {cpu_flags.CPU_XLA_FLAGS}'
   result = subprocess.run(
     [sys.executable, '-c', script],
     cwd=REPO,
@@ -144,7 +145,7 @@ TINY_FLAGS = [
 @pytest.fixture(scope='session')
 def gated_run(tmp_path_factory):
   """One tiny three-stage GaterNet run on the default data, shared by several tests."""
-  from gaternet_jax import procedure  # noqa: PLC0415
+  from gaternet_jax.training import procedure  # noqa: PLC0415
 
   workdir = str(tmp_path_factory.mktemp('gated_run'))
   results = procedure.train_and_evaluate(tiny_default('gated'), workdir)

@@ -10,9 +10,9 @@ import subprocess
 import sys
 import textwrap
 
-from etils import epath
 import numpy as np
 import pytest
+from etils import epath
 
 from gaternet_jax import analysis
 from gaternet_jax.errors import UserError
@@ -230,6 +230,7 @@ def test_compute_used_is_exact():
     analysis.compute_used(gates, LAYOUT, backbone_macs=1000, gater_macs=0)
 
 
+@pytest.mark.slow
 def test_embedding_is_deterministic_and_handles_tiny_inputs():
   gates, _ = _structured_gates(40, 3)
   first = analysis.embed_gates(gates, seed=1, max_examples=25)
@@ -386,6 +387,7 @@ def test_module_imports_no_deep_learning_framework_or_pyplot():
   assert 'matplotlib.pyplot' not in imported
 
 
+@pytest.mark.slow
 def test_analyze_runs_without_importing_a_framework(tmp_path):
   # gaternet_jax.models' package __init__ imports flax and jax; analysing gates must not need them
   # (or pyplot's global state), so check in a fresh interpreter what analyze() actually imports.
@@ -420,7 +422,7 @@ def test_analyze_runs_without_importing_a_framework(tmp_path):
 def test_tradeoff_labels_of_nearby_thresholds_do_not_overlap():
   from gaternet_jax.analysis import figures  # noqa: PLC0415
 
-  # The real λ=1.0 curve (README): T = 0, -0.5 and -1 land a few pixels apart.
+  # The real λ=1.0 curve (docs/results.md): T = 0, -0.5 and -1 land a few pixels apart.
   points = [(-4, 79.7, 65.6), (-2, 67.5, 39.1), (-1, 63.7, 37.8), (-0.5, 62.7, 36.7),
             (0, 62.0, 36.6), (0.5, 61.5, 38.2), (1, 61.0, 43.5), (2, 60.5, 59.2)]  # fmt: skip
   rows = [{'threshold': t, 'macs': m * 1e6, 'top1_error': e} for t, m, e in points]

@@ -4,10 +4,13 @@ import json
 import os
 
 import numpy as np
+import pytest
 
-from gaternet_jax import analysis, report
+from gaternet_jax import analysis
+from gaternet_jax.commands import report
 
 
+@pytest.mark.slow
 def test_analyze_a_trained_gaternet(gated_run, tmp_path, cli):
   workdir, _ = gated_run
   out = tmp_path / 'analysis'
@@ -39,6 +42,7 @@ def test_analyze_a_trained_gaternet(gated_run, tmp_path, cli):
   assert data['compute']['gater_macs'] > 0
 
 
+@pytest.mark.slow
 def test_analyze_without_checkpoint_fails_with_one_line(tmp_path, cli):
   result = cli('analyze', '--workdir', str(tmp_path))
   errors = [l for l in result.stderr.splitlines() if l.startswith('gaternet: error:')]
@@ -46,6 +50,7 @@ def test_analyze_without_checkpoint_fails_with_one_line(tmp_path, cli):
   assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow
 def test_report_table(gated_run, tmp_path, cli):
   workdir, _ = gated_run
   stage1 = os.path.join(workdir, 'stage1_backbone')

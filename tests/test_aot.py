@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 from conftest import load_experiment
 
-from gaternet_jax import aot
+from gaternet_jax.commands import aot
 from gaternet_jax.errors import UserError
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -41,6 +41,7 @@ def test_a_batch_the_slice_cannot_divide_is_refused_before_compiling():
   assert '--config.batch_size=104' in str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAS_LIBTPU, reason='libtpu is installed here')
 def test_without_libtpu_the_command_says_how_to_install_it(cli):
   result = cli(

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 import gaternet_jax
-from gaternet_jax import analysis, restore, usage
-from gaternet_jax import workdir as workdir_lib
+from gaternet_jax import analysis, usage
 from gaternet_jax.data import embedded
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import restore
+from gaternet_jax.training import workdir as workdir_lib
 
 
+@pytest.mark.slow
 def test_load_run_predict_matches_evaluate_and_analyze(gated_run, tmp_path, cli):
   """predict() on the embedded test images: evaluate's top-1 error and analyze's gates."""
   workdir, _ = gated_run
@@ -99,7 +101,7 @@ def test_reading_a_run_whose_checkpoint_is_removed_meanwhile(gated_run, tmp_path
   exact step was asked for."""
   import shutil  # noqa: PLC0415
 
-  from gaternet_jax import checkpoints  # noqa: PLC0415
+  from gaternet_jax.training import checkpoints  # noqa: PLC0415
 
   stage = str(tmp_path / 'run')
   shutil.copytree(workdir_lib.join(gated_run[0], workdir_lib.STAGE_JOINT), stage)
@@ -125,6 +127,7 @@ def test_reading_a_run_whose_checkpoint_is_removed_meanwhile(gated_run, tmp_path
     restore.load_state(stage, step=6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('command', usage.COMMANDS)
 def test_each_command_lists_its_own_flags(cli, command):
   result = cli(command, '--help')
@@ -140,6 +143,7 @@ def test_each_command_lists_its_own_flags(cli, command):
     assert '--show_config' in result.stdout  # how to see the config's fields
 
 
+@pytest.mark.slow
 def test_gaternet_help_names_every_command_and_helpfull_is_absls(cli):
   overview = cli('--help')
   assert overview.returncode == 0
@@ -150,6 +154,7 @@ def test_gaternet_help_names_every_command_and_helpfull_is_absls(cli):
   assert 'absl' in (full.stdout + full.stderr)  # absl's own flags too
 
 
+@pytest.mark.slow
 def test_report_takes_workdir_flags_and_the_hyphenated_spellings_still_work(gated_run, cli):
   workdir, _ = gated_run
   table = cli('report', '--workdir', workdir)
@@ -160,6 +165,7 @@ def test_report_takes_workdir_flags_and_the_hyphenated_spellings_still_work(gate
   assert old.returncode == 0 and json.loads(old.stdout) == json.loads(new.stdout)
 
 
+@pytest.mark.slow
 def test_describe_show_config_lists_every_field(cli):
   result = cli('describe', '--config', 'experiments/cifar10_resnet20.py:gated', '--show_config')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -168,8 +174,8 @@ def test_describe_show_config_lists_every_field(cli):
 
 
 def test_command_errors_name_the_commands_own_flags(gated_run):
-  from gaternet_jax import evaluate  # noqa: PLC0415
   from gaternet_jax.analysis import collect  # noqa: PLC0415
+  from gaternet_jax.commands import evaluate  # noqa: PLC0415
 
   with pytest.raises(UserError, match=r'set --split to one of them'):
     evaluate.evaluate_workdir(gated_run[0], split='nope')

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_cpu_devices
 from scipy import special, stats
 
-from conftest import run_on_cpu_devices
 from gaternet_jax.gating import batch_shaping, gumbel
 from gaternet_jax.models import layers
 

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 
@@ -19,6 +18,7 @@ def _json_line(*args):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_throughput_prints_medians_of_its_rounds():
   out = _json_line(
     'benchmarks/throughput.py', '--config', 'experiments/default.py', '--variants', 'plain',
@@ -36,6 +36,7 @@ def test_throughput_prints_medians_of_its_rounds():
   assert isinstance(out['freed_memory_kept'], bool)
 
 
+@pytest.mark.slow
 def test_compile_time_reports_each_config_cold():
   out = _json_line('benchmarks/compile_time.py', '--configs', 'experiments/default.py:plain')
   row = out['experiments/default.py:plain']
@@ -43,6 +44,7 @@ def test_compile_time_reports_each_config_cold():
   assert row['compile_s'] > 0 and row['init_s'] > 0 and row['params'] > 0
 
 
+@pytest.mark.slow
 def test_conv_width_times_every_stage_and_width():
   out = _json_line('benchmarks/conv_width.py', '--batch_size', '2', '--rounds', '1', '--calls', '1')
   times = out['ms_per_call']
@@ -50,6 +52,7 @@ def test_conv_width_times_every_stage_and_width():
   assert all(t > 0 for t in times.values())
 
 
+@pytest.mark.slow
 def test_conv_kernels_times_every_layer_and_part_of_both_implementations():
   out = _json_line(
     'benchmarks/conv_kernels.py', '--batch_size', '2', '--calls', '1', '--rounds', '1'
@@ -61,6 +64,7 @@ def test_conv_kernels_times_every_layer_and_part_of_both_implementations():
     assert set(times) == {'forward', 'dx', 'dw'} and all(t > 0 for t in times.values())
 
 
+@pytest.mark.slow
 def test_inference_times_the_gaternet_its_export_and_the_plain_backbone(gated_run, tmp_path):
   workdir, _ = gated_run
   export_dir = str(tmp_path / 'export')
@@ -99,6 +103,7 @@ def test_inference_times_the_gaternet_its_export_and_the_plain_backbone(gated_ru
   assert set(out['latency_vs_gaternet']) == timed - {'gaternet'} | {'skip_bound'}
 
 
+@pytest.mark.slow
 def test_step_profile_times_each_variant_and_precision():
   out = _json_line(
     'benchmarks/step_profile.py', '--config', 'experiments/default.py', '--variants', 'plain',
@@ -127,6 +132,7 @@ planes { name: "/host:CPU" lines { name: "python" events { metadata_id: 1 durati
 """
 
 
+@pytest.mark.slow
 def test_step_profile_reads_the_kernels_of_device_stream_lines(tmp_path):
   from jax.profiler import ProfileData
 
@@ -155,6 +161,7 @@ def _tiny_image_folder(root):
       Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f'{i}.png')
 
 
+@pytest.mark.slow
 def test_pytorch_reference_trains_both_implementations_on_one_holdout(tmp_path):
   # torch is an optional extra (the `benchmark` extra): without it there is nothing to compare.
   pytest.importorskip('torch', reason='the PyTorch anchor needs the benchmark extra (torch)')
@@ -173,6 +180,7 @@ def test_pytorch_reference_trains_both_implementations_on_one_holdout(tmp_path):
   assert _json_line(*args) == out
 
 
+@pytest.mark.slow
 def test_pytorch_reference_resumes_at_an_epoch_boundary_to_the_same_weights(tmp_path):
   pytest.importorskip('torch', reason='the PyTorch anchor needs the benchmark extra (torch)')
   import importlib.util  # noqa: PLC0415
@@ -194,6 +202,7 @@ def test_pytorch_reference_resumes_at_an_epoch_boundary_to_the_same_weights(tmp_
     assert run['holdout_top1_error'] == straight['holdout_top1_error']
 
 
+@pytest.mark.slow
 def test_gate_gradients_reports_the_dead_zone_and_the_forces_on_fc2s_bias(gated_run):
   workdir, _ = gated_run
   out = _json_line('benchmarks/gate_gradients.py', '--workdir', workdir, '--batches', '2')
@@ -221,6 +230,7 @@ def _json_line_fails(*args):
   return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_both_calls_in_smoke_mode(tmp_path):
   """The prepared GPU check cannot rot between leases: both calls on the CPU, tiny budget."""
   out, work = str(tmp_path / 'out'), str(tmp_path / 'work')
@@ -244,6 +254,7 @@ def test_gpu_check_runs_both_calls_in_smoke_mode(tmp_path):
   assert os.path.exists(os.path.join(out, 'gated.log'))
 
 
+@pytest.mark.slow
 def test_bas_gradients_compares_both_reductions_with_the_cross_entropy():
   out = _json_line(
     'benchmarks/bas_gradients.py', '--config', 'experiments/default.py:bas', '--batches', '1',
@@ -255,3 +266,14 @@ def test_bas_gradients_compares_both_reductions_with_the_cross_entropy():
   assert norms['sum'] / norms['mean'] == pytest.approx(out['gates'], rel=1e-3)
   ratio = out['ratio_to_cross_entropy']
   assert ratio['sum'] == pytest.approx(norms['sum'] / norms['cross_entropy'])
+
+
+@pytest.mark.slow
+def test_host_pipeline_times_the_streamed_pipeline_per_thread_setting():
+  pytest.importorskip('tensorflow_datasets')
+  out = _json_line(
+    'benchmarks/host_pipeline.py', '--batch_size', '4', '--batches', '2', '--rounds', '2',
+    '--image_size', '32', '--threads', 'auto,0,1',
+  )  # fmt: skip
+  assert set(out['images_per_s']) == {'auto', '0', '1'} and out['image_size'] == 32
+  assert all(len(r) == 2 and min(r) > 0 for r in out['round_images_per_s'].values())

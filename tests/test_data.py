@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from gaternet_jax import data
-from gaternet_jax.data import augment
+from gaternet_jax.data import augment, base
 from gaternet_jax.errors import DatasetNotFoundError, UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -137,6 +137,27 @@ def test_holdout(default_dataset):
 def test_impossible_holdout_is_a_user_error():
   with pytest.raises(UserError, match='holdout'):
     data.load_dataset(_config(holdout=1500))
+  with pytest.raises(UserError, match='holdout'):
+    data.load_dataset(_config(holdout=-1))
+
+
+def test_process_slice_shares():
+  """Each process's share is disjoint from the others' and all of them cover every example; the
+  training share depends only on the device's mesh position (2 x 2 devices train as 1 x 4)."""
+  slices = [
+    base.ProcessSlice(process_index=p, process_count=2, devices_per_process=2) for p in range(2)
+  ]
+  np.testing.assert_array_equal(slices[1].process_share(7), [1, 3, 5])
+  np.testing.assert_array_equal(slices[1].train_share(11), [2, 3, 6, 7, 10])
+  for share in ('process_share', 'train_share'):
+    union = np.concatenate([getattr(s, share)(11) for s in slices])
+    np.testing.assert_array_equal(np.sort(union), np.arange(11))
+  whole = base.ProcessSlice(devices_per_process=4).train_share(11)
+  np.testing.assert_array_equal(whole, np.arange(11))
+  train, held = base.ProcessSlice(holdout=3, holdout_seed=1).holdout_indices(10)
+  assert len(held) == 3 and np.array_equal(np.sort(np.concatenate([train, held])), np.arange(10))
+  with pytest.raises(ValueError, match='process_index'):
+    base.ProcessSlice(process_index=2, process_count=2)
 
 
 # --- Padded, masked evaluation batches. ----------------------------------------------------------
@@ -315,6 +336,7 @@ def test_imagefolder_without_eval_folder_needs_holdout(tmp_path):
 # --- No TensorFlow on the in-memory path. --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_in_memory_path_does_not_import_tensorflow(tmp_path):
   _write_folder(tmp_path, {'train': 2})
   code = (
@@ -352,6 +374,7 @@ def tfds():
   return pytest.importorskip('tensorflow_datasets')
 
 
+@pytest.mark.slow
 def test_cifar10_mocked(tfds):
   with tfds.testing.mock_data(num_examples=10):
     dataset = data.load_dataset(_config(name='cifar10', holdout=3, eval_split='holdout'))
@@ -413,6 +436,32 @@ def test_imagenet_mocked_streaming(tfds):
 
     with pytest.raises(UserError, match='holdout'):
       data.load_dataset(_config(name='imagenet2012', holdout=5))
+
+
+def test_streamed_pipeline_threads_change_no_batch(tfds):
+  """tf.data's private thread pool (one thread per core by default; 0: TensorFlow's shared pool)
+  is a speed setting only: every setting yields the same batches."""
+  from gaternet_jax.data import tfds_sources  # noqa: PLC0415
+
+  options = tfds_sources._pipeline_options()  # noqa: SLF001
+  assert options.threading.private_threadpool_size == os.cpu_count()
+  assert options.threading.max_intra_op_parallelism == 1 and options.deterministic
+  assert tfds_sources._pipeline_options(0).threading.private_threadpool_size is None  # noqa: SLF001
+  config = _config(name='imagenet2012', image_size=16, eval_split='validation', shuffle_buffer=8)
+  with tfds.testing.mock_data(num_examples=10):
+    builder = data.load_dataset(config)._builder  # noqa: SLF001
+    batches = {}
+    for threads in (None, 0, 3):
+      dataset = tfds_sources.StreamedDataset(
+        builder, image_size=16, shuffle_buffer=8, process_index=0, process_count=1,
+        eval_splits=('validation',), private_threads=threads,
+      )  # fmt: skip
+      train = dataset.train_iterator(4, seed=1, start_step=0)
+      batches[threads] = [next(train)['image'] for _ in range(3)]
+      batches[threads] += [b['image'] for b in dataset.eval_iterator('validation', 4)]
+  for threads in (0, 3):
+    for a, b in zip(batches[None], batches[threads]):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_missing_tfds_dataset(tfds, tmp_path):

@@ -5,9 +5,9 @@ import math
 import jax
 import jax.numpy as jnp
 import pytest
-
 from conftest import check_zero_gate, load_experiment, tiny_default
-from gaternet_jax import describe
+
+from gaternet_jax.commands import describe
 from gaternet_jax.errors import UserError
 from gaternet_jax.layout import total_filters
 from gaternet_jax.models import BACKBONES, create_backbone
@@ -37,6 +37,7 @@ def test_gate_layout_matches_table2(name):
     assert layer.macs_per_filter == 9 * 4 * growth * sizes[int(layer.name[5])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', TABLE2)
 @pytest.mark.parametrize('variant', ['plain', 'gated'])
 def test_describe_matches_table2(name, variant):
@@ -56,6 +57,7 @@ def test_width_se_and_depth_arguments():
     DenseNetBC(depth=41, growth=4).gate_layout()
 
 
+@pytest.mark.slow
 def test_zero_gate_zeroes_exactly_that_channel_of_that_sample(monkeypatch):
   """Evaluation mode: gate 0 zeroes that channel of that dense layer's new feature maps for that
   sample, and every other sample of the batch is bit-identical."""
@@ -70,6 +72,7 @@ def test_zero_gate_zeroes_exactly_that_channel_of_that_sample(monkeypatch):
   assert products[layer].shape == (3, 16, 16, 4)
 
 
+@pytest.mark.slow
 def test_gate_vector_length_is_checked_and_features_without_head():
   model = BACKBONES['densenet_bc40_k4'](num_classes=5)
   x = jnp.zeros((2, 32, 32, 3))
@@ -82,12 +85,13 @@ def test_gate_vector_length_is_checked_and_features_without_head():
   assert out.shape == (2, 44)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['plain', 'gated'])
 def test_a_few_training_steps_on_the_default_data(variant, tmp_path):
   """Tiny DenseNet-BC on the embedded digits (16x16): plain, and the three stages of section 4.4
   with the default config's ResNet-8 gater extractor."""
-  from gaternet_jax import procedure  # noqa: PLC0415
-  from gaternet_jax import workdir as workdir_lib  # noqa: PLC0415
+  from gaternet_jax.training import procedure  # noqa: PLC0415
+  from gaternet_jax.training import workdir as workdir_lib  # noqa: PLC0415
 
   config = tiny_default(variant)
   config.model.backbone = 'densenet_bc40_k4'

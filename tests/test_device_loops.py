@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_default
-from gaternet_jax import checkpoints, device_loops, environment, procedure, restore, steps
+
 from gaternet_jax import data as data_lib
+from gaternet_jax.cpu import flags as cpu_flags
 from gaternet_jax.errors import Interrupted, NonFiniteLossError
+from gaternet_jax.training import checkpoints, dispatch, procedure, restore, steps
 
 
 def _leaves(state):
@@ -34,17 +35,18 @@ def _train_8_steps(variant, k, data_seed=1):
   config = tiny_default(variant, steps_per_dispatch=k)
   dataset = data_lib.load_dataset(config.data)
   setup = steps.build(config, dataset.info)
-  dispatch = device_loops.TrainDispatch(
+  trainer = dispatch.TrainDispatch(
     setup, dataset, start_step=0, seed=0, data_key=jax.random.key(data_seed), key=jax.random.key(2)
   )
   state, per_step = steps.create_state(setup, 0), {}
   for start in range(0, 8, k):
-    state, metrics = dispatch(state, start, k)
+    state, metrics = trainer(state, start, k)
     for name, values in metrics.items():
       per_step.setdefault(name, []).extend(np.asarray(values)[:k])
   return state, per_step
 
 
+@pytest.mark.slow
 def test_k_steps_per_dispatch_equal_k_single_steps():
   """8 steps as 2 chunks of 4 (a loop on the device) give the single steps' parameters.
 
@@ -67,6 +69,7 @@ def test_k_steps_per_dispatch_equal_k_single_steps():
   assert _difference_per_change(single, other_data, start) > 0.1
 
 
+@pytest.mark.slow
 def test_gated_chunks_draw_each_steps_randomness():
   """SemHash noise, the alpha/beta choice and gate dropout come from the step number: the first
   step of a chunk run equals the single step exactly (later steps drift apart only by float
@@ -92,13 +95,14 @@ def _final_state(workdir):
   return restore.load_state(workdir).state
 
 
+@pytest.mark.slow
 def test_resume_after_a_death_mid_chunk_matches_the_uninterrupted_run(tmp_path, monkeypatch):
   reference = str(tmp_path / 'reference')
   procedure.train_and_evaluate(_chunked(), reference)
 
   # The process dies inside the chunk of steps 5-8: its work is lost, checkpoint 4 is on disk.
   calls, dying = [], [True]
-  real_call = device_loops.TrainDispatch.__call__
+  real_call = dispatch.TrainDispatch.__call__
 
   def dying_call(self, state, step, n):
     calls.append((step, n))
@@ -107,7 +111,7 @@ def test_resume_after_a_death_mid_chunk_matches_the_uninterrupted_run(tmp_path, 
     return real_call(self, state, step, n)
 
   workdir = str(tmp_path / 'killed')
-  monkeypatch.setattr(device_loops.TrainDispatch, '__call__', dying_call)
+  monkeypatch.setattr(dispatch.TrainDispatch, '__call__', dying_call)
   with pytest.raises(_Killed):
     procedure.train_and_evaluate(_chunked(), workdir)
   assert calls == [(0, 4), (4, 4)] and checkpoints.steps(workdir) == [4]
@@ -122,10 +126,11 @@ def test_resume_after_a_death_mid_chunk_matches_the_uninterrupted_run(tmp_path, 
   _assert_states_close(_final_state(reference), _final_state(workdir))
 
 
+@pytest.mark.slow
 def test_sigterm_mid_chunk_stops_at_the_chunk_end_and_resumes_exactly(tmp_path, monkeypatch):
   reference = str(tmp_path / 'reference')
   procedure.train_and_evaluate(_chunked(checkpoint_every_steps=100), reference)
-  real_call = device_loops.TrainDispatch.__call__
+  real_call = dispatch.TrainDispatch.__call__
 
   def signalled_call(self, state, step, n):
     if step == 4:
@@ -133,11 +138,11 @@ def test_sigterm_mid_chunk_stops_at_the_chunk_end_and_resumes_exactly(tmp_path, 
     return real_call(self, state, step, n)
 
   workdir = str(tmp_path / 'stopped')
-  monkeypatch.setattr(device_loops.TrainDispatch, '__call__', signalled_call)
+  monkeypatch.setattr(dispatch.TrainDispatch, '__call__', signalled_call)
   with pytest.raises(Interrupted, match='at step 8'):
     procedure.train_and_evaluate(_chunked(checkpoint_every_steps=100), workdir)
   assert checkpoints.steps(workdir) == [8]
-  monkeypatch.setattr(device_loops.TrainDispatch, '__call__', real_call)
+  monkeypatch.setattr(dispatch.TrainDispatch, '__call__', real_call)
   assert procedure.train_and_evaluate(_chunked(checkpoint_every_steps=100), workdir)['step'] == 12
   _assert_states_close(_final_state(reference), _final_state(workdir))
 
@@ -164,20 +169,20 @@ def test_non_finite_loss_inside_a_chunk_stops_at_that_step(tmp_path, monkeypatch
 
 
 def test_first_non_finite():
-  assert device_loops.first_non_finite(np.array([True, True, False, False]), 2) is None
-  assert device_loops.first_non_finite(np.array([True, False, True, False]), 4) == 1
+  assert dispatch.first_non_finite(np.array([True, True, False, False]), 2) is None
+  assert dispatch.first_non_finite(np.array([True, False, True, False]), 4) == 1
 
 
 def test_steps_per_dispatch_defaults():
   config = tiny_default('plain')
   resident = data_lib.load_dataset(config.data).info
   streamed = resident.__class__(**{**resident.__dict__, 'in_memory': False})
-  assert device_loops.steps_per_dispatch(config, resident, 'cpu') == 1
-  assert device_loops.steps_per_dispatch(config, resident, 'gpu') == 100
-  assert device_loops.steps_per_dispatch(config, streamed, 'gpu') == 1
+  assert dispatch.steps_per_dispatch(config, resident, 'cpu') == 1
+  assert dispatch.steps_per_dispatch(config, resident, 'gpu') == 100
+  assert dispatch.steps_per_dispatch(config, streamed, 'gpu') == 1
   config.steps_per_dispatch = 7
-  assert device_loops.steps_per_dispatch(config, resident, 'cpu') == 7
-  assert device_loops.steps_per_dispatch(config, streamed, 'cpu') == 1
+  assert dispatch.steps_per_dispatch(config, resident, 'cpu') == 7
+  assert dispatch.steps_per_dispatch(config, streamed, 'cpu') == 1
 
 
 def test_prefetch_keeps_order_and_yields_everything():
@@ -188,7 +193,7 @@ def test_prefetch_keeps_order_and_yields_everything():
       produced.append(i)
       yield i
 
-  stream = device_loops.prefetch(source(), size=2)
+  stream = dispatch.prefetch(source(), size=2)
   assert next(stream) == 0 and produced == [0, 1, 2]  # two batches in flight beyond the first
   assert list(stream) == [1, 2, 3, 4]
 
@@ -197,31 +202,32 @@ def test_in_flight_waits_for_the_oldest_dispatch_beyond_its_limit(monkeypatch):
   """A host loop stays `limit` dispatches ahead of the devices: the (limit+1)-th waits for the
   first, and so on, oldest first; nothing waits before then."""
   waited = []
-  monkeypatch.setattr(device_loops.jax, 'block_until_ready', waited.append)
-  in_flight = device_loops.InFlight(limit=2)
+  monkeypatch.setattr(dispatch.jax, 'block_until_ready', waited.append)
+  in_flight = dispatch.InFlight(limit=2)
   assert [in_flight(x) for x in 'ab'] == ['a', 'b'] and waited == []
   assert in_flight('c') == 'c' and waited == ['a']
   in_flight('d')
   assert waited == ['a', 'b']
-  assert device_loops.InFlight().limit == device_loops.MAX_BATCHES_IN_FLIGHT
+  assert dispatch.InFlight().limit == dispatch.MAX_BATCHES_IN_FLIGHT
   with pytest.raises(ValueError, match='at least one'):
-    device_loops.InFlight(limit=0)
+    dispatch.InFlight(limit=0)
 
 
+@pytest.mark.slow
 def test_only_the_training_programs_get_the_train_compiler_options(monkeypatch):
   """Both training paths (resident dispatch, streamed step) compile with them; evaluation not.
 
   An option XLA does not know makes a compile fail, which shows where the options go.
   """
-  monkeypatch.setattr(environment, 'CPU_TRAIN_COMPILER_OPTIONS', {'xla_no_such_option': 1})
+  monkeypatch.setitem(cpu_flags.PROGRAM_OPTIONS, 'train', {'xla_no_such_option': 1})
   config = tiny_default('gated')
   dataset = data_lib.load_dataset(config.data)
   setup = steps.build(config, dataset.info)
   state = steps.create_state(setup, 0)
   key = jax.random.key(0)
-  dispatch = device_loops.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
+  trainer = dispatch.TrainDispatch(setup, dataset, start_step=0, seed=0, data_key=key, key=key)
   with pytest.raises(Exception, match='xla_no_such_option'):
-    dispatch.lower(state).compile()
+    trainer.lower(state).compile()
   train, evaluate, _ = steps.compile_steps(setup)
   images, labels = dataset.train_arrays()
   batch = {'image': jnp.asarray(images[:8]), 'label': jnp.asarray(labels[:8])}
@@ -235,7 +241,7 @@ def _resident_dispatch(**overrides):
   dataset = data_lib.load_dataset(config.data)
   setup = steps.build(config, dataset.info)
   key = jax.random.key(0)
-  return device_loops.TrainDispatch(
+  return dispatch.TrainDispatch(
     setup, dataset, start_step=0, seed=0, data_key=jax.random.key(7), key=key
   )
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from gaternet_jax import environment
+from gaternet_jax import cpu, environment
+from gaternet_jax.cpu import flags as cpu_flags
 
 # Allocates, touches and frees 300 MB three times on a new thread (as XLA:CPU's worker threads
 # allocate each execution's temporary buffer) and prints the page faults of each round.
@@ -37,9 +38,7 @@ print(json.dumps({'faults': faults, 'xla_flags': os.environ.get('XLA_FLAGS')}))
 
 
 def _faults(env: dict) -> dict:
-  clean = {
-    k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', environment.MALLOC_VARIABLE)
-  }
+  clean = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', cpu_flags.MALLOC_VARIABLE)}
   result = subprocess.run(
     [sys.executable, '-c', FAULTS],
     cwd=REPO,
@@ -63,10 +62,10 @@ needs_glibc_linux = pytest.mark.skipif(
 def test_freed_buffers_are_reused_without_new_page_faults():
   pages = (300 << 20) // os.sysconf('SC_PAGE_SIZE')
   kept = _faults({})
-  assert kept['xla_flags'] == environment.CPU_XLA_FLAGS
+  assert kept['xla_flags'] == cpu_flags.CPU_XLA_FLAGS
   assert kept['faults'][0] >= pages * 0.9  # the first round maps its memory
   assert max(kept['faults'][1:]) < pages * 0.01  # later rounds reuse it
-  unmapped = _faults({environment.MALLOC_VARIABLE: '0'})
+  unmapped = _faults({cpu_flags.MALLOC_VARIABLE: '0'})
   assert min(unmapped['faults']) >= pages * 0.9  # glibc's default: a fresh mmap every round
 
 
@@ -81,21 +80,61 @@ def test_a_users_own_xla_flags_leave_flags_and_malloc_alone():
 def test_prepare_sets_flags_only_where_the_user_did_not():
   environ = {}
   environment.prepare(environ)
-  assert environ['XLA_FLAGS'] == environment.CPU_XLA_FLAGS or not environment.cpu_only_install()
+  assert environ['XLA_FLAGS'] == cpu_flags.CPU_XLA_FLAGS or not environment.cpu_only_install()
   environ = {'XLA_FLAGS': '--mine'}
   environment.prepare(environ)
   assert environ['XLA_FLAGS'] == '--mine'
-  environ = {environment.DISABLE_VARIABLE: '0'}
+  environ = {cpu_flags.DISABLE_VARIABLE: '0'}
   environment.prepare(environ)
   assert 'XLA_FLAGS' not in environ
 
 
-def test_train_compiler_options_are_for_the_cpu_and_never_over_the_users_flags():
+def test_compiler_options_are_for_the_cpu_and_never_over_the_users_flags():
   wide = {'xla_cpu_prefer_vector_width': 512}
-  assert environment.train_compiler_options('cpu', {}) == wide
-  assert environment.train_compiler_options('cpu', {'XLA_FLAGS': '--xla_cpu_ftz=true'}) == wide
-  assert environment.train_compiler_options('gpu', {}) == {}
-  assert environment.train_compiler_options('tpu', {}) == {}
-  assert environment.train_compiler_options('cpu', {environment.DISABLE_VARIABLE: '0'}) == {}
+  assert cpu_flags.program_options('train', {}) == wide
+  assert cpu_flags.program_options('train', {'XLA_FLAGS': '--xla_cpu_ftz=true'}) == wide
+  assert cpu_flags.program_options('init', {}) == {'xla_backend_optimization_level': 0}
+  assert cpu.compiler_options('gpu', 'train') == {} and cpu.compiler_options('tpu', 'init') == {}
+  assert cpu_flags.program_options('train', {cpu_flags.DISABLE_VARIABLE: '0'}) == {}
   mine = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2 --xla_cpu_prefer_vector_width=256'}
-  assert environment.train_compiler_options('cpu', mine) == {}
+  assert cpu_flags.program_options('train', mine) == {}
+
+
+CPU_ONLY_MODULES = ('native', 'native_conv', 'staged_batch_norm', 'materialize')
+
+
+def test_the_cpu_speed_code_is_reached_only_through_its_seam():
+  """Outside gaternet_jax/cpu/, nothing imports the kernels, staged batch norm or the barriers."""
+  package = os.path.join(REPO, 'gaternet_jax')
+  offenders = []
+  for folder, _, files in os.walk(package):
+    if os.path.relpath(folder, package).split(os.sep)[0] == 'cpu':
+      continue
+    for name in files:
+      if name.endswith('.py'):
+        with open(os.path.join(folder, name)) as f:
+          text = f.read()
+        offenders += [
+          f'{name}: {m}'
+          for m in CPU_ONLY_MODULES
+          if f'cpu.{m}' in text or f'cpu import {m}' in text
+        ]
+  assert offenders == []
+
+
+@pytest.mark.slow
+def test_other_platforms_never_load_the_cpu_speed_code():
+  code = (
+    'import json, sys; from gaternet_jax import cpu; from gaternet_jax.training import steps\n'
+    "loaded = lambda: sorted(m for m in sys.modules if m.startswith('gaternet_jax.cpu.'))\n"
+    "cpu.speedups('tpu', training=True); cpu.speedups('gpu', training=False)\n"
+    "assert cpu.compiler_options('gpu', 'train') == {}\n"
+    "elsewhere = loaded(); cpu.speedups('cpu', training=True)\n"
+    'print(json.dumps([elsewhere, loaded()]))'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, check=True, timeout=120
+  )
+  elsewhere, on_cpu = json.loads(out.stdout.strip().splitlines()[-1])
+  assert not {m.rsplit('.', 1)[-1] for m in elsewhere} & set(CPU_ONLY_MODULES)
+  assert set(CPU_ONLY_MODULES) <= {m.split('.')[2] for m in on_cpu}  # the control: CPU loads them

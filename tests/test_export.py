@@ -9,16 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import perturbed
-from gaternet_jax import checkpoints, export, layout, restore, steps
-from gaternet_jax import workdir as workdir_lib
+
+from gaternet_jax import layout
+from gaternet_jax.commands import export
 from gaternet_jax.data import embedded
 from gaternet_jax.models import pruning
 from gaternet_jax.models.gater import Gater
 from gaternet_jax.models.gaternet import Classifier, GaterNet
 from gaternet_jax.models.resnet import ResNet
 from gaternet_jax.models.resnet_cifar import CifarResNet
+from gaternet_jax.training import checkpoints, restore, steps
+from gaternet_jax.training import workdir as workdir_lib
 
 OFF, ON, DYNAMIC = 0, 1, 2
 
@@ -76,6 +78,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_pruned_model_computes_what_the_gated_model_computed(family):
   backbone_fn = FAMILIES[family]
@@ -110,6 +113,7 @@ def test_pruned_model_computes_what_the_gated_model_computed(family):
   assert count(cut['params']) < count(variables['params'])
 
 
+@pytest.mark.slow
 def test_export_without_dynamic_gates_is_a_plain_network():
   backbone_fn = FAMILIES['cifar_basic']
   source = gaternet(backbone_fn)
@@ -190,12 +194,13 @@ def engineered_run(gated_run, tmp_path_factory):
   return workdir, engineer(restore.run_dir(gated_run[0]), workdir, seed=7)
 
 
+@pytest.mark.slow
 def test_export_of_a_trained_preactivation_bottleneck_gaternet(tmp_path):
   """The second family, trained: CIFAR pre-activation bottleneck units (ResNet-164's kind), every
   layer with always-off, always-on and input-dependent gates."""
   from conftest import tiny_default  # noqa: PLC0415
 
-  from gaternet_jax import procedure  # noqa: PLC0415
+  from gaternet_jax.training import procedure  # noqa: PLC0415
 
   source = str(tmp_path / 'source')
   overrides = {'model.backbone': 'cifar_resnet11', 'procedure.pretrain': False}
@@ -214,6 +219,7 @@ def test_export_of_a_trained_preactivation_bottleneck_gaternet(tmp_path):
   assert result['macs_after'] < result['macs_before']
 
 
+@pytest.mark.slow
 def test_export_command_end_to_end(engineered_run, tmp_path, cli):
   workdir, kinds = engineered_run
   out = tmp_path / 'export'
@@ -276,6 +282,7 @@ def one_error_line(result, *needles):
     assert needle in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_export_bad_input(gated_run, engineered_run, tmp_path, cli):
   source, _ = gated_run
   workdir, _ = engineered_run
@@ -305,6 +312,7 @@ def test_export_bad_input(gated_run, engineered_run, tmp_path, cli):
   assert (mine / 'notes.txt').read_text() == 'precious' and not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_gate_threshold_and_tradeoff(engineered_run, tmp_path, cli):
   workdir, _ = engineered_run
   at_zero = json.loads(cli('evaluate', '--workdir', workdir, '--json').stdout)
@@ -332,7 +340,7 @@ def test_gate_threshold_and_tradeoff(engineered_run, tmp_path, cli):
 
 
 def test_macs_used_counts_only_filters_that_are_on():
-  from gaternet_jax import describe  # noqa: PLC0415
+  from gaternet_jax.commands import describe  # noqa: PLC0415
 
   stats = {'backbone_macs': 1000, 'gater_macs': 50}
   model_layout = [layout.GatedLayer('a', 2, 100), layout.GatedLayer('b', 1, 10)]
@@ -373,7 +381,7 @@ def test_export_refuses_what_it_cannot_prune_exactly():
 
 
 def test_tradeoff_finds_the_plain_models_error_on_the_same_split(gated_run):
-  from gaternet_jax import tradeoff  # noqa: PLC0415
+  from gaternet_jax.commands import tradeoff  # noqa: PLC0415
 
   workdir, _ = gated_run
   config = workdir_lib.load_config(restore.run_dir(workdir))

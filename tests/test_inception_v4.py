@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import check_zero_gate, load_experiment
-from gaternet_jax import describe, models
+
+from gaternet_jax import models
+from gaternet_jax.commands import describe
 from gaternet_jax.errors import UserError
 from gaternet_jax.layout import total_filters
 from gaternet_jax.models import layers
@@ -32,6 +33,7 @@ def summaries():
   return out
 
 
+@pytest.mark.slow
 def test_gated_filters_are_table3s_16608(summaries):
   layout = InceptionV4().gate_layout()
   assert [l.filters for l in layout[:3]] == [160, 192, 384]  # the stem's concatenations
@@ -120,6 +122,7 @@ def tiny():
   return x, TINY.init(jax.random.key(0), x, train=False), TINY.gate_layout((75, 75, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layer_name,channel', [('inception_a2', 2), ('reduction_a', -1)])
 def test_zero_gate_zeroes_exactly_that_channel_of_that_sample(
   tiny, monkeypatch, layer_name, channel
@@ -131,6 +134,7 @@ def test_zero_gate_zeroes_exactly_that_channel_of_that_sample(
   check_zero_gate(monkeypatch, TINY, variables, x, layout, layer, channel, neighbour=-1)
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training_from_the_gates_stream(tiny):
   x, variables, _ = tiny
   evaluate = jax.jit(lambda: TINY.apply(variables, x, train=False))

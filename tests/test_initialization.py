@@ -60,6 +60,7 @@ def test_draws_are_a_pure_function_of_the_key():
   assert not np.allclose(first['params']['he0']['kernel'], other['params']['he0']['kernel'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'name, shape', [('cifar_resnet20', (32, 32, 3)), ('inception_v4', (75, 75, 3))]
 )

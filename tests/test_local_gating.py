@@ -2,27 +2,28 @@
 consumer (describe, evaluate, analyze, tradeoff, the procedure) on a locally gated run."""
 
 import functools
-import re
 import os
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import load_experiment, perturbed, run_on_cpu_devices, tiny_default
-from gaternet_jax import analysis, configs, describe, export, models, procedure, restore, steps
+
+from gaternet_jax import analysis, configs, models, validation
 from gaternet_jax import data as data_lib
-from gaternet_jax import evaluate, tradeoff, validation
-from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.analysis import collect
+from gaternet_jax.commands import describe, evaluate, export, tradeoff
 from gaternet_jax.errors import UserError
 from gaternet_jax.gating.local import LocalGates
 from gaternet_jax.models import layers
 from gaternet_jax.models.gaternet import Classifier, LocallyGated
 from gaternet_jax.models.resnet import BottleneckUnit, ResNet
 from gaternet_jax.models.resnet_cifar import CifarResNet, PreActBottleneckUnit
+from gaternet_jax.training import procedure, restore, steps
+from gaternet_jax.training import workdir as workdir_lib
 
 # Gated channels = the first convolution's filters of every unit (its mid channels).
 BAS_GATED_FILTERS = {
@@ -36,6 +37,7 @@ BAS_GATED_FILTERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(BAS_GATED_FILTERS))
 def test_bas_configs_describe_their_gates_and_gating_modules(name):
   config = load_experiment(name)
@@ -121,6 +123,7 @@ def _build(config):
   return dataset, steps.build(config, dataset.info)
 
 
+@pytest.mark.slow
 def test_locally_gated_model_gates_binary_in_training_and_deterministic_in_evaluation():
   config = tiny_default('bas')
   dataset, setup = _build(config)
@@ -148,6 +151,7 @@ def test_locally_gated_model_gates_binary_in_training_and_deterministic_in_evalu
   assert np.all(np.asarray(high) <= np.asarray(first[1]['gates']))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'method,binarizer', [('local', 'gumbel'), ('local', 'semhash'), ('gaternet', 'gumbel')]
 )
@@ -221,6 +225,7 @@ def local_run(tmp_path_factory):
   return workdir, config, results
 
 
+@pytest.mark.slow
 def test_local_procedure_has_no_gater_stage_and_starts_from_stage_one(local_run):
   workdir, config, results = local_run
   assert set(results['stages']) == {workdir_lib.STAGE_BACKBONE, workdir_lib.STAGE_JOINT}
@@ -241,6 +246,7 @@ def test_local_procedure_has_no_gater_stage_and_starts_from_stage_one(local_run)
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_evaluate_analyze_and_tradeoff_read_local_gates(local_run, tmp_path):
   workdir, config, _ = local_run
   result = evaluate.evaluate_workdir(workdir, gate_threshold=0.5)
@@ -308,6 +314,7 @@ def _engineer_gates(model, variables, x, kinds_per_unit, seed):
   return variables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', sorted(EXPORT_FAMILIES))
 def test_local_export_computes_what_the_locally_gated_model_computed(family):
   source = _locally_gated(family)
@@ -361,7 +368,7 @@ sys.path.insert(0, 'tests')
 import jax, numpy as np
 from jax.sharding import Mesh
 from conftest import tiny_default
-from gaternet_jax import steps
+from gaternet_jax.training import steps
 from gaternet_jax import data as data_lib
 
 config = tiny_default('bas', **{'schedule.warmup_epochs': 0.0, 'gating.losses': 'batch_shaping,l0',
@@ -380,6 +387,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_batch_shaping_training_step_on_four_devices_equals_one_device():
   """The batch-shaping term of a data-parallel step is the global batch's (GSPMD sorts across
   the devices), so 4 devices give what 1 device gives for the same global batch and key."""
@@ -390,6 +398,7 @@ def test_batch_shaping_training_step_on_four_devices_equals_one_device():
     np.testing.assert_allclose(four[name], one[name], rtol=1e-4, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('module_weight_decay', [False, True])
 def test_weight_decay_skips_the_gating_modules_unless_asked(module_weight_decay):
   """The recipe's script exempts the gating modules from weight decay (it pulls every gate's

@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gaternet_jax import configs, losses
+from gaternet_jax import configs
 from gaternet_jax.gating import batch_shaping, binarizers
+from gaternet_jax.training import losses
 
 
 def _config(gated: bool, l1_weight: float = 0.5):
-  return ml_collections.ConfigDict({'model': {'gated': gated}, 'gater': {'l1_weight': l1_weight}})
+  gating = configs.gating_config('gated')
+  gating.l1_weight = l1_weight
+  return ml_collections.ConfigDict({'model': {'gated': gated}, 'gating': gating})
 
 
 LOGITS = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])

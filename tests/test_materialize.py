@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_setup_and_batch, train_step_calls
-from gaternet_jax import environment, steps
-from gaternet_jax.models import materialize
 
-KEEP_BARRIERS = environment.KEEP_BARRIERS_FLAG
+from gaternet_jax.cpu import flags as cpu_flags
+from gaternet_jax.cpu import materialize
+from gaternet_jax.training import steps
+
+KEEP_BARRIERS = cpu_flags.KEEP_BARRIERS_FLAG
 
 
 @pytest.fixture(scope='module')
@@ -21,6 +22,7 @@ def gated():
   return tiny_setup_and_batch('gated')
 
 
+@pytest.mark.slow
 def test_every_conv_input_gets_one_barrier_in_the_cpu_train_step(gated):
   setup, batch = gated
   assert steps.platform(setup) == 'cpu'
@@ -43,7 +45,7 @@ def test_every_conv_input_gets_one_barrier_in_the_cpu_train_step(gated):
   KEEP_BARRIERS not in os.environ.get('XLA_FLAGS', ''), reason='needs the CPU XLA flags'
 )
 def test_the_cpu_flags_keep_the_barriers_through_compilation(gated):
-  assert KEEP_BARRIERS in environment.CPU_XLA_FLAGS
+  assert KEEP_BARRIERS in cpu_flags.CPU_XLA_FLAGS
   setup, batch = gated
   state = steps.create_state(setup, 0)
   step = jax.jit(functools.partial(steps.train_step, setup=setup))
@@ -51,6 +53,7 @@ def test_the_cpu_flags_keep_the_barriers_through_compilation(gated):
   assert compiled.count('opt-barrier(') >= train_step_calls(setup, batch, nn.Conv)
 
 
+@pytest.mark.slow
 def test_barriers_change_no_value(gated):
   setup, batch = gated
   state = steps.create_state(setup, 0)

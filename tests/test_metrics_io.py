@@ -3,7 +3,7 @@
 import glob
 import time
 
-from gaternet_jax import metrics_io
+from gaternet_jax.training import metrics_io
 
 
 def test_fallback_writer_and_progress(tmp_path):

@@ -5,14 +5,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 from conftest import check_zero_gate
-from gaternet_jax import losses, models
+
+from gaternet_jax import models
 from gaternet_jax.errors import UserError
 from gaternet_jax.gating import binarizers
 from gaternet_jax.layout import total_filters
 from gaternet_jax.models.resnet import ResNet
 from gaternet_jax.models.resnet_cifar import CifarResNet
+from gaternet_jax.training import losses
 
 TINY_BACKBONES = [
   CifarResNet(depth=8, num_classes=5),
@@ -26,6 +27,7 @@ def _init(model, x):
   return model.init(jax.random.key(0), x, train=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', TINY_BACKBONES, ids=lambda m: f'{type(m).__name__}')
 def test_zero_gate_zeroes_exactly_that_channel_of_that_sample(model, monkeypatch):
   """Evaluation mode: gate 0 zeroes that channel of the gated layer's output for that sample,
@@ -50,6 +52,7 @@ def test_apply_gate_is_eq4_per_sample_and_channel():
   assert apply_gate(y, None) is y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', TINY_BACKBONES, ids=lambda m: f'{type(m).__name__}')
 def test_gates_none_equals_all_ones(model):
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
@@ -174,6 +177,7 @@ def test_a_zero_dropout_rate_draws_no_mask_and_changes_nothing(binarizer):
   assert draws[0] == draws[1] - 1
 
 
+@pytest.mark.slow
 def test_sparsity_term_gives_backbone_exactly_zero_gradient():
   model = models.create_model(_gated_config(), num_classes=4, image_shape=(16, 16, 1))
   x = jax.random.normal(jax.random.key(0), (6, 16, 16, 1))
@@ -221,14 +225,15 @@ def test_cross_entropy_and_topk():
   np.testing.assert_allclose(masked, -np.log(np.exp(2) / np.exp([2, 1, 0]).sum()), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_model_and_training_code_import_without_tensorflow():
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
 
   code = (
-    'import sys, gaternet_jax.models, gaternet_jax.train, gaternet_jax.procedure, '
-    'gaternet_jax.semhash, gaternet_jax.describe, gaternet_jax.analysis.collect, '
-    'gaternet_jax.restore, gaternet_jax.evaluate, gaternet_jax.sweep, gaternet_jax.cli; '
+    'import sys, gaternet_jax.models, gaternet_jax.training.loop, gaternet_jax.training.procedure, '
+    'gaternet_jax.gating.semhash, gaternet_jax.commands.describe, gaternet_jax.analysis.collect, '
+    'gaternet_jax.training.restore, gaternet_jax.commands.evaluate, gaternet_jax.commands.sweep, gaternet_jax.cli; '
     'assert "tensorflow" not in sys.modules, "tensorflow was imported"'
   )
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)

@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import REPO, has_logged, load_experiment
-from gaternet_jax import checkpoints, environment, restore
+
 from gaternet_jax import data as data_lib
+from gaternet_jax.cpu import flags as cpu_flags
+from gaternet_jax.training import checkpoints, restore
 
 
 def _free_port():
@@ -45,7 +46,7 @@ def _launch(data, processes, devices, flags, script=LAUNCH):
   """`gaternet train FLAGS` (or `script DATA FLAGS`) as `processes` local hosts of `devices` CPU
   devices each."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {environment.CPU_XLA_FLAGS}')  # fmt: skip
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {cpu_flags.CPU_XLA_FLAGS}')  # fmt: skip
   procs = []
   for i in range(processes):
     cluster = {}
@@ -88,13 +89,14 @@ def _train(workdir, data, processes, devices, extra):
 
 
 # An evaluation whose per-batch program is nearly free, so the host runs as far ahead of the
-# devices as the loop lets it: the pace at which XLA:CPU deadlocked (device_loops.InFlight).
+# devices as the loop lets it: the pace at which XLA:CPU deadlocked (dispatch.InFlight).
 EVALUATE_FAST_BATCHES = textwrap.dedent("""
     import sys
     from gaternet_jax import environment
     environment.prepare()
     import jax, jax.numpy as jnp
-    from gaternet_jax import data, device_loops, distributed, steps
+    from gaternet_jax import data
+    from gaternet_jax.training import dispatch, distributed, steps
     from experiments import default
     distributed.initialize()
     config = default.get_config('plain')
@@ -102,7 +104,7 @@ EVALUATE_FAST_BATCHES = textwrap.dedent("""
     dataset = data.load_dataset(config.data, process_index=jax.process_index(),
       process_count=jax.process_count(), devices_per_process=jax.local_device_count())
     setup = steps.build(config, dataset.info)
-    evaluator = device_loops.Evaluator(setup, dataset, loop=False)
+    evaluator = dispatch.Evaluator(setup, dataset, loop=False)
 
     def sums(state, batch, threshold):
       mask, pixels = batch['mask'], batch['image'][..., 0].astype(jnp.float32)
@@ -117,9 +119,10 @@ EVALUATE_FAST_BATCHES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_evaluation_of_many_batches_on_two_processes_of_two_devices_does_not_deadlock():
   """10 evaluations of 75 batches each on 2 processes x 2 devices (the CPU's one call per batch)
-  finish with every example counted once on both hosts. Before `device_loops.InFlight` bounded
+  finish with every example counted once on both hosts. Before `dispatch.InFlight` bounded
   the dispatches in flight, this hung in each of 4 runs with CI's pytest options."""
   procs = _launch('10', 2, 2, [], script=EVALUATE_FAST_BATCHES)
   try:
@@ -134,6 +137,7 @@ def test_evaluation_of_many_batches_on_two_processes_of_two_devices_does_not_dea
   assert outputs.pop() == f'{len(test_labels)} {int(np.sum(test_labels))}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('data', ['memory', 'mock'])
 def test_gated_procedure_on_two_processes_matches_one(tmp_path, data):
   """The three stages through `gaternet train` on 2 processes x 2 devices, launched by hand
@@ -163,6 +167,7 @@ def test_gated_procedure_on_two_processes_matches_one(tmp_path, data):
     assert abs(two['eval'][key] - one['eval'][key]) <= 1e-3 * max(1.0, abs(one['eval'][key])), key
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_host_stops_every_host_at_one_step_and_resumes(tmp_path):
   """A preemption notice reaching one host (SIGTERM to process 1 only) in the procedure's joint
   stage, after both processes ran stages 1 and 2 (so the preemption service's ids have passed

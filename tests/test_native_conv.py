@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO, run_on_cpu_devices, tiny_setup_and_batch, train_step_calls
 from jax import lax
 
-from gaternet_jax import native, steps
-from gaternet_jax.models import native_conv
+from gaternet_jax.cpu import native, native_conv
+from gaternet_jax.training import steps
 
 pytestmark = pytest.mark.skipif(
   not native.available(), reason=f'native kernels unavailable: {native.unavailable_reason()}'
@@ -62,6 +62,7 @@ def _native(x, w, strides, padding):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', CASES, ids=str)
 def test_forward_and_gradients_match_xla(case):
   *_, strides, padding = case
@@ -176,6 +177,7 @@ def test_repeated_calls_give_the_same_bits():
     np.testing.assert_array_equal(np.asarray(dw(x, dy)), first)
 
 
+@pytest.mark.slow
 def test_the_train_step_uses_them_and_matches_xla():
   setup, batch = tiny_setup_and_batch('plain')
   state = steps.create_state(setup, 0)
@@ -224,6 +226,7 @@ def test_a_user_set_conv_function_is_left_alone():
   assert calls and 'gaternet_conv' not in text
 
 
+@pytest.mark.slow
 def test_several_devices_give_the_one_device_result():
   # 4 simulated CPU devices: per-device kernels on each part of the batch, dw summed by psum.
   script = """
@@ -231,8 +234,8 @@ import json
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from gaternet_jax import steps
-from gaternet_jax.models import native_conv
+from gaternet_jax.training import steps
+from gaternet_jax.cpu import native_conv
 mesh = steps.make_mesh()
 x = jax.random.normal(jax.random.key(0), (8, 8, 8, 16))
 w = jax.random.normal(jax.random.key(1), (3, 3, 16, 32)) / 12
@@ -269,8 +272,8 @@ def _fresh_python(code: str, env: dict) -> subprocess.CompletedProcess:
 
 
 AVAILABILITY = """
-from gaternet_jax import native
-from gaternet_jax.models import native_conv
+from gaternet_jax.cpu import native
+from gaternet_jax.cpu import native_conv
 import jax, jax.numpy as jnp
 ok = native.available()
 f = jax.jit(lambda x, w: native_conv.conv_general_dilated(
@@ -282,6 +285,7 @@ print(ok, '|', native.unavailable_reason(), '|', float(f(x, w).sum()) if ok else
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'env, reason',
   [
@@ -300,6 +304,7 @@ def test_unavailable_kernels_say_why_and_fall_back(env, reason, tmp_path):
   assert ok == 'False' and reason in why
 
 
+@pytest.mark.slow
 def test_the_library_is_built_once_per_cache_and_reused(tmp_path):
   env = {native.CACHE_VARIABLE: str(tmp_path)}
   first = _fresh_python(AVAILABILITY, env)
@@ -330,6 +335,7 @@ def test_the_library_is_built_once_per_cache_and_reused(tmp_path):
   assert sorted(os.listdir(tmp_path)) == [library, library + '.sha256']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('value', ['garbage', '', 'nope'])
 def test_an_unknown_switch_value_is_one_line(value, cli):
   result = cli(
@@ -344,8 +350,8 @@ OTHER_BUILD = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
-from gaternet_jax import native
-from gaternet_jax.models import native_conv
+from gaternet_jax.cpu import native
+from gaternet_jax.cpu import native_conv
 assert native.available(), native.unavailable_reason()
 worst = 0.0
 for n, h, ci, co, k, s in [(3, 9, 16, 16, 3, 1), (2, 8, 5, 48, 3, 2), (2, 7, 32, 64, 1, 1), (2, 7, 12, 27, 3, 1)]:
@@ -361,6 +367,7 @@ print(json.dumps({'worst': worst, 'library': native.library_path()}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
   not native.measured_cpu(), reason='builds the other x86-64 tiles on an AVX-512 CPU'
 )

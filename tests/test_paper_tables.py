@@ -5,9 +5,9 @@ import json
 import os
 
 import pytest
-
 from conftest import REPO
-from gaternet_jax import describe
+
+from gaternet_jax.commands import describe
 
 # (experiment, variant) -> paper's parameters in millions (Table 1: CIFAR-10 / CIFAR-100 columns).
 TABLE1 = {
@@ -73,6 +73,7 @@ def stats(config):
   return describe.describe(config, num_classes=num_classes, image_shape=shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('row', sorted({**TABLE1, **TABLE3}.items()), ids=lambda r: '-'.join(r[0]))
 def test_parameter_count_within_3_percent(row):
   (experiment, variant), paper_millions = row
@@ -86,6 +87,7 @@ def test_parameter_count_within_3_percent(row):
     assert result['gated_filters'] == 0 and result['gater_params'] == 0
 
 
+@pytest.mark.slow
 def test_plain_counts_are_the_standard_architectures_exactly():
   assert stats(load_config('cifar10_resnet20', 'plain'))['total_params'] == 269_722
   assert stats(load_config('imagenet_resnet34', 'plain'))['total_params'] == 21_797_672
@@ -102,6 +104,7 @@ def test_cifar100_resnet20_gated_cell():
   assert abs(stats(config)['total_params'] / 1e6 - 0.60) / 0.60 < 0.03
 
 
+@pytest.mark.slow
 def test_resnet152_gated_bottleneck_cell():
   """Table 3's 83.80M needs b = 256 (our default); the text's b = 1024 gives ~120M."""
   config = load_config('imagenet_resnet152', 'gated')
@@ -110,6 +113,7 @@ def test_resnet152_gated_bottleneck_cell():
   assert 119 < stats(config)['total_params'] / 1e6 < 121
 
 
+@pytest.mark.slow
 def test_describe_command_json(cli):
   result = cli('describe', '--config', 'experiments/imagenet_resnet152.py', '--json')
   assert result.returncode == 0, result.stderr
@@ -122,6 +126,7 @@ def test_describe_command_json(cli):
   assert text.returncode == 0 and 'gated filters' in text.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'args,message',
   [

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax.experimental import multihost_utils
 
-from gaternet_jax import preemption
 from gaternet_jax.errors import Interrupted, StopSignal
+from gaternet_jax.training import preemption
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, TINY_FLAGS, tiny_default
-from gaternet_jax import procedure, restore, steps
-from gaternet_jax import workdir as workdir_lib
+
 from gaternet_jax import data as data_lib
 from gaternet_jax.errors import CheckpointError
+from gaternet_jax.training import procedure, restore, steps
+from gaternet_jax.training import workdir as workdir_lib
 
 
 def test_three_stages_and_results(gated_run):
@@ -77,6 +77,7 @@ def test_mismatched_pretrained_architecture_names_the_parameter(gated_run):
     )
 
 
+@pytest.mark.slow
 def test_init_fields_skip_pretraining_stages(gated_run, tmp_path, cli):
   workdir, _ = gated_run
   out = tmp_path / 'reuse'
@@ -107,6 +108,7 @@ def test_init_fields_skip_pretraining_stages(gated_run, tmp_path, cli):
   assert bad.returncode == 2 and 'holds no checkpoint' in bad.stderr
 
 
+@pytest.mark.slow
 def test_killed_during_joint_stage_does_not_rerun_pretraining(tmp_path, cli):
   workdir = tmp_path / 'proc'
   flags = [
@@ -153,6 +155,7 @@ def test_killed_during_joint_stage_does_not_rerun_pretraining(tmp_path, cli):
   assert final['step'] == 40 and final['stage'] == workdir_lib.STAGE_JOINT
 
 
+@pytest.mark.slow
 def test_init_from_a_run_on_other_data_is_refused(gated_run, tmp_path, cli):
   """A pre-trained stage from another hold-out could have seen this run's held-out images."""
   workdir, _ = gated_run

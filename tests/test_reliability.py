@@ -12,10 +12,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, TINY_FLAGS, has_logged, tiny_default
-from gaternet_jax import procedure, restore
-from gaternet_jax import workdir as workdir_lib
+
+from gaternet_jax.training import procedure, restore
+from gaternet_jax.training import workdir as workdir_lib
 
 PLAIN = ['--config', 'experiments/default.py:plain']
 LONG = ['--config.max_steps=60', '--config.log_every_steps=5', '--config.eval_every_epochs=100']
@@ -78,6 +78,7 @@ def undisturbed(
   return workdir
 
 
+@pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused_and_the_first_is_untouched(tmp_path, cli, undisturbed):
   workdir = str(tmp_path / 'w')
   args = [*PLAIN, '--workdir', workdir, *LONG, '--config.checkpoint_every_steps=1000']
@@ -95,6 +96,7 @@ def test_second_run_on_a_workdir_is_refused_and_the_first_is_untouched(tmp_path,
   assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released at the end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sig,code,every', [(signal.SIGINT, 130, 1000), (signal.SIGTERM, 143, 1)])
 def test_signal_checkpoints_the_current_step_and_resumes_bit_identically(
   tmp_path, cli, undisturbed, sig, code, every
@@ -117,6 +119,7 @@ def test_signal_checkpoints_the_current_step_and_resumes_bit_identically(
   assert _digest(workdir, 60) == _digest(undisturbed, 60)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sig,code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_at_a_stage_boundary_stops_with_one_line_and_resumes(tmp_path, cli, sig, code):
   # Sent the moment stage 1 has finished: between stages, outside any training loop (or, if
@@ -134,6 +137,7 @@ def test_signal_at_a_stage_boundary_stops_with_one_line_and_resumes(tmp_path, cl
   assert workdir_lib.is_finished(workdir)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_a_run_sets_up_is_one_line(tmp_path):
   workdir = str(tmp_path / 'w')
   # config.json is written before the data and the steps are built: setup is under way.
@@ -145,6 +149,7 @@ def test_ctrl_c_while_a_run_sets_up_is_one_line(tmp_path):
   assert 'Traceback' not in err and err.count('gaternet: stopped by SIGINT') == 1, err[-2000:]
 
 
+@pytest.mark.slow
 def test_flipped_byte_is_one_error_line_naming_the_step(tmp_path, cli):
   workdir = tmp_path / 'w'
   assert cli('train', *PLAIN, '--workdir', str(workdir), *TINY_FLAGS).returncode == 0
@@ -162,6 +167,7 @@ def test_flipped_byte_is_one_error_line_naming_the_step(tmp_path, cli):
   assert 'checkpoint 6' in line
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_resumes_from_an_earlier_one_when_asked(tmp_path, cli):
   workdir = tmp_path / 'w'
   args = [*PLAIN, '--workdir', str(workdir), *TINY_FLAGS]
@@ -178,6 +184,7 @@ def test_corrupt_latest_checkpoint_resumes_from_an_earlier_one_when_asked(tmp_pa
   assert json.loads(resumed.stdout.strip().splitlines()[-1])['step'] == 6
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_leaves_its_results_alone(tmp_path, cli):
   workdir = tmp_path / 'w'
   args = [*PLAIN, '--workdir', str(workdir), *TINY_FLAGS]
@@ -187,6 +194,7 @@ def test_rerun_of_a_finished_run_leaves_its_results_alone(tmp_path, cli):
   assert again.returncode == 0 and (workdir / 'results.json').read_bytes() == before
 
 
+@pytest.mark.slow
 def test_refused_resume_does_not_write_its_config(tmp_path, cli):
   workdir = tmp_path / 'w'
   args = [*PLAIN, '--workdir', str(workdir), *TINY_FLAGS]
@@ -197,11 +205,12 @@ def test_refused_resume_does_not_write_its_config(tmp_path, cli):
   assert not (workdir / 'config.json').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'override',
   [
     '--config.optimizer.learning_rate=-1',
-    '--config.gater.l1_weight=-1',
+    '--config.gating.l1_weight=-1',
     '--config.gater.dropout_rate=2',
     '--config.model.width=0',
     '--config.schedule.num_epochs=0',
@@ -218,16 +227,19 @@ def test_nonsense_values_are_refused_before_anything_is_written(tmp_path, cli, o
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_empty_workdir_is_refused(cli):
   assert 'workdir' in _one_error_line(cli('train', *PLAIN, '--workdir='))
 
 
+@pytest.mark.slow
 def test_missing_config_file_names_the_file_without_the_variant(cli):
   line = _one_error_line(cli('train', '--config', 'experiments/nope.py:gated', '--workdir', 'x'))
   assert "'experiments/nope.py' not found" in line or 'experiments/nope.py' in line
   assert ':gated' not in line
 
 
+@pytest.mark.slow
 def test_sweep_of_fields_whose_default_is_none(tmp_path, cli):
   result = cli(
     'sweep', *PLAIN, '--workdir', str(tmp_path), *TINY_FLAGS[1:],
@@ -238,6 +250,7 @@ def test_sweep_of_fields_whose_default_is_none(tmp_path, cli):
   assert steps == [2, 3]
 
 
+@pytest.mark.slow
 def test_sweep_checks_every_point_before_training_any(tmp_path, cli):
   line = _one_error_line(
     cli(
@@ -261,6 +274,7 @@ def test_sweep_checks_every_point_before_training_any(tmp_path, cli):
   assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_stage_streams_differ_within_a_run_and_across_seeds(tmp_path):
   """Stage 2 of seed 0 is not stage 1 of seed 1, and no two stages of one run share a stream."""
   digests = {}

@@ -10,8 +10,9 @@ import time
 import pytest
 from conftest import REPO, TINY_FLAGS, tiny_default
 
-from gaternet_jax import reproduce, workdir as workdir_lib
+from gaternet_jax.commands import reproduce
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import workdir as workdir_lib
 
 
 def _files(workdir):
@@ -32,6 +33,7 @@ def reproduced(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_reproduce_trains_plain_gated_and_control_per_seed_and_writes_the_table(reproduced):
   workdir, summary = reproduced
   assert summary['seeds'] == [0, 1] and summary['split'] == 'test'
@@ -88,6 +90,7 @@ def test_one_seed_trains_its_own_gater_stage(tmp_path):
   assert seed == 3 and gated.init.gater is None and gated.schedule.num_epochs == 2.0
 
 
+@pytest.mark.slow
 def test_killed_reproduce_resumes_to_the_same_table(reproduced, tmp_path):
   _, summary = reproduced
   workdir = str(tmp_path / 'r')

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gaternet_jax import semhash
+from gaternet_jax.gating import semhash
 
 
 def test_saturating_sigmoid_known_values():

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import check_zero_gate, load_experiment, tiny_default
 
-from gaternet_jax import describe, models
+from gaternet_jax import models
+from gaternet_jax.commands import describe
 from gaternet_jax.errors import UserError
 from gaternet_jax.layout import total_filters
 from gaternet_jax.models import shake_shake
@@ -45,6 +46,7 @@ TABLE2 = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,variant,filters,params', TABLE2)
 def test_describe_matches_table2(name, variant, filters, params):
   stats = describe.summary(load_experiment(name, variant))
@@ -140,12 +142,13 @@ def test_width_scaling_and_features():
     model.apply(variables, x, gates=jnp.ones((2, 7)), train=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['plain', 'gated'])
 def test_a_few_training_steps(variant, tmp_path):
   """The tiny net trains on the embedded data (train.run raises on a non-finite training loss);
   gated, all three stages of the procedure run, and the shake coefficients come from 'gates'."""
-  from gaternet_jax import procedure  # noqa: PLC0415
-  from gaternet_jax import workdir as workdir_lib  # noqa: PLC0415
+  from gaternet_jax.training import procedure  # noqa: PLC0415
+  from gaternet_jax.training import workdir as workdir_lib  # noqa: PLC0415
 
   config = tiny_default(variant)
   config.model.backbone = TINY

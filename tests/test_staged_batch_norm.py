@@ -10,12 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_setup_and_batch, train_step_calls
-from gaternet_jax import environment, steps
-from gaternet_jax.models import layers, native_conv, staged_batch_norm
 
-KEEP_BARRIERS = environment.KEEP_BARRIERS_FLAG
+from gaternet_jax.cpu import flags as cpu_flags
+from gaternet_jax.cpu import native_conv, staged_batch_norm
+from gaternet_jax.models import layers
+from gaternet_jax.training import steps
+
+KEEP_BARRIERS = cpu_flags.KEEP_BARRIERS_FLAG
 
 
 @pytest.mark.parametrize('rows', [1, 5, 16, 210, 4096])
@@ -147,6 +149,7 @@ def _barriers(setup, batch, compiled: bool) -> int:
   return lowered.as_text().count('stablehlo.optimization_barrier')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'compiled',
   [
@@ -177,6 +180,7 @@ def test_the_cpu_train_step_stages_every_batch_norm(plain, monkeypatch, compiled
 STEPS = 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['plain', 'gated'])
 def test_the_cpu_train_step_matches_flax_batch_norm(variant, request, monkeypatch):
   """Plain: the staged batch norms; gated: those and the gated batch norms."""
@@ -233,7 +237,7 @@ def test_compiled_staged_sums_are_two_fused_reduces(rows, channels):
   """sum(x) and sum(x^2) compile to two kernels, one per stage, and no `reduce-window`: XLA:CPU
   rewrites a long single-output reduction, such as a second stage over 8,192 partial sums, into
   chains of reduce-windows (5-7 kernels here), but leaves a variadic reduce alone. In
-  ResNet-164-Gated's train step that was 1,952 of its 4,428 fusions (README, Throughput)."""
+  ResNet-164-Gated's train step that was 1,952 of its 4,428 fusions (docs/performance.md)."""
   x = jnp.ones((rows, channels), jnp.float32)
   hlo = jax.jit(lambda x: staged_batch_norm.staged_sums(x, x * x)).lower(x).compile().as_text()
   entry = hlo[hlo.index('ENTRY') :]

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from conftest import tiny_default
 
-from gaternet_jax import checkpoints, configs, evaluate, models, procedure, restore
+from gaternet_jax import configs, models
+from gaternet_jax.commands import evaluate
 from gaternet_jax.models import layers
+from gaternet_jax.training import checkpoints, procedure, restore
 
 
 def _centre_tap(kernel: int):
@@ -66,6 +68,7 @@ def _strided_paddings(name: str, padding: str, size: int) -> list:
   return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'name,size',
   [
@@ -117,6 +120,7 @@ def _drop_padding_field(workdir: str) -> None:
     json.dump(stored, f)
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_field_keeps_computing_what_it_computed(tmp_path):
   old = str(tmp_path / 'old')
   trained = procedure.train_and_evaluate(

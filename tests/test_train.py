@@ -16,20 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import REPO, TINY_FLAGS, run_on_cpu_devices, tiny_default
-from gaternet_jax import checkpoints, device_loops, procedure, restore, steps
-from gaternet_jax import workdir as workdir_lib
-from gaternet_jax.data import feed
+
 from gaternet_jax import data as data_lib
+from gaternet_jax.data import feed
 from gaternet_jax.errors import NonFiniteLossError
+from gaternet_jax.training import checkpoints, dispatch, procedure, restore, steps
+from gaternet_jax.training import workdir as workdir_lib
 
 ONE_VS_EIGHT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, 'tests')
     from conftest import tiny_default
-    from gaternet_jax import data, device_loops, steps
+    from gaternet_jax import data
+    from gaternet_jax.training import dispatch, steps
     from gaternet_jax.data import feed
     from jax.sharding import Mesh
     assert jax.device_count() == 8, jax.devices()
@@ -51,7 +52,7 @@ ONE_VS_EIGHT = textwrap.dedent("""
     config.steps_per_dispatch = 2
     setup = steps.build(config, dataset.info)
     key = jax.random.key(42)
-    dispatch = device_loops.TrainDispatch(
+    dispatch = dispatch.TrainDispatch(
       setup, dataset, start_step=0, seed=0, data_key=jax.random.key(1), key=key)
     step = steps.compile_steps(setup)[0]
     chunked, _ = dispatch(steps.create_state(setup, 0), 0, 2)
@@ -70,6 +71,7 @@ ONE_VS_EIGHT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_agree():
   metrics = run_on_cpu_devices(ONE_VS_EIGHT, 8)
   assert np.isfinite(metrics['loss']) and 0 < metrics['gate_density'] <= 1
@@ -83,6 +85,7 @@ def small_setup():
   return config, dataset, setup
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once(small_setup):
   """Every chunk length shares one compiled program (the loop bound is traced)."""
   config, dataset, setup = small_setup
@@ -90,27 +93,28 @@ def test_train_step_compiles_once(small_setup):
   config.steps_per_dispatch = 3
   setup = steps.build(config, dataset.info)
   state = steps.create_state(setup, 0)
-  dispatch = device_loops.TrainDispatch(
+  trainer = dispatch.TrainDispatch(
     setup, dataset, start_step=0, seed=0, data_key=jax.random.key(1), key=jax.random.key(0)
   )
   step = 0
   for n in (1, 3, 2, 3):
-    state, metrics = dispatch(state, step, n)
+    state, metrics = trainer(state, step, n)
     step += n
     assert metrics['loss'].shape == (3,)
-  assert dispatch._chunk._cache_size() == 1  # noqa: SLF001 - no retracing across chunks
+  assert trainer._chunk._cache_size() == 1  # noqa: SLF001 - no retracing across chunks
   assert int(state.step) == step == 9
   with pytest.raises(ValueError, match='1 to 3 steps'):
-    dispatch(state, step, 4)
+    trainer(state, step, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loop', [False, True])
 def test_eval_counts_every_example_once(small_setup, loop):
   """297 test examples with eval batch 100: 3 padded batches, every example counted once, whether
   the batches are scored one call each or in one on-device loop."""
   config, dataset, setup = small_setup
   state = steps.create_state(setup, 0)
-  evaluator = device_loops.Evaluator(setup, dataset, loop=loop)
+  evaluator = dispatch.Evaluator(setup, dataset, loop=loop)
   assert evaluator.loop == loop
   metrics = evaluator(state, 'test')
   assert metrics['examples'] == dataset.info.split_size('test') == 297
@@ -193,6 +197,7 @@ def test_checkpoint_min_interval_defaults_per_platform():
   assert checkpoints.min_interval_s(config, 'cpu') == checkpoints.min_interval_s(config, 'gpu') == 5
 
 
+@pytest.mark.slow
 def test_min_interval_spaces_periodic_checkpoints_but_saves_the_last_step(tmp_path):
   """checkpoint_every_steps=2 with a floor no run reaches: only the final step is saved, and the
   run trains to the same result as with every periodic checkpoint."""
@@ -222,6 +227,7 @@ def test_all_finite_checks_every_element_of_every_leaf():
   assert bool(steps.all_finite({}))
 
 
+@pytest.mark.slow
 def test_finite_loss_with_nonfinite_updates_is_flagged(small_setup):
   """The step's `finite` also covers the updates (a finite loss can come with overflowed
   gradients in bfloat16): one poisoned element of one update leaf turns it off."""
@@ -249,6 +255,7 @@ def test_finite_loss_with_nonfinite_updates_is_flagged(small_setup):
     assert bool(metrics['finite']) is expected
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, cli):
   workdir = str(tmp_path / 'killed')
   flags = [
@@ -300,6 +307,7 @@ def _one_error_line(result):
   return errors[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'extra,message',
   [
@@ -325,6 +333,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, cli, extra, message):
   assert message in _one_error_line(result)
 
 
+@pytest.mark.slow
 def test_unwritable_workdir(tmp_path, cli):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
@@ -339,6 +348,7 @@ def test_unwritable_workdir(tmp_path, cli):
   assert 'not writable' in _one_error_line(result)
 
 
+@pytest.mark.slow
 def test_resume_with_conflicting_config_fails_and_keeps_checkpoints(tmp_path, cli):
   workdir = tmp_path / 'w'
   base = ['--config', 'experiments/default.py:plain', '--workdir', str(workdir), *TINY_FLAGS]
@@ -349,6 +359,7 @@ def test_resume_with_conflicting_config_fails_and_keeps_checkpoints(tmp_path, cl
   assert sorted(os.listdir(workdir / 'checkpoints')) == before
 
 
+@pytest.mark.slow
 def test_evaluate_command(tmp_path, cli):
   workdir = tmp_path / 'w'
   assert (
@@ -376,11 +387,12 @@ def test_tfds_mock_data_drives_training(tmp_path):
 
 
 def test_sweep_parses_grid():
-  from gaternet_jax.sweep import parse_sweep  # noqa: PLC0415
+  from gaternet_jax.commands.sweep import parse_sweep  # noqa: PLC0415
 
   assert parse_sweep(['a.b=1,2', 'c=x']) == [{'a.b': '1', 'c': 'x'}, {'a.b': '2', 'c': 'x'}]
 
 
+@pytest.mark.slow
 def test_sweep_command_runs_each_point(tmp_path, cli):
   result = cli(
     'sweep',
@@ -410,6 +422,7 @@ def test_sweep_command_runs_each_point(tmp_path, cli):
   assert 'unknown config field' in _one_error_line(bad)
 
 
+@pytest.mark.slow
 def test_failed_first_attempt_does_not_block_the_corrected_command(tmp_path, cli):
   workdir = str(tmp_path / 'w')
   base = ['--config', 'experiments/default.py:plain', '--workdir', workdir, *TINY_FLAGS]
@@ -417,6 +430,7 @@ def test_failed_first_attempt_does_not_block_the_corrected_command(tmp_path, cli
   assert cli('train', *base).returncode == 0
 
 
+@pytest.mark.slow
 def test_distributed_without_a_cluster_is_one_line(tmp_path, cli):
   result = cli(
     'train',
@@ -430,6 +444,7 @@ def test_distributed_without_a_cluster_is_one_line(tmp_path, cli):
   assert 'jax.distributed.initialize() failed' in _one_error_line(result)
 
 
+@pytest.mark.slow
 def test_resume_on_data_of_another_size_is_refused(tmp_path, cli):
   from PIL import Image  # noqa: PLC0415
 
@@ -454,6 +469,7 @@ def test_resume_on_data_of_another_size_is_refused(tmp_path, cli):
   assert 'training examples' in _one_error_line(again)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_one_line_and_not_overwritten(tmp_path, cli):
   workdir = tmp_path / 'w'
   base = ['--config', 'experiments/default.py:plain', '--workdir', str(workdir), *TINY_FLAGS]

@@ -14,7 +14,8 @@ import pytest
 from conftest import perturbed
 from test_export import DYNAMIC, FAMILIES, OFF, engineered_fc2, gaternet, with_fc2
 
-from gaternet_jax import export, models
+from gaternet_jax import models
+from gaternet_jax.commands import export
 from gaternet_jax.errors import UserError
 from gaternet_jax.layout import layer_offsets
 from gaternet_jax.models.gaternet import Classifier
@@ -45,6 +46,7 @@ def conditionals(fn, *args) -> int:
   return str(jax.make_jaxpr(fn)(*args)).count('cond[')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', sorted(SKIPPING_FAMILIES))
 def test_skipping_off_units_changes_no_output(family):
   source = gaternet(SKIPPING_FAMILIES[family])

@@ -81,7 +81,7 @@ def test_rules_cover_every_field_of_the_base_config():
   [
     ('optimizer.learning_rate', -1.0),
     ('optimizer.learning_rate', 0.0),
-    ('gater.l1_weight', -1.0),
+    ('gating.l1_weight', -1.0),
     ('gater.dropout_rate', 2.0),
     ('gater.dropout_rate', 1.0),
     ('model.width', 0.0),
@@ -233,6 +233,7 @@ def test_workdir_is_accepted():
   validate_workdir('runs/default')
 
 
+@pytest.mark.slow
 def test_importing_the_module_imports_no_jax():
   code = 'import sys, gaternet_jax.validation; assert "jax" not in sys.modules, "jax imported"'
   subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from gaternet_jax import workdir_lock
 from gaternet_jax.errors import UserError
-from gaternet_jax.workdir_lock import LOCK_FILE, WorkdirLock
+from gaternet_jax.training import workdir_lock
+from gaternet_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,10 +82,11 @@ def test_second_lock_is_refused_until_the_first_releases(tmp_path):
   assert os.listdir(tmp_path) == ['ckpt']  # Nothing else in the workdir is touched.
 
 
+@pytest.mark.slow
 def test_lock_held_by_another_process_then_taken_over_after_sigkill(tmp_path, warnings):
   code = (
     'import sys, time\n'
-    'from gaternet_jax.workdir_lock import WorkdirLock\n'
+    'from gaternet_jax.training.workdir_lock import WorkdirLock\n'
     'WorkdirLock(sys.argv[1]).acquire()\n'
     'print("locked", flush=True)\n'
     'time.sleep(600)\n'

@@ -39,15 +39,11 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from etils import epath
 import numpy as np
+from etils import epath
 
 from gaternet_jax import errors
-
-from gaternet_jax.analysis import embedding
-from gaternet_jax.analysis import figures
-from gaternet_jax.analysis import stats
-from gaternet_jax.analysis import storage
+from gaternet_jax.analysis import embedding, figures, stats, storage
 from gaternet_jax.analysis.embedding import (
   MAX_PERPLEXITY,
   PCA_DIMS,

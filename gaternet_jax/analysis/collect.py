@@ -11,15 +11,17 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
-from gaternet_jax import describe, distributed, models, restore, steps
-from gaternet_jax import workdir as workdir_lib
+from gaternet_jax import models
 from gaternet_jax.analysis import analyze
+from gaternet_jax.commands import describe
 from gaternet_jax.data import feed
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import distributed, restore, steps
+from gaternet_jax.training import workdir as workdir_lib
 
 
 def predicted_batches(

@@ -10,7 +10,6 @@ import logging
 import numpy as np
 
 from gaternet_jax import errors
-
 from gaternet_jax.analysis import stats
 
 _LOG = logging.getLogger(__name__)

@@ -12,12 +12,11 @@ import itertools
 import os
 from typing import Any, Mapping, Sequence
 
-from etils import epath
-from matplotlib import colormaps
-from matplotlib import figure as mpl_figure
-from matplotlib import ticker
-from matplotlib.backends import backend_agg
 import numpy as np
+from etils import epath
+from matplotlib import colormaps, ticker
+from matplotlib import figure as mpl_figure
+from matplotlib.backends import backend_agg
 
 _DPI = 120
 # One colour per gate type, the same in every figure; blue/orange/grey stay distinguishable for

@@ -15,7 +15,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gaternet_jax import errors
-
 from gaternet_jax import layout as layout_lib
 
 # The ordered gated layers of a backbone; their slices concatenate to the gate vector.

@@ -13,13 +13,11 @@ import os
 import zipfile
 from typing import Any
 
-from etils import epath
 import numpy as np
+from etils import epath
 
 from gaternet_jax import errors
-
 from gaternet_jax import layout as layout_lib
-
 from gaternet_jax.analysis import stats
 
 PathLike = str | os.PathLike

@@ -20,11 +20,8 @@ from typing import Any
 import ml_collections
 
 from gaternet_jax import errors
-from gaternet_jax.data import augment
-from gaternet_jax.data import base
-from gaternet_jax.data.base import Dataset
-from gaternet_jax.data.base import DatasetInfo
-from gaternet_jax.data.base import eval_batches
+from gaternet_jax.data import augment, base
+from gaternet_jax.data.base import Dataset, DatasetInfo, eval_batches
 
 __all__ = [
   'Dataset',
@@ -76,7 +73,8 @@ def load_dataset(
     process_index: this process (`jax.process_index()`).
     process_count: number of processes (`jax.process_count()`).
     devices_per_process: devices of each process (`jax.local_device_count()`); in-memory
-      sources give each process the training examples its devices train on (`base.train_share`).
+      sources give each process the training examples its devices train on
+      (`base.ProcessSlice.train_share`).
 
   Returns:
     The dataset. For in-memory sources process p holds examples [p::process_count] of each
@@ -88,16 +86,10 @@ def load_dataset(
   """
   get = lambda field: data_config.get(field, _DEFAULTS[field])
   name = get('name')
-  holdout = int(get('holdout'))
-  holdout_seed = int(get('holdout_seed'))
   data_dir = get('data_dir') or None
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
-  if holdout < 0:
-    raise errors.UserError(f'data.holdout must be >= 0, got {holdout}')
-  in_memory_args = dict(
-    holdout=holdout,
-    holdout_seed=holdout_seed,
+  part = base.ProcessSlice(
+    holdout=int(get('holdout')),
+    holdout_seed=int(get('holdout_seed')),
     process_index=process_index,
     process_count=process_count,
     devices_per_process=devices_per_process,
@@ -106,26 +98,24 @@ def load_dataset(
   if name == 'default':
     from gaternet_jax.data import embedded  # pylint: disable=g-import-not-at-top
 
-    dataset = embedded.load(**in_memory_args)
+    dataset = embedded.load(part)
   elif name == 'imagefolder':
     from gaternet_jax.data import imagefolder  # pylint: disable=g-import-not-at-top
 
-    dataset = imagefolder.load(data_dir, **in_memory_args)
+    dataset = imagefolder.load(data_dir, part)
   elif name in ('cifar10', 'cifar100'):
     from gaternet_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top
 
-    dataset = tfds_sources.load_cifar(name, data_dir, **in_memory_args)
+    dataset = tfds_sources.load_cifar(name, data_dir, part)
   elif name == 'imagenet2012':
     from gaternet_jax.data import tfds_sources  # pylint: disable=g-import-not-at-top
 
     dataset = tfds_sources.load_streamed(
       name,
       data_dir,
+      part,
       image_size=int(get('image_size')),
       shuffle_buffer=int(get('shuffle_buffer')),
-      holdout=holdout,
-      process_index=process_index,
-      process_count=process_count,
     )
   else:
     raise errors.UserError(

@@ -248,41 +248,64 @@ def check_batch_size(local_batch_size: int) -> None:
     raise errors.UserError(f'the per-process batch size must be at least 1, got {local_batch_size}')
 
 
-def holdout_indices(num_examples: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Splits range(num_examples) into (train, holdout) index arrays, each sorted.
+@dataclasses.dataclass(frozen=True)
+class ProcessSlice:
+  """Which examples one process of a run holds: the global hold-out, then this process's share.
 
-  The split is a seeded permutation of the GLOBAL training set, so every process computes the
-  same one before taking its own share.
+  Built once by `load_dataset` and handed to every source.
+
+  Attributes:
+    holdout: training examples moved to the split 'holdout' (0: none). They are chosen on the
+      GLOBAL training set, before anything is shared out, so every process agrees on them.
+    holdout_seed: seed of the hold-out permutation (`holdout_indices`).
+    process_index: this process (`jax.process_index()`), in [0, process_count).
+    process_count: number of processes (`jax.process_count()`); process p holds examples
+      [p::process_count] of every evaluation split (`process_share`).
+    devices_per_process: devices of each process (`jax.local_device_count()`); decides which
+      training examples a process holds (`train_share`).
   """
-  if holdout < 0 or holdout >= num_examples:
-    raise errors.UserError(
-      f'data.holdout must be in [0, {num_examples}) for a training set of {num_examples} '
-      f'examples, got {holdout}'
-    )
-  permutation = np.random.default_rng(seed).permutation(num_examples)
-  return np.sort(permutation[holdout:]), np.sort(permutation[:holdout])
 
+  holdout: int = 0
+  holdout_seed: int = 0
+  process_index: int = 0
+  process_count: int = 1
+  devices_per_process: int = 1
 
-def process_share(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
-  """Indices of the examples process `process_index` owns: [process_index::process_count]."""
-  return np.arange(process_index, num_examples, process_count)
+  def __post_init__(self):
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f'process_index={self.process_index} is not in [0, {self.process_count})')
 
+  def holdout_indices(self, num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits range(num_examples) into (train, holdout) index arrays, each sorted.
 
-def train_share(
-  num_examples: int, process_index: int, process_count: int, devices_per_process: int
-) -> np.ndarray:
-  """Indices of the training examples a process owns, ascending: those its devices train on.
+    The split is a seeded permutation of the GLOBAL training set, so every process computes the
+    same one before taking its own share.
+    """
+    if self.holdout < 0 or self.holdout >= num_examples:
+      raise errors.UserError(
+        f'data.holdout must be in [0, {num_examples}) for a training set of {num_examples} '
+        f'examples, got {self.holdout}'
+      )
+    permutation = np.random.default_rng(self.holdout_seed).permutation(num_examples)
+    return np.sort(permutation[self.holdout :]), np.sort(permutation[: self.holdout])
 
-  With D = process_count * devices_per_process devices in all, the device at mesh position d
-  holds the examples i with i % D == d (`feed.ResidentTrainData`); process p owns mesh positions
-  p * devices_per_process + j, so it owns the i with (i % D) // devices_per_process == p. Each
-  device's examples then depend only on its position in the mesh, so 2 processes x 2 devices
-  train on exactly the batches of 1 process x 4 devices. With one device per process this is
-  `process_share`.
-  """
-  devices = process_count * devices_per_process
-  owner = (np.arange(num_examples) % devices) // devices_per_process
-  return np.flatnonzero(owner == process_index)
+  def process_share(self, num_examples: int) -> np.ndarray:
+    """Indices of the examples this process owns: [process_index::process_count]."""
+    return np.arange(self.process_index, num_examples, self.process_count)
+
+  def train_share(self, num_examples: int) -> np.ndarray:
+    """Indices of the training examples this process owns, ascending: those its devices train on.
+
+    With D = process_count * devices_per_process devices in all, the device at mesh position d
+    holds the examples i with i % D == d (`feed.ResidentTrainData`); process p owns mesh
+    positions p * devices_per_process + j, so it owns the i with (i % D) // devices_per_process
+    == p. Each device's examples then depend only on its position in the mesh, so 2 processes x
+    2 devices train on exactly the batches of 1 process x 4 devices. With one device per process
+    this is `process_share`.
+    """
+    devices = self.process_count * self.devices_per_process
+    owner = (np.arange(num_examples) % devices) // self.devices_per_process
+    return np.flatnonzero(owner == self.process_index)
 
 
 def stats_sample(num_train: int) -> np.ndarray:
@@ -328,15 +351,11 @@ def validate_eval_split(info: DatasetInfo, eval_split: str) -> None:
 
 def from_global_arrays(
   name: str,
+  part: ProcessSlice,
   *,
   num_classes: int,
   train: tuple[np.ndarray, np.ndarray],
   evals: dict[str, tuple[np.ndarray, np.ndarray]],
-  holdout: int,
-  holdout_seed: int,
-  process_index: int,
-  process_count: int,
-  devices_per_process: int = 1,
   mean: Sequence[float] | None = None,
   std: Sequence[float] | None = None,
   class_names: Sequence[str] | None = None,
@@ -344,32 +363,29 @@ def from_global_arrays(
   """Builds an in-memory dataset from whole splits that every process holds.
 
   Applies the global hold-out, computes channel statistics when none are given (from the
-  training set after the hold-out), then keeps this process's share [process_index::count].
+  training set after the hold-out), then keeps this process's share of every split.
 
   Args:
     name: the source name for `DatasetInfo.name`.
+    part: the hold-out and this process's share.
     num_classes: number of labels.
     train: the whole training split, images uint8 (n, H, W, C) and integer labels.
     evals: the whole evaluation splits by name.
-    holdout: training examples to move to split 'holdout' (0: none).
-    holdout_seed: seed of the hold-out permutation.
-    process_index: this process.
-    process_count: number of processes.
-    devices_per_process: local devices of each process (decides the training share).
     mean: per-channel mean (0-255) to report instead of computing it.
     std: per-channel std (0-255) to report instead of computing it.
+    class_names: label id -> name, where the source knows them.
 
   Returns:
     The dataset, holding only this process's examples.
   """
   train_images, train_labels = train
   evals = dict(evals)
-  if holdout:
+  if part.holdout:
     if HOLDOUT in evals:
       raise errors.UserError(
         f"dataset '{name}' already has a split named 'holdout'; set --config.data.holdout=0"
       )
-    keep, held = holdout_indices(len(train_images), holdout, holdout_seed)
+    keep, held = part.holdout_indices(len(train_images))
     evals[HOLDOUT] = (train_images[held], train_labels[held])
     train_images, train_labels = train_images[keep], train_labels[keep]
   if mean is None or std is None:
@@ -386,15 +402,12 @@ def from_global_arrays(
     class_names=tuple(class_names) if class_names else None,
   )
 
-  def share(arrays: tuple[np.ndarray, np.ndarray], idx=None) -> tuple[np.ndarray, np.ndarray]:
-    if idx is None:
-      idx = process_share(len(arrays[0]), process_index, process_count)
+  def share(arrays: tuple[np.ndarray, np.ndarray], idx: np.ndarray):
     return arrays[0][idx], arrays[1][idx].astype(np.int32)
 
-  own = train_share(len(train_images), process_index, process_count, devices_per_process)
   return InMemoryDataset(
     info,
-    share((train_images, train_labels), own),
-    {split: share(arrays) for split, arrays in evals.items()},
-    process_count=process_count,
+    share((train_images, train_labels), part.train_share(len(train_images))),
+    {split: share(arrays, part.process_share(len(arrays[0]))) for split, arrays in evals.items()},
+    process_count=part.process_count,
   )

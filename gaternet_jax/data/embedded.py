@@ -43,25 +43,14 @@ def load_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   return {'train': (images[train], labels[train]), 'test': (images[test], labels[test])}
 
 
-def load(
-  *,
-  holdout: int,
-  holdout_seed: int,
-  process_index: int,
-  process_count: int,
-  devices_per_process: int = 1,
-) -> base.InMemoryDataset:
-  """Builds the in-memory dataset; arguments as in `gaternet_jax.data.load_dataset`."""
+def load(part: base.ProcessSlice) -> base.InMemoryDataset:
+  """Builds the in-memory dataset, holding the share of the examples `part` gives this process."""
   splits = load_arrays()
   return base.from_global_arrays(
     NAME,
+    part,
     num_classes=NUM_CLASSES,
     train=splits['train'],
     evals={'test': splits['test']},
-    holdout=holdout,
-    holdout_seed=holdout_seed,
-    process_index=process_index,
-    process_count=process_count,
-    devices_per_process=devices_per_process,
     class_names=[str(d) for d in range(NUM_CLASSES)],
   )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gaternet_jax.errors import UserError
 
@@ -65,8 +66,8 @@ class ResidentTrainData:
       )
     self.steps_per_epoch = self.per_device // self.device_batch
     shape = images.shape[1:]
-    # This process holds the examples of its devices (`data.base.train_share`), ascending: its
-    # j-th device's are every local_devices-th one from the j-th.
+    # This process holds the examples of its devices (`data.base.ProcessSlice.train_share`),
+    # ascending: its j-th device's are every local_devices-th one from the j-th.
     take = lambda a, j: a[j::local_devices][: self.per_device]  # noqa: E731
     local_images = np.stack([take(images, j) for j in range(local_devices)])
     local_labels = np.stack([take(labels, j) for j in range(local_devices)])

@@ -32,28 +32,15 @@ _WIDE_MODES = ('I', 'F')
 _CHUNK = 256
 
 
-def load(
-  root: str | None,
-  *,
-  holdout: int,
-  holdout_seed: int,
-  process_index: int,
-  process_count: int,
-  devices_per_process: int = 1,
-) -> base.InMemoryDataset:
+def load(root: str | None, part: base.ProcessSlice) -> base.InMemoryDataset:
   """Lists, holds out, shares out and decodes an image folder.
 
   Files are listed and the hold-out is chosen on the global file list, so every process agrees;
-  each process then decodes only its own files [process_index::process_count].
+  each process then decodes only its own files (`part.train_share`, `part.process_share`).
 
   Args:
     root: the folder holding `train/` and any evaluation split folders.
-    holdout: training images to move to split 'holdout' (0: none).
-    holdout_seed: seed of the hold-out permutation.
-    process_index: this process.
-    process_count: number of processes.
-    devices_per_process: local devices of each process (decides the training share,
-      `base.train_share`).
+    part: the hold-out and this process's share.
 
   Returns:
     The in-memory dataset holding this process's images.
@@ -112,13 +99,13 @@ def load(
     if files:
       eval_files[split] = (files, labels)
 
-  if holdout:
+  if part.holdout:
     if base.HOLDOUT in eval_files:
       raise errors.UserError(
         f"{root} already has a split folder named 'holdout'; set --config.data.holdout=0 or "
         'rename the folder'
       )
-    keep, held = base.holdout_indices(len(train_files), holdout, holdout_seed)
+    keep, held = part.holdout_indices(len(train_files))
     eval_files[base.HOLDOUT] = (_take(train_files, held), train_labels[held])
     train_files, train_labels = _take(train_files, keep), train_labels[keep]
 
@@ -127,17 +114,17 @@ def load(
   height, width, mode = _probe(train_files[0])
   shape = (height, width, 1 if mode == 'L' else 3)
 
-  def decode_share(files: list[str], labels: np.ndarray, idx=None):
-    if idx is None:
-      idx = base.process_share(len(files), process_index, process_count)
+  def decode_share(files: list[str], labels: np.ndarray, idx: np.ndarray):
     return _decode(_take(files, idx), shape, mode), labels[idx]
 
-  own = base.train_share(len(train_files), process_index, process_count, devices_per_process)
-  train = decode_share(train_files, train_labels, own)
-  evals = {split: decode_share(*split_files) for split, split_files in eval_files.items()}
+  train = decode_share(train_files, train_labels, part.train_share(len(train_files)))
+  evals = {
+    split: decode_share(files, labels, part.process_share(len(files)))
+    for split, (files, labels) in eval_files.items()
+  }
 
   sample = base.stats_sample(len(train_files))
-  if process_count == 1:
+  if part.process_count == 1:
     stats_images = train[0][sample]
   else:
     # This process holds only its share; decoding the fixed sample again keeps the statistics
@@ -156,7 +143,7 @@ def load(
     in_memory=True,
     class_names=tuple(classes),
   )
-  return base.InMemoryDataset(info, train, evals, process_count=process_count)
+  return base.InMemoryDataset(info, train, evals, process_count=part.process_count)
 
 
 def _subfolders(path: str) -> list[str]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from gaternet_jax import errors
 from gaternet_jax.data import base
@@ -113,30 +113,17 @@ def _split_size(builder, split: str) -> int:
   return cardinality
 
 
-def load_cifar(
-  name: str,
-  data_dir: str | None,
-  *,
-  holdout: int,
-  holdout_seed: int,
-  process_index: int,
-  process_count: int,
-  devices_per_process: int = 1,
-) -> base.InMemoryDataset:
+def load_cifar(name: str, data_dir: str | None, part: base.ProcessSlice) -> base.InMemoryDataset:
   """CIFAR-10/100 from tfds, whole splits decoded to uint8 in memory, then shared out."""
   builder = _builder(name, data_dir)
   splits = {split: _read_whole_split(builder, split) for split in (base.TRAIN, 'test')}
   mean, std = CIFAR_STATS[name]
   return base.from_global_arrays(
     name,
+    part,
     num_classes=builder.info.features['label'].num_classes,
     train=splits[base.TRAIN],
     evals={'test': splits['test']},
-    holdout=holdout,
-    holdout_seed=holdout_seed,
-    process_index=process_index,
-    process_count=process_count,
-    devices_per_process=devices_per_process,
     mean=[m * 255.0 for m in mean],
     std=[s * 255.0 for s in std],
     class_names=builder.info.features['label'].names,
@@ -170,8 +157,10 @@ class StreamedDataset(base.Dataset):
     process_index: int,
     process_count: int,
     eval_splits: tuple[str, ...],
+    private_threads: int | None = None,
   ):
     self._builder = builder
+    self._options = _pipeline_options(private_threads)
     self._image_size = image_size
     self._shuffle_buffer = shuffle_buffer
     self._process_index = process_index
@@ -275,7 +264,7 @@ class StreamedDataset(base.Dataset):
     ds = ds.skip(offset).enumerate(start=first)
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return iter(tfds.as_numpy(ds.with_options(_deterministic_options(tf))))
+    return iter(tfds.as_numpy(ds.with_options(self._options)))
 
   def eval_iterator(self, split: str, local_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     tf, tfds = import_tf()
@@ -290,7 +279,7 @@ class StreamedDataset(base.Dataset):
       self.info.split_size(split), self._process_count, local_batch_size
     )
     return base.pad_batches(
-      tfds.as_numpy(ds.with_options(_deterministic_options(tf))),
+      tfds.as_numpy(ds.with_options(self._options)),
       local_batch_size,
       num_batches,
       self.info.image_shape,
@@ -300,15 +289,17 @@ class StreamedDataset(base.Dataset):
 def load_streamed(
   name: str,
   data_dir: str | None,
+  part: base.ProcessSlice,
   *,
   image_size: int,
   shuffle_buffer: int,
-  holdout: int,
-  process_index: int,
-  process_count: int,
 ) -> StreamedDataset:
-  """ImageNet (ILSVRC-2012) from tfds, streamed; evaluation split 'validation'."""
-  if holdout:
+  """ImageNet (ILSVRC-2012) from tfds, streamed; evaluation split 'validation'.
+
+  Each process streams its `tfds.split_for_jax_process` part of every split; `part` may not hold
+  any examples out.
+  """
+  if part.holdout:
     raise errors.UserError(
       f"data.holdout is not supported for the streamed dataset '{name}'; set "
       "--config.data.holdout=0 and evaluate on data.eval_split='validation'"
@@ -319,16 +310,28 @@ def load_streamed(
     _builder(name, data_dir),
     image_size=image_size,
     shuffle_buffer=shuffle_buffer,
-    process_index=process_index,
-    process_count=process_count,
+    process_index=part.process_index,
+    process_count=part.process_count,
     eval_splits=('validation',),
   )
 
 
-def _deterministic_options(tf):
+def _pipeline_options(private_threads: int | None = None):
+  """tf.data options of the streamed pipelines.
+
+  Deterministic: same seed, same batches (parallel map and interleave keep their input order).
+  Threads: as flax's ImageNet example and big_vision, a private pool for the pipeline's decoding
+  and cropping (`private_threads`; None: one per core of the host, 0: TensorFlow's shared pool)
+  and no parallelism inside one element's ops, so the pipeline's work does not queue behind or
+  oversubscribe the threads of TensorFlow's own pool (benchmarks/host_pipeline.py measures it).
+  """
+  tf, _ = import_tf()
   options = tf.data.Options()
-  # Same seed, same batches: parallel map and interleave keep their input order.
   options.deterministic = True
+  threads = (os.cpu_count() or 1) if private_threads is None else private_threads
+  if threads:
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
   return options
 
 

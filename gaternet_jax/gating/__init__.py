@@ -3,7 +3,7 @@ that shape them, and Batch-Shaping's local gate placement (GaterNet's global gat
 `gaternet_jax.models.gater`).
 
 `gumbel`: the Gumbel-sigmoid straight-through binarizer (Batch-Shaping's gating modules);
-Improved SemHash, GaterNet's binarizer, is `gaternet_jax.semhash`.
+Improved SemHash, GaterNet's binarizer, is `gaternet_jax.gating.semhash`.
 `binarizers`: either binarizer behind one interface (`sample_gates`, `on_probability`).
 `batch_shaping`: the batch-shaping and L0 losses of Bejnordi et al. (ICLR 2020), their weight
 schedules and the paper's hyper-parameters.

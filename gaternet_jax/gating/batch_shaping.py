@@ -26,7 +26,7 @@ gamma times the SUM over every gate of the network of the per-gate value here. W
 gamma is C times weaker (C = 336 gates for ResNet-20, 2,016 for ResNet-110): too weak to shape
 anything. So the objective (losses.py) takes `gating.batch_shaping_reduction = 'sum'` by default:
 gamma means what the recipe's 0.75 meant. 'mean' is `gbas_loss`'s reduction, what runs before
-2026-12-05 trained with (configs.LEGACY_VALUES). The paper's own equation could not be read here
+2026-12-05 trained with (legacy.LEGACY_VALUES). The paper's own equation could not be read here
 (its stored copies stop at the introduction); the same script exempts the gating modules from
 weight decay and leaves their last bias at the framework's default (mean 0): the defaults of
 `gating.module_weight_decay` (False) and `gating.module_init_bias` (0.0).

@@ -1,6 +1,6 @@
 """The two binarizers a gated model can use, behind one interface.
 
-`semhash`: GaterNet's Improved SemHash (`gaternet_jax.semhash`): noise N(0, 1) on the logit g',
+`semhash`: GaterNet's Improved SemHash (`gaternet_jax.gating.semhash`): noise N(0, 1) on the logit g',
 half the samples take the saturating sigmoid, half the hard step; the step's gradient is the
 sigmoid's. `gumbel`: Batch-Shaping's Gumbel-sigmoid straight-through gate
 (`gaternet_jax.gating.gumbel`): logistic noise, a hard forward, the relaxed sigmoid's gradient.
@@ -16,8 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gaternet_jax import semhash
-from gaternet_jax.gating import gumbel
+from gaternet_jax.gating import gumbel, semhash
 
 BINARIZERS = ('semhash', 'gumbel')
 

@@ -17,7 +17,7 @@ the relaxed sigmoid's derivative in the backward pass. The gate is on with proba
 so alpha is the gate's log-odds, and `gate_on_probability` is what the L0 term penalises.
 Evaluation is deterministic, no noise: gate = 1(alpha > 0), the more probable value.
 
-The functions are pure and carry no state, like `gaternet_jax.semhash`; the straight-through
+The functions are pure and carry no state, like `gaternet_jax.gating.semhash`; the straight-through
 gradient is a `jax.custom_vjp`, so the forward value is exactly 0 or 1 (the `stop_gradient`
 trick, relaxed + stop_gradient(hard - relaxed), can round 1.0 to a neighbouring float).
 """

@@ -8,12 +8,13 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gaternet_jax import configs
+from gaternet_jax import configs, legacy
 from gaternet_jax.errors import UserError
+from gaternet_jax.layout import GatedLayer, total_filters
+from gaternet_jax.models import densenet, inception_v4, shake_shake
+from gaternet_jax.models import pruning as pruning_lib
 from gaternet_jax.models.gater import Gater
 from gaternet_jax.models.gaternet import Classifier, GaterNet, LocallyGated
-from gaternet_jax.layout import GatedLayer, total_filters
-from gaternet_jax.models import densenet, inception_v4, pruning as pruning_lib, shake_shake
 from gaternet_jax.models.resnet import ResNet
 from gaternet_jax.models.resnet_cifar import CifarResNet
 
@@ -84,7 +85,7 @@ def create_backbone(
 
 def strided_padding_of(config) -> str:
   """`model.strided_padding`; a config saved before the field existed used 'same'."""
-  return config.model.get('strided_padding', configs.LEGACY_VALUES['model.strided_padding'])
+  return legacy.field(config, 'model.strided_padding')
 
 
 def backbone_from_config(config, *, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
@@ -106,7 +107,7 @@ def backbone_from_config(config, *, num_classes: int, dtype: Any = jnp.float32) 
 def with_unit_skipping(model: nn.Module) -> nn.Module:
   """A GaterNet whose backbone, in evaluation, skips every unit whose gates are all off for the
   whole batch: the same outputs, less work when an image leaves units off (batch 1 above all).
-  ResNet backbones only (models/layers.skip_if_all_off)."""
+  ResNet backbones only (models/units.skip_if_all_off)."""
   if not isinstance(model, GaterNet):
     raise UserError('skipping off units needs a GaterNet (gater and gated backbone)')
   if not hasattr(model.backbone, 'skip_off_units'):

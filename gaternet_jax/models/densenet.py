@@ -30,36 +30,22 @@ BOTTLENECK_FACTOR = 4  # the 1x1 conv of a BC layer outputs 4k channels
 COMPRESSION = 0.5  # theta of the transitions (the "C" of BC)
 
 
-class DenseNetBC(nn.Module):
+class DenseNetBC(layers.NoSEBackbone):
   """DenseNet-BC for 32x32 inputs, optionally gated.
 
-  Attributes:
+  Attributes (besides `layers.Backbone`'s, keyword-only; `se_reduction` must be 0):
     depth: L = 6n + 4 (n bottleneck layers per block; each counts as two convolutions).
-    growth: k, the channels each dense layer adds.
-    num_classes: classifier outputs; ignored when `include_head` is False.
-    width: multiplies the growth rate (and so the stem's 2k and the bottleneck's 4k channels).
-    se_reduction: must be 0; DenseNet-BC has no -SE variant.
-    include_head: False drops the classifier and returns pooled features (a gater extractor).
-    dtype: computation dtype (parameters and batch statistics stay float32).
+    growth: k, the channels each dense layer adds (`width` multiplies it, and so the stem's 2k and
+      the bottleneck's 4k channels).
   """
 
   depth: int
   growth: int
-  num_classes: int = 10
-  width: float = 1.0
-  se_reduction: int = 0
-  include_head: bool = True
-  dtype: Any = jnp.float32
 
-  def __post_init__(self):
-    if self.se_reduction:
-      raise ValueError('DenseNet-BC has no -SE variant')
-    super().__post_init__()
+  ARCHITECTURE = 'DenseNet-BC'
 
   def layers_per_block(self) -> int:
-    if (self.depth - 4) % 6 or self.depth < 10:
-      raise ValueError(f'depth {self.depth} is not a valid DenseNet-BC depth (6n + 4)')
-    return (self.depth - 4) // 6
+    return layers.repeats_of(self.depth, 6, 4, 'DenseNet-BC depth (6n + 4)')
 
   def scaled_growth(self) -> int:
     return layers.scaled_channels(self.growth, self.width)
@@ -94,9 +80,13 @@ class DenseNetBC(nn.Module):
         x = jnp.concatenate([x, new], axis=-1)
     slicer.check_consumed()
     x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='final_bn')(x))
-    return layers.pool_and_classify(
-      x, include_head=self.include_head, num_classes=self.num_classes, dtype=self.dtype
-    )
+    return self._pool_and_classify(x)
+
+
+def bn_relu_conv(x, features: int, kernel: int, suffix: str, *, train: bool, dtype):
+  """Batch norm ('bn<suffix>'), ReLU, a convolution ('conv<suffix>'): every DenseNet-BC step."""
+  x = nn.relu(layers.batch_norm(train, dtype=dtype, name=f'bn{suffix}')(x))
+  return layers.conv(features, kernel, dtype=dtype, name=f'conv{suffix}')(x)
 
 
 class BottleneckLayer(nn.Module):
@@ -107,10 +97,8 @@ class BottleneckLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train):
-    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn1')(x))
-    y = layers.conv(BOTTLENECK_FACTOR * self.growth, 1, dtype=self.dtype, name='conv1')(y)
-    y = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn2')(y))
-    return layers.conv(self.growth, 3, dtype=self.dtype, name='conv2')(y)
+    y = bn_relu_conv(x, BOTTLENECK_FACTOR * self.growth, 1, '1', train=train, dtype=self.dtype)
+    return bn_relu_conv(y, self.growth, 3, '2', train=train, dtype=self.dtype)
 
 
 class Transition(nn.Module):
@@ -121,8 +109,7 @@ class Transition(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train):
-    x = nn.relu(layers.batch_norm(train, dtype=self.dtype, name='bn')(x))
-    x = layers.conv(self.features, 1, dtype=self.dtype, name='conv')(x)
+    x = bn_relu_conv(x, self.features, 1, '', train=train, dtype=self.dtype)
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='VALID')
 
 

@@ -25,7 +25,6 @@ the first three stem convolutions belong to no block and are attributed to no ga
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -145,29 +144,17 @@ def block_specs(width: float, image_size: tuple[int, int]) -> list[BlockSpec]:
   return specs
 
 
-class InceptionV4(nn.Module):
+class InceptionV4(layers.NoSEBackbone):
   """Inception-v4, optionally gated after every block's concatenation.
 
-  Attributes:
-    num_classes: classifier outputs; ignored when `include_head` is False.
-    width: multiplies every convolution's channels (round, at least 1).
-    se_reduction: must be 0 (the paper has no Inception-v4-SE row).
-    include_head: False drops dropout and the classifier and returns pooled features.
-    dtype: computation dtype (parameters and batch statistics stay float32).
+  Attributes (besides `layers.Backbone`'s; `se_reduction` must be 0, the paper has no
+  Inception-v4-SE row, and `include_head` False also drops the dropout):
     dropout_keep: keep probability of the dropout before the classifier (0.8, as in the paper).
   """
 
-  num_classes: int = 1000
-  width: float = 1.0
-  se_reduction: int = 0
-  include_head: bool = True
-  dtype: Any = jnp.float32
-  dropout_keep: float = 0.8
-
-  def __post_init__(self):
-    if self.se_reduction:
-      raise ValueError('Inception-v4 has no -SE variant')
-    super().__post_init__()
+  ARCHITECTURE = 'Inception-v4'
+  num_classes: int = layers.keyword(1000)
+  dropout_keep: float = layers.keyword(0.8)
 
   def gate_layout(self, image_shape: tuple[int, int, int] = (299, 299, 3)) -> list[GatedLayer]:
     """One gated layer per block concatenation (see the module docstring for its MACs)."""

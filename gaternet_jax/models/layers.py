@@ -1,4 +1,5 @@
-"""Building blocks shared by the backbones: convolutions, batch norm, SE, gating, unit specs."""
+"""Building blocks shared by the backbones: convolutions, batch norm, SE, gating, the fields and
+head every backbone has, and the parts of a residual unit (units.py runs them in order)."""
 
 from __future__ import annotations
 
@@ -11,87 +12,15 @@ import jax.numpy as jnp
 
 from gaternet_jax import configs
 from gaternet_jax.gating.local import LocalGates
-from gaternet_jax.layout import GatedLayer
 from gaternet_jax.models import pruning as pruning_lib
-from gaternet_jax.models.pruning import PrunedLayer, Pruning
+from gaternet_jax.models.pruning import PrunedLayer
 
 Dtype = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitSpec:
-  """Static description of one residual unit, shared by the module and its gate layout."""
-
-  name: str
-  in_channels: int
-  mid_channels: int
-  out_channels: int
-  stride: int
-  out_size: tuple[int, int]  # spatial size of the unit's output
 
 
 def ceil_div(a: int, b: int) -> int:
   """ceil(a / b) for positive ints: the output size of a 'SAME' convolution of stride b."""
   return -(-a // b)
-
-
-def units_gate_layout(
-  specs: list[UnitSpec], last_kernel_area: int, pruning: Pruning | None = None
-) -> list[GatedLayer]:
-  """Gated layers of residual units gated on their last convolution (kernel area x mid channels
-  x output positions MACs per filter); under an export's `pruning`, only the input-dependent
-  filters, and no layer left without one."""
-  plan = dict(pruning or ())
-  layout = []
-  for s in specs:
-    filters = pruning_lib.gate_width(plan.get(s.name), s.out_channels)
-    if filters:
-      macs = last_kernel_area * s.mid_channels * s.out_size[0] * s.out_size[1]
-      layout.append(GatedLayer(s.name, filters, macs))
-  return layout
-
-
-GATE_PLACEMENTS = ('last', 'first')
-
-
-def first_conv_gate_layout(
-  specs: list[UnitSpec], *, bottleneck: bool, pruning: Pruning | None = None
-) -> list[GatedLayer]:
-  """Gated layers of units gated on their FIRST convolution (local gating, Batch-Shaping).
-
-  An off filter of the first convolution saves that filter and, its channel being zero, the
-  second convolution's work on that input channel: basic units, 3x3 (stride s) then 3x3 (out
-  channels); bottleneck units, 1x1 at the input's resolution then 3x3 (stride s, mid channels).
-  Under an export's `pruning`, only the input-dependent filters, and no layer left without one.
-  """
-  plan = dict(pruning or ())
-  layout = []
-  in_size = specs[0].out_size if specs else (0, 0)  # the first unit has stride 1
-  for s in specs:
-    out_positions = s.out_size[0] * s.out_size[1]
-    if bottleneck:
-      macs = s.in_channels * in_size[0] * in_size[1] + 9 * s.mid_channels * out_positions
-    else:
-      macs = 9 * s.in_channels * out_positions + 9 * s.out_channels * out_positions
-    filters = pruning_lib.gate_width(plan.get(s.name), s.mid_channels)
-    if filters:
-      layout.append(GatedLayer(s.name, filters, macs))
-    in_size = s.out_size
-  return layout
-
-
-def gate_layout_for(
-  specs: list[UnitSpec], placement: str, *, bottleneck: bool, pruning: Pruning | None
-) -> list[GatedLayer]:
-  """A ResNet's gate layout: its units' last convolutions (GaterNet) or first (local gating).
-
-  An export's `pruning` plans the gated convolution: the last one, or the first one.
-  """
-  if placement == 'first':
-    return first_conv_gate_layout(specs, bottleneck=bottleneck, pruning=pruning)
-  if placement != 'last':
-    raise ValueError(f'gate_placement must be one of {GATE_PLACEMENTS}, got {placement!r}')
-  return units_gate_layout(specs, 1 if bottleneck else 9, pruning)
 
 
 # He-normal (fan_out) is what the ResNet papers and torchvision use for convolutions.
@@ -106,7 +35,7 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 #   projection), so a branch and its shortcut see the same pixels.
 # - 'same': TensorFlow's SAME, which pads an even-sized input's strided 3x3 by (0, 1) and a
 #   224-pixel 7x7/2 stem by (2, 3): outputs centred one pixel off the shortcut. Runs saved before
-#   `model.strided_padding` existed used it (configs.LEGACY_VALUES), and keep it.
+#   `model.strided_padding` existed used it (legacy.LEGACY_VALUES), and keep it.
 # At stride 1 (and on odd sizes) the two coincide.
 STRIDED_PADDINGS = configs.STRIDED_PADDINGS
 
@@ -169,6 +98,14 @@ def batch_norm(
 def scaled_channels(base: int, width: float) -> int:
   """Channels of a widened layer: round(base * width), at least 1."""
   return max(1, int(round(base * width)))
+
+
+def repeats_of(depth: int, per_repeat: int, fixed: int, kind: str) -> int:
+  """n of a backbone whose depth is per_repeat x n + fixed (n >= 1); otherwise a ValueError that
+  `depth` is not a valid `kind`."""
+  if (depth - fixed) % per_repeat or depth < fixed + per_repeat:
+    raise ValueError(f'depth {depth} is not a valid {kind}')
+  return (depth - fixed) // per_repeat
 
 
 class SqueezeExcite(nn.Module):
@@ -254,65 +191,6 @@ class GateSlicer:
       )
 
 
-def gated_units(
-  x, specs, gates, make_unit, *, train: bool, pruning: Pruning | None = None, skip_in=None
-):
-  """Applies one residual unit per spec in order, each with its slice of the gate vector.
-
-  Args:
-    x: the stem's output.
-    specs: the backbone's unit specs (the same list its gate layout is built from).
-    gates: (batch, c) gate vector, None for the plain network, or a `LocalGates` (local gating:
-      every unit computes its own gates from its input and records them there).
-    make_unit: (spec, name, pruned) -> the unit module; called here so it binds to the calling
-      module. `pruned` is the unit's PrunedLayer under an export's plan, else None.
-    train: training mode.
-    pruning: an export's plan (models/pruning.py), or None.
-    skip_in: the calling backbone module, to skip off units (`skip_if_all_off`) in evaluation;
-      None computes every unit.
-  """
-  plan = dict(pruning or ())
-  if isinstance(gates, LocalGates):
-    for spec in specs:
-      unit = make_unit(spec, spec.name.replace('/', '_'), plan.get(spec.name))
-      x = unit(x, gates, train=train)
-    return x
-  skip = skip_in is not None and not train and not skip_in.is_initializing()
-  widths = [pruning_lib.gate_width(plan.get(s.name), s.out_channels) for s in specs]
-  slicer = GateSlicer(gates, sum(widths))
-  for spec, width in zip(specs, widths):
-    name, pruned = spec.name.replace('/', '_'), plan.get(spec.name)
-    gate = slicer.next(width) if width else None
-    if skip and gate is not None and pruning_lib.every_kept_gated(pruned):
-      x = skip_if_all_off(skip_in, x, gate, lambda p, s=spec, n=name: make_unit(s, n, p), pruned)
-    else:
-      x = make_unit(spec, name, pruned)(x, gate, train=train)
-  slicer.check_consumed()
-  return x
-
-
-def skip_if_all_off(parent: nn.Module, x, gate, make_unit, pruned: PrunedLayer | None):
-  """One GaterNet unit in evaluation, computed only if one of its gates is on in the batch.
-
-  With every gate of the unit at 0, eq. 4 makes every gated output 0, so the unit is exactly
-  its version with every filter removed (`make_unit(PrunedLayer((), ()))`: the shortcut, and
-  the ReLU after the addition where the unit has one), which needs none of its convolutions.
-  `lax.cond` (`nn.cond`) runs only the branch taken; at batch 1 a unit whose gates the image
-  left off costs nothing but the test. Only for units whose every computed filter is gated
-  (under an export's plan: no always-on filter kept).
-  """
-
-  def computed(module, x, gate):
-    del module  # the units bind to it through the call stack
-    return make_unit(pruned)(x, gate, train=False)
-
-  def skipped(module, x, gate):
-    del module, gate
-    return make_unit(PrunedLayer((), ()))(x, None, train=False)
-
-  return nn.cond(jnp.any(gate > 0), computed, skipped, parent, x, gate)
-
-
 def split_gate(gate):
   """(the unit's last-conv gate or None, the LocalGates or None) from a unit's `gate` argument."""
   if isinstance(gate, LocalGates):
@@ -384,49 +262,125 @@ def gated_features(out: int, pruned: PrunedLayer | None, se_reduction: int) -> i
   return len(pruned.kept)
 
 
-def pool_and_classify(x, *, include_head: bool, num_classes: int, dtype: Dtype) -> jax.Array:
-  """Global average pooling, then the classifier (float32 logits), or the pooled features."""
-  x = jnp.mean(x, axis=(1, 2))
-  if not include_head:
-    return x
-  return nn.Dense(num_classes, dtype=dtype, name='head')(x).astype(jnp.float32)
+def keyword(default):
+  """A module field whose default makes it keyword-only, so that a subclass's own fields without
+  one (`depth`, ...) still come first."""
+  return dataclasses.field(default=default, kw_only=True)
 
 
-class BasicUnit(nn.Module):
-  """Post-activation basic block (two 3x3 convolutions), gated on its second conv's output.
+class Backbone(nn.Module):
+  """The fields every backbone takes from `models.create_backbone` (keyword-only), and its head.
 
   Attributes:
-    mid, out: channels of the first and second convolution.
-    stride: of the first convolution.
+    num_classes: classifier outputs; ignored when `include_head` is False.
+    width: multiplies every layer's channel count (round, at least 1; the -Wider variants).
+    se_reduction: squeeze-and-excitation reduction ratio in every unit; 0 disables SE.
+    include_head: False drops the classifier and returns pooled features (a gater's extractor).
+    dtype: computation dtype (parameters and batch statistics stay float32).
+  """
+
+  num_classes: int = keyword(10)
+  width: float = keyword(1.0)
+  se_reduction: int = keyword(0)
+  include_head: bool = keyword(True)
+  dtype: Dtype = keyword(jnp.float32)
+
+  def _pool_and_classify(self, x) -> jax.Array:
+    """Global average pooling, then the classifier ('head', float32 logits), or the pooled
+    features."""
+    x = jnp.mean(x, axis=(1, 2))
+    if not self.include_head:
+      return x
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+
+
+class NoSEBackbone(Backbone):
+  """A backbone with no -SE variant (Table 2's): a nonzero `se_reduction` is refused at
+  construction, so that describe/train fail before any tracing."""
+
+  ARCHITECTURE = 'this backbone'  # its name in the refusal
+
+  def __post_init__(self):
+    if self.se_reduction:
+      raise ValueError(f'{self.ARCHITECTURE} has no -SE variant')
+    super().__post_init__()
+
+
+class ResidualUnit(nn.Module):
+  """The fields and parts every ResNet unit has (`BasicUnit`, resnet.BottleneckUnit,
+  resnet_cifar.PreActBottleneckUnit).
+
+  Attributes:
+    mid, out: channels of the inner convolutions and of the unit's output.
+    stride: of the unit's first 3x3 convolution.
     se_reduction: squeeze-and-excitation ratio; 0 disables SE.
-    projection: where the shape changes, a 1x1 conv + BN shortcut (option B, ImageNet ResNets);
-      otherwise subsample and zero-pad channels (option A, the parameter-free shortcut of the
-      CIFAR ResNets).
-    pruned: an export's plan for the gated convolution's filters (None: all computed): conv2's
-      (GaterNet; with none kept the unit is its shortcut) or conv1's (`gate_first`).
-    gate_first: the unit is gated on conv1 (local gating) rather than conv2.
+    pruned: an export's plan for the gated convolution's filters (None: all computed): the last
+      convolution's (GaterNet; with none kept the unit is its shortcut) or conv1's (`gate_first`).
+    gate_first: the unit is gated on conv1 (local gating) rather than its last convolution.
     strided_padding: how the strided 3x3 convolution pads (STRIDED_PADDINGS).
 
-  `gate` is conv2's slice of the gate vector (GaterNet), None, or a `LocalGates` (conv1's
-  channels gated from the unit's input, Batch-Shaping).
+  A unit is called as `(x, gate, train=...)`: `gate` is the last convolution's slice of the gate
+  vector (GaterNet), None, or a `LocalGates` (conv1's channels gated from the unit's input,
+  Batch-Shaping).
   """
 
   mid: int
   out: int
   stride: int
   se_reduction: int
-  projection: bool
   dtype: Dtype = jnp.float32
   pruned: PrunedLayer | None = None
   gate_first: bool = False
   strided_padding: str = 'symmetric'
 
-  @nn.compact
-  def __call__(self, x, gate, *, train):
+  def _plans(self, gate):
+    """(the last convolution's gate, the LocalGates, conv1's plan, the last convolution's plan,
+    the last convolution's computed filters) from the unit's `gate` argument and `pruned`."""
     gate, local = split_gate(gate)
     first, last = plans_by_conv(self.pruned, self.gate_first)
-    shortcut = self._shortcut(x, train)
-    features = gated_features(self.out, last, self.se_reduction)
+    return gate, local, first, last, gated_features(self.out, last, self.se_reduction)
+
+  def _shortcut(self, x, train, projection: bool = True):
+    """The input where the shape stays; where it changes, a 1x1 conv + BN (option B), or without
+    `projection` the input subsampled with its channels zero-padded (option A)."""
+    if self.stride == 1 and x.shape[-1] == self.out:
+      return x
+    if projection:
+      x = conv(self.out, 1, self.stride, dtype=self.dtype, name='proj_conv')(x)
+      return batch_norm(train, dtype=self.dtype, name='proj_bn')(x)
+    x = x[:, :: self.stride, :: self.stride, :]
+    extra = self.out - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+  def _bottleneck_convs(self, inputs, x, local, first, features, *, bns, train):
+    """A bottleneck's convolutions: 1x1 conv1 (mid) on `inputs`, batch norm `bns[0]`, ReLU, local
+    gates (from the unit's input x), 3x3 conv2 (mid, the stride), batch norm `bns[1]`, ReLU, 1x1
+    conv3 (`features`)."""
+    y = first_conv_pair(
+      inputs, x, local, first, mid=self.mid, kernel1=1, stride1=1, out2=self.mid, kernel2=3,
+      stride2=self.stride, bn1=bns[0], train=train, dtype=self.dtype,
+      padding=self.strided_padding,
+    )  # fmt: skip
+    y = nn.relu(batch_norm(train, dtype=self.dtype, name=bns[1])(y))
+    return conv(features, 1, dtype=self.dtype, name='conv3')(y)
+
+
+class BasicUnit(ResidualUnit):
+  """Post-activation basic block (two 3x3 convolutions: mid channels with the stride, then out
+  channels), gated on its second conv's output (conv1's under `gate_first`).
+
+  Attributes (besides `ResidualUnit`'s):
+    projection (keyword-only): where the shape changes, a 1x1 conv + BN shortcut (option B,
+      ImageNet ResNets); otherwise subsample and zero-pad channels (option A, the parameter-free
+      shortcut of the CIFAR ResNets).
+  """
+
+  projection: bool = dataclasses.field(kw_only=True)
+
+  @nn.compact
+  def __call__(self, x, gate, *, train):
+    gate, local, first, last, features = self._plans(gate)
+    shortcut = self._shortcut(x, train, self.projection)
     if not features:
       return nn.relu(shortcut)
     y = first_conv_pair(
@@ -438,13 +392,3 @@ class BasicUnit(nn.Module):
       y, gate, last, se_reduction=self.se_reduction, train=train, dtype=self.dtype, name='bn2'
     )
     return nn.relu(pruning_lib.add_to_shortcut(shortcut, y, last))
-
-  def _shortcut(self, x, train):
-    if self.stride == 1 and x.shape[-1] == self.out:
-      return x
-    if self.projection:
-      x = conv(self.out, 1, self.stride, dtype=self.dtype, name='proj_conv')(x)
-      return batch_norm(train, dtype=self.dtype, name='proj_bn')(x)
-    x = x[:, :: self.stride, :: self.stride, :]
-    extra = self.out - x.shape[-1]
-    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))

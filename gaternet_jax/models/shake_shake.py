@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from gaternet_jax.layout import GatedLayer
 from gaternet_jax.models import layers
-from gaternet_jax.models.layers import UnitSpec
+from gaternet_jax.models.units import UnitSpec, stage_specs
 
 STEM_CHANNELS = 16
 STAGE_MULTIPLIERS = (1, 2, 4)  # stage widths N, 2N, 4N
@@ -72,55 +72,34 @@ def shake_eval(b1: jax.Array, b2: jax.Array) -> jax.Array:
   return 0.5 * (b1 + b2)
 
 
-class ShakeShake(nn.Module):
+class ShakeShake(layers.NoSEBackbone):
   """Shake-Shake (depth) 2x(base_width)d for 32x32 inputs, optionally gated or widened.
 
-  Attributes:
+  Attributes (besides `layers.Backbone`'s, keyword-only; `se_reduction` must be 0: Shake-Shake
+  has no -SE variant in the paper):
     depth: 6n+2 with n blocks per stage (26: 4 blocks per stage).
     base_width: N, the first stage's width (the "64" of 2x64d).
-    num_classes: classifier outputs; ignored when `include_head` is False.
-    width: multiplies every layer's channel count (round, at least 1).
-    se_reduction: must be 0; Shake-Shake has no -SE variant in the paper.
-    include_head: False drops the classifier and returns pooled features.
-    dtype: computation dtype (parameters and batch statistics stay float32).
     strided_padding: how the branches' strided 3x3 convolutions pad (layers.STRIDED_PADDINGS;
       'symmetric' is the Torch code's pad 1, centred on the pixels path 1 of the shortcut takes).
   """
 
   depth: int = 26
   base_width: int = 64
-  num_classes: int = 10
-  width: float = 1.0
-  se_reduction: int = 0
-  include_head: bool = True
-  dtype: Any = jnp.float32
   strided_padding: str = 'symmetric'
 
-  def __post_init__(self):
-    # Refused at construction so that describe/train fail before any tracing.
-    if self.se_reduction:
-      raise ValueError('Shake-Shake has no -SE variant')
-    super().__post_init__()
+  ARCHITECTURE = 'Shake-Shake'
 
   def blocks_per_stage(self) -> int:
-    if (self.depth - 2) % 6 or self.depth < 8:
-      raise ValueError(f'depth {self.depth} is not a valid Shake-Shake depth (6n+2)')
-    return (self.depth - 2) // 6
+    return layers.repeats_of(self.depth, 6, 2, 'Shake-Shake depth (6n+2)')
 
   def block_specs(self, image_size: tuple[int, int] = (32, 32)) -> list[UnitSpec]:
     """One spec per residual block; both branches have `out_channels` = `mid_channels`."""
+    n = self.blocks_per_stage()
+    outs = [
+      layers.scaled_channels(self.base_width * mult, self.width) for mult in STAGE_MULTIPLIERS
+    ]
     in_channels = layers.scaled_channels(STEM_CHANNELS, self.width)
-    height, width = image_size
-    specs = []
-    for s, mult in enumerate(STAGE_MULTIPLIERS):
-      out = layers.scaled_channels(self.base_width * mult, self.width)
-      for b in range(self.blocks_per_stage()):
-        stride = 2 if (s > 0 and b == 0) else 1
-        height, width = layers.ceil_div(height, stride), layers.ceil_div(width, stride)
-        name = f'stage{s + 1}/block{b + 1}'
-        specs.append(UnitSpec(name, in_channels, out, out, stride, (height, width)))
-        in_channels = out
-    return specs
+    return stage_specs([(n, out, out) for out in outs], in_channels, image_size, unit='block')
 
   def gate_layout(self, image_shape: tuple[int, int, int] = (32, 32, 3)) -> list[GatedLayer]:
     """Two gated layers per block (each branch's last 3x3 conv over `out` channels), in the
@@ -153,10 +132,7 @@ class ShakeShake(nn.Module):
       )
       x = block(x, slicer.next(s.out_channels), slicer.next(s.out_channels), train=train)
     slicer.check_consumed()
-    x = nn.relu(x)
-    return layers.pool_and_classify(
-      x, include_head=self.include_head, num_classes=self.num_classes, dtype=self.dtype
-    )
+    return self._pool_and_classify(nn.relu(x))
 
 
 class ShakeBlock(nn.Module):

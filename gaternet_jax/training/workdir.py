@@ -106,14 +106,14 @@ def save_config(config, workdir: str) -> None:
 
 def load_config(workdir: str):
   """The config stored beside a run's checkpoints, as a ConfigDict (lists back to tuples), with
-  the value an older version used for each field it was saved without (configs.LEGACY_VALUES)."""
+  the value an older version used for each field it was saved without (legacy.py)."""
   import ml_collections  # noqa: PLC0415 - keeps this module importable without it
 
-  from gaternet_jax import configs  # noqa: PLC0415 - ml_collections, as above
+  from gaternet_jax import legacy  # noqa: PLC0415 - ml_collections, as above
 
   if not exists(workdir, CONFIG_FILE):
     raise CheckpointError(f'no {CONFIG_FILE} in {workdir!r}: not a gaternet workdir')
-  stored = configs.with_legacy_values(read_json(workdir, CONFIG_FILE))
+  stored = legacy.read_stored(read_json(workdir, CONFIG_FILE))
   return ml_collections.ConfigDict(_lists_to_tuples(stored))
 
 

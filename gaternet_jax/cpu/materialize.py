@@ -6,11 +6,11 @@ from the cheap element-wise ops that produced the input, recomputing them instea
 copy the forward pass already wrote. In a ResNet the input is the residual stream, so one
 transpose re-derived batch norm, ReLU and the shortcut sum of up to four earlier layers from their
 convolutions' outputs. On the 2-core CPU (ResNet-20, batch 128, a ~535 ms step) those transposes
-took ~200 ms of thread time per step, ~62 ms with the barriers (README, Throughput).
+took ~200 ms of thread time per step, ~62 ms with the barriers (docs/performance.md).
 
 `jax.lax.optimization_barrier` on each convolution's input stops that: nothing fuses across it,
 so the transpose reads the stored input. XLA:CPU normally removes barriers before fusion; the CPU
-XLA flags (`environment.CPU_XLA_FLAGS`) keep them (`--xla_disable_hlo_passes=cse_barrier_expander`);
+XLA flags (`flags.CPU_XLA_FLAGS`) keep them (`--xla_disable_hlo_passes=cse_barrier_expander`);
 without that flag the barriers are removed and nothing changes. A barrier is the identity, so the
 values computed are the same.
 """

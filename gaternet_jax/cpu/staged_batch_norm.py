@@ -12,7 +12,7 @@ Here each sum is taken in two stages: first over groups of `GROUP_ROWS` consecut
 threads, then over the partial sums, which are small (each stage one variadic reduce for all the
 sums of one shape). An `optimization_barrier` between the stages keeps XLA's simplifier from
 merging them back into one long reduction; it survives only with the CPU XLA flags
-(`environment.CPU_XLA_FLAGS`), and without them the result is the usual program. A custom VJP
+(`flags.CPU_XLA_FLAGS`), and without them the result is the usual program. A custom VJP
 gives the backward pass the same staged sums (autodiff would emit long reductions).
 
 `gated_batch_norm` is batch norm and eq. 4's gate (`layers.GatedBatchNorm`, a GaterNet's gated
@@ -78,7 +78,7 @@ def staged_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   M / 16 partial sums (8,192 rows in ResNet-20's first stage), are long single-output
   reductions again, which XLA:CPU rewrote into chains of reduce-windows: 5-7 kernels per pair of
   sums instead of 1, 1,952 of the 4,428 fusions of ResNet-164-Gated's train step, and 2.1-2.6 s
-  of its cold compile (in-process A/B; README, Throughput). The running time did not change.
+  of its cold compile (in-process A/B; docs/performance.md). The running time did not change.
   """
   partials = jax.lax.optimization_barrier(_group_sums(*arrays))
   return _sum_axis(partials, 0)

@@ -21,13 +21,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gaternet_jax import configs, environment, losses, models
-from gaternet_jax.models import initialization, materialize, native_conv, staged_batch_norm
+from gaternet_jax import cpu, legacy, models, validation
 from gaternet_jax.data import augment
 from gaternet_jax.errors import UserError
 from gaternet_jax.gating.local import MODULE_NAME as LOCAL_GATE_MODULE
+from gaternet_jax.models import initialization
+from gaternet_jax.training import losses
 
 
 @flax.struct.dataclass
@@ -86,7 +88,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, plan: Plan) -> opt
   elif s.name == 'constant':
     main = optax.constant_schedule(plan.learning_rate)
   else:
-    raise UserError(f"unknown schedule.name {s.name!r}; choose 'step', 'cosine' or 'constant'")
+    raise ValueError(f'schedule.name {s.name!r}')  # validation.RULES refuses it first
   if warmup <= 0:
     return main
   ramp = optax.linear_schedule(0.0, plan.learning_rate, warmup)
@@ -106,9 +108,7 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule):
 def weight_decay_mask(config) -> Callable[[Any], Any] | None:
   """None (decay every parameter), or params -> a tree of bools, False for the parameters of the
   local gating modules (`<unit>/gate`) when the config exempts them."""
-  gating = configs.gating_of(config)
-  decay = gating.get('module_weight_decay', configs.LEGACY_VALUES['gating.module_weight_decay'])
-  if decay or not models.is_local(config):
+  if legacy.field(config, 'gating.module_weight_decay') or not models.is_local(config):
     return None
 
   def mask(params):
@@ -149,15 +149,7 @@ def build(
 ) -> Setup:
   """Model, optimizer and abstract state for `config` on dataset `info`."""
   mesh = mesh or make_mesh()
-  for field in (
-    'batch_size',
-    'eval_batch_size',
-    'log_every_steps',
-    'checkpoint_every_steps',
-    'keep_checkpoints',
-  ):
-    if config[field] < 1:
-      raise UserError(f'{field} must be at least 1, got {config[field]}')
+  validation.validate_config(config)  # the field rules; what depends on the mesh is checked here
   if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
     raise UserError(
       f'batch_size {config.batch_size} and eval_batch_size '
@@ -196,13 +188,6 @@ def build(
   )
 
 
-# The initialisation runs once and does little arithmetic, but on XLA:CPU LLVM's optimisation of
-# its random draws cost most of its compile time (ResNet-164-Gated, with the kernels drawn per
-# shape: 12.6 s at the default level, 4.6 s at 0; README, Throughput). Values are the same
-# distribution; the run time stays a fraction of a second.
-INIT_COMPILER_OPTIONS = {'cpu': {'xla_backend_optimization_level': 0}}
-
-
 def init_state(key: jax.Array, *, model, tx, image_shape) -> TrainState:
   params_key, gates_key, kernels_key = jax.random.split(key, 3)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
@@ -231,7 +216,7 @@ def create_state(setup: Setup, key: jax.Array | int) -> TrainState:
   shardings = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
   key = jax.random.key(key) if isinstance(key, int) else key
   lowered = jax.jit(init, out_shardings=shardings).lower(key)
-  return lowered.compile(compiler_options=INIT_COMPILER_OPTIONS.get(platform(setup), {}))(key)
+  return lowered.compile(compiler_options=cpu.compiler_options(platform(setup), 'init'))(key)
 
 
 def preprocess(config, info, images: jax.Array, key: jax.Array | None) -> jax.Array:
@@ -247,7 +232,7 @@ def all_finite(tree) -> jax.Array:
   One reduction over all leaves laid end to end, not one per leaf as `optax.global_norm` does:
   ResNet-164-Gated has 556 parameter arrays, and the per-leaf reductions were 555 more reduce
   instructions (505 more fusions) in its compiled train step, 1.7 s more of its cold XLA:CPU
-  trace + compile (medians 19.2 vs 17.5 s; README, Throughput). Exact, unlike a norm, which
+  trace + compile (medians 19.2 vs 17.5 s; docs/performance.md). Exact, unlike a norm, which
   overflows to inf for huge but finite values.
   """
   leaves = [jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)]
@@ -273,16 +258,8 @@ def train_step(
     gate_dropout_rate = config.gater.dropout_rate * jnp.minimum(fraction, 1.0)
 
   def loss_fn(params):
-    # On the CPU, convolution inputs are stored for the backward pass, not recomputed (ResNet-20
-    # training 225 -> 297 images/s there; models/materialize.py), batch norm takes its sums
-    # in two fused stages (328 -> 380; models/staged_batch_norm.py), and convolutions run in
-    # native kernels (models/native_conv.py). Unmeasured elsewhere: off.
-    on_cpu = platform(setup) == 'cpu'
-    with (
-      materialize.conv_inputs_materialized(enabled=on_cpu),
-      staged_batch_norm.batch_norm_staged(enabled=on_cpu),
-      native_conv.native_convolutions(enabled=on_cpu, mesh=setup.mesh),
-    ):
+    # XLA:CPU-only speed-ups (gaternet_jax/cpu); nothing on GPU or TPU.
+    with cpu.speedups(platform(setup), training=True, mesh=setup.mesh):
       (logits, aux), new_vars = setup.model.apply(
         {'params': params, 'batch_stats': state.batch_stats},
         x,
@@ -312,7 +289,7 @@ def train_step(
   # parameters are checked, not the updates: they are non-finite whenever an update is (and when
   # a finite update overflows its parameter), and they are outputs anyway, so the check reads
   # them where the updates would need one more kernel per parameter array to be materialised
-  # (ResNet-164-Gated: 556 fusions fewer, README, Throughput).
+  # (ResNet-164-Gated: 556 fusions fewer, docs/performance.md).
   finite = jnp.isfinite(loss) & all_finite(params)
   metrics = {
     'finite': finite,
@@ -330,7 +307,7 @@ def _eval_forward(state: TrainState, batch: dict[str, jax.Array], setup: Setup, 
   1(g' > gate_threshold)."""
   x = preprocess(setup.config, setup.info, batch['image'], None)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  with native_conv.native_convolutions(enabled=platform(setup) == 'cpu', mesh=setup.mesh):
+  with cpu.speedups(platform(setup), training=False, mesh=setup.mesh):
     return setup.model.apply(variables, x, train=False, gate_threshold=gate_threshold)
 
 
@@ -377,7 +354,7 @@ def compile_steps(setup: Setup):
     in_shardings=(state_sh, data_sh, rep),
     out_shardings=(state_sh, rep),
     donate_argnums=(0,),
-    compiler_options=environment.train_compiler_options(platform(setup)),
+    compiler_options=cpu.compiler_options(platform(setup), 'train'),
   )
   evaluate = jax.jit(
     functools.partial(eval_step, setup=setup),

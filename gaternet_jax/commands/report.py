@@ -10,8 +10,8 @@ import os
 import re
 from typing import Any
 
-from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import workdir as workdir_lib
 
 VARIANT_SUFFIX = {
   'plain': '',

@@ -9,7 +9,7 @@ For y = conv(x, w) (NHWC, HWIO), with dy the cotangent of y, three kernels:
 Why: XLA:CPU's Eigen convolutions run ResNet-20's 3x3 convolutions (16-64 channels, batch 128)
 1.3-1.7x slower than these kernels on the 2-core development CPU; it computes dw as a convolution
 over the batch after transposing x and dy to batch-minor layouts (3.4x slower for 16 channels), and
-dx of a strided convolution as a convolution over a dilated dy (README, Throughput;
+dx of a strided convolution as a convolution over a dilated dy (docs/performance.md;
 `benchmarks/conv_kernels.py`).
 
 `native_convolutions()` swaps `conv_general_dilated` below into every `flax.linen.Conv` call while
@@ -38,7 +38,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from gaternet_jax import native
+from gaternet_jax.cpu import native
 
 FORWARD_TARGET = 'gaternet_conv_forward'
 INPUT_GRAD_TARGET = 'gaternet_conv_input_grad'

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from gaternet_jax import describe, device_loops, distributed, evaluate, models, restore
-from gaternet_jax import workdir as workdir_lib
+from gaternet_jax import models
 from gaternet_jax.analysis import figures
+from gaternet_jax.commands import describe, evaluate
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import dispatch, distributed, restore
+from gaternet_jax.training import workdir as workdir_lib
 
 TRADEOFF_DIR = 'tradeoff'
 JSON_FILE = 'tradeoff.json'
@@ -79,7 +81,7 @@ def tradeoff_workdir(
     image_shape=info.image_shape,
   )
   layout = models.gate_layout(config, info.image_shape)
-  evaluator = device_loops.Evaluator(setup, dataset)
+  evaluator = dispatch.Evaluator(setup, dataset)
   rows = []
   for threshold in sorted(thresholds):
     metrics = evaluate.metrics_with_macs(evaluator.totals(state, split, threshold), stats, layout)

@@ -13,13 +13,15 @@ import copy
 import hashlib
 from typing import Any
 
-from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
-from gaternet_jax import configs, distributed, workdir as workdir_lib
+from gaternet_jax import configs, legacy
 from gaternet_jax.errors import CheckpointError, UserError
+from gaternet_jax.training import distributed
+from gaternet_jax.training import workdir as workdir_lib
 
 # Fields a resumed run may change without conflicting with the stored config: they affect
 # logging, cadence and where data is read from, not what is trained.
@@ -299,9 +301,9 @@ def config_conflicts(config, workdir: str, stages: tuple[str, ...] = ()) -> str 
 
 
 def keep_stored_recipe(config, workdir: str, stages: tuple[str, ...] = ()):
-  """`config`, or a copy with the stored run's value of every configs.RECIPE_FIELDS field, when
+  """`config`, or a copy with the stored run's value of every legacy.RECIPE_FIELDS field, when
   `workdir` holds that run's training state: a run saved by an older version (a field it lacks
-  reads as configs.LEGACY_VALUES; one whose default changed since is stored) resumes computing
+  reads as legacy.LEGACY_VALUES; one whose default changed since is stored) resumes computing
   what it computed, instead of being refused as a different config."""
   if not workdir_lib.exists(workdir, workdir_lib.CONFIG_FILE):
     return config
@@ -311,7 +313,7 @@ def keep_stored_recipe(config, workdir: str, stages: tuple[str, ...] = ()):
   present = configs.flatten(config)
   kept = {
     k: stored[k]
-    for k in configs.RECIPE_FIELDS
+    for k in legacy.RECIPE_FIELDS
     if k in stored and k in present and present[k] != stored[k]
   }
   if not kept:

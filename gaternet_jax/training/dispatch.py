@@ -28,11 +28,13 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gaternet_jax import environment, steps
+from gaternet_jax import cpu
 from gaternet_jax.data import feed
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import steps
 
 # Steps per dispatch when `config.steps_per_dispatch` is None. On GPU/TPU a ResNet-20 step takes
 # less time than launching it, so a chunk amortises the launch over many steps; the loop still
@@ -161,7 +163,7 @@ class TrainDispatch:
         ),
         out_shardings=(state_sh, setup.replicated),
         donate_argnums=(0,),
-        compiler_options=environment.train_compiler_options(steps.platform(setup)),
+        compiler_options=cpu.compiler_options(steps.platform(setup), 'train'),
       )
     else:
       self.resident = None

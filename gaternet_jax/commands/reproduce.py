@@ -26,9 +26,10 @@ from typing import Any, Callable
 
 import ml_collections
 
-from gaternet_jax import checkpoints, distributed, evaluate, preemption, procedure, sweep
-from gaternet_jax import workdir as workdir_lib
+from gaternet_jax.commands import evaluate, sweep
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import checkpoints, distributed, preemption, procedure
+from gaternet_jax.training import workdir as workdir_lib
 
 RUNS = ('plain', 'gated', 'control')
 RESULTS_JSON = 'reproduce.json'

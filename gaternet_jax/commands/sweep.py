@@ -13,8 +13,10 @@ from typing import Any, Callable, Iterator
 
 import ml_collections
 
-from gaternet_jax import configs, preemption, validation, workdir as workdir_lib
+from gaternet_jax import configs, legacy, validation
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import preemption
+from gaternet_jax.training import workdir as workdir_lib
 
 
 def parse_sweep(specs: list[str]) -> list[dict[str, str]]:
@@ -38,10 +40,10 @@ def field_type(config: ml_collections.ConfigDict, field: str) -> type:
   node = config
   for p in parents:
     if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-      raise UserError(f'--sweep: unknown config field {field!r}')
+      raise UserError(f'--sweep: unknown config field {field!r}{legacy.renamed_hint(field)}')
     node = node[p]
   if leaf not in node:
-    raise UserError(f'--sweep: unknown config field {field!r}')
+    raise UserError(f'--sweep: unknown config field {field!r}{legacy.renamed_hint(field)}')
   if isinstance(node, ml_collections.ConfigDict):
     try:
       return node.get_ref(leaf).get_type()
@@ -104,7 +106,8 @@ def check_data(points: list[tuple[str, ml_collections.ConfigDict]]) -> None:
   model builds. Each distinct data config is loaded once. Raises UserError naming the point."""
   import jax  # noqa: PLC0415 - the data and the steps need JAX; the grid's parsing does not
 
-  from gaternet_jax import data as data_lib, steps  # noqa: PLC0415
+  from gaternet_jax import data as data_lib  # noqa: PLC0415
+  from gaternet_jax.training import steps
 
   infos = {}
   for label, config in points:

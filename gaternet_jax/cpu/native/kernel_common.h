@@ -11,7 +11,7 @@
 // How (all three): a tile of accumulators stays in vector registers while as many FMAs as possible
 // are done per load; work is shared out between the calling thread and XLA's intra-op thread pool
 // (ShareWork). On the 2-core development CPU these run ResNet-20's convolutions ~1.5-3x faster
-// than XLA:CPU's Eigen convolutions (README, Throughput; benchmarks/conv_kernels.py).
+// than XLA:CPU's Eigen convolutions (docs/performance.md; benchmarks/conv_kernels.py).
 #ifndef GATERNET_JAX_NATIVE_KERNEL_COMMON_H_
 #define GATERNET_JAX_NATIVE_KERNEL_COMMON_H_
 

@@ -23,13 +23,20 @@ from typing import Any
 import jax
 import ml_collections
 
-from gaternet_jax import checkpoints, distributed, models, preemption, restore, steps, train
-from gaternet_jax import validation
-from gaternet_jax import workdir as workdir_lib
-from gaternet_jax import workdir_lock
+from gaternet_jax import models, validation
 from gaternet_jax.errors import CheckpointError, UserError
 from gaternet_jax.gating.local import MODULE_NAME as LOCAL_GATE_MODULE
-from gaternet_jax.workdir import STAGE_BACKBONE, STAGE_GATER, STAGE_JOINT, STAGES
+from gaternet_jax.training import (
+  checkpoints,
+  distributed,
+  loop,
+  preemption,
+  restore,
+  steps,
+  workdir_lock,
+)
+from gaternet_jax.training import workdir as workdir_lib
+from gaternet_jax.training.workdir import STAGE_BACKBONE, STAGE_GATER, STAGE_JOINT, STAGES
 
 
 def train_and_evaluate(
@@ -38,7 +45,7 @@ def train_and_evaluate(
   """Trains what `config` describes in `workdir` and returns the final eval metrics.
 
   A gated config with `procedure.pretrain` runs the paper's three stages; anything else is one
-  run (`train.run`). The config is validated before anything is written, and the workdir is
+  run (`loop.run`). The config is validated before anything is written, and the workdir is
   locked for the whole run (by process 0), so a second run on it is refused with one line.
   `resume_step` resumes the run (the first unfinished stage of a procedure) from that checkpoint
   instead of the latest; the later ones are set aside, not deleted.
@@ -52,7 +59,7 @@ def train_and_evaluate(
   with _locked(workdir):
     if config.model.gated and config.procedure.pretrain:
       return run(config, workdir, resume_step=resume_step)
-    return train.run(config, workdir, resume_step=resume_step)
+    return loop.run(config, workdir, resume_step=resume_step)
 
 
 def train_control(
@@ -73,7 +80,7 @@ def train_control(
   p = config.procedure
   workdir_lib.ensure_writable(workdir, jax.process_index())
   with _locked(workdir):
-    return train.run(
+    return loop.run(
       config,
       workdir,
       stage='control',
@@ -122,7 +129,7 @@ def gater_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return c
 
 
-# Each stage draws its own random stream of the config's seed (`train.run`'s `stream`): the two
+# Each stage draws its own random stream of the config's seed (`loop.run`'s `stream`): the two
 # pre-trained networks differ even when the gater's extractor has the backbone's architecture,
 # the joint stage does not replay stage 1's data order, and no stage of seed s equals a stage of
 # seed s + 1.
@@ -205,7 +212,7 @@ def run(
     stage_dir = workdir_lib.join(workdir, stage)
     preemption.check_stop()
     if not distributed.agree(lambda: workdir_lib.is_finished(stage_dir)):
-      train.run(
+      loop.run(
         stage_config,
         stage_dir,
         stage=stage,
@@ -226,7 +233,7 @@ def run(
     results = workdir_lib.read_results(joint_dir)
   else:
     p = config.procedure
-    results = train.run(
+    results = loop.run(
       config,
       joint_dir,
       stage=STAGE_JOINT,
@@ -247,7 +254,7 @@ def run(
     stages=stages,
     procedure_wall_time_s=round(wall + results['wall_time_s'], 2),
   )
-  train.write_results(workdir, results)
+  loop.write_results(workdir, results)
   return results
 
 

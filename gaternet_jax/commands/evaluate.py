@@ -6,8 +6,10 @@ import dataclasses
 import math
 from typing import Any
 
-from gaternet_jax import describe, device_loops, models, restore
+from gaternet_jax import models
+from gaternet_jax.commands import describe
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import dispatch, restore
 
 
 def evaluate_workdir(
@@ -43,7 +45,7 @@ def evaluate_workdir(
   info = dataset.info
   split = split or config.data.eval_split
   info.split_size(split, '--split')  # a clear error for an unknown --split
-  totals = device_loops.Evaluator(setup, dataset).totals(state, split, gate_threshold)
+  totals = dispatch.Evaluator(setup, dataset).totals(state, split, gate_threshold)
   stats = describe.describe(config, num_classes=info.num_classes, image_shape=info.image_shape)
   layout = models.gate_layout(config, info.image_shape) if config.model.gated else []
   result = {
@@ -62,9 +64,9 @@ def evaluate_workdir(
 
 
 def metrics_with_macs(totals: dict[str, Any], stats: dict[str, Any], layout) -> dict[str, Any]:
-  """`device_loops.summarize` of an Evaluator's totals, plus `macs`: the mean MACs per image used
+  """`dispatch.summarize` of an Evaluator's totals, plus `macs`: the mean MACs per image used
   (the gater and the filters that were on), from the per-gate on-counts."""
-  metrics = device_loops.summarize(totals)
+  metrics = dispatch.summarize(totals)
   counts = totals.get('gate_counts', [])
   metrics['macs'] = describe.mean_macs_used(stats, layout, counts, metrics['examples'])
   return metrics

@@ -11,16 +11,16 @@ import math
 import time
 from typing import Any, Callable
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from gaternet_jax import checkpoints, configs, device_loops, distributed, metrics_io, models
-from gaternet_jax import preemption, steps
+from gaternet_jax import configs, models
 from gaternet_jax import data as data_lib
-from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.errors import CheckpointError, Interrupted, NonFiniteLossError, UserError
+from gaternet_jax.training import checkpoints, dispatch, distributed, metrics_io, preemption, steps
+from gaternet_jax.training import workdir as workdir_lib
 
 # Random streams per seed: 0 for a single run, one per stage of the procedure (`procedure.py`).
 STREAMS_PER_SEED = 16
@@ -162,7 +162,7 @@ def run(
   # leave its config behind.
   if distributed.is_leader():
     workdir_lib.save_config(config, workdir)
-  dispatch = device_loops.TrainDispatch(
+  trainer = dispatch.TrainDispatch(
     setup,
     dataset,
     start_step=start_step,
@@ -170,7 +170,7 @@ def run(
     data_key=data_key,
     key=key,
   )
-  evaluator = device_loops.Evaluator(setup, dataset)
+  evaluator = dispatch.Evaluator(setup, dataset)
 
   writer = metrics_io.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -228,9 +228,9 @@ def run(
     while step < plan.total_steps:
       # A chunk never crosses a log, eval or checkpoint step, so each happens where the config
       # puts it, whatever the steps per dispatch.
-      n = min(dispatch.max_steps, _next_boundary(step, cadences, plan.total_steps) - step)
+      n = min(trainer.max_steps, _next_boundary(step, cadences, plan.total_steps) - step)
       dispatching = time.time()
-      state, metrics = dispatch(state, step, n)
+      state, metrics = trainer(state, step, n)
       if step == start_step:
         time_split['first_dispatch'] = time.time() - dispatching
       if previous is not None:
@@ -309,7 +309,7 @@ def _mean_metrics(pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, 
 
 def _check_finite(first_step: int, n: int, finite: jax.Array, loss: jax.Array) -> None:
   """Raises at the first step of a chunk whose loss or update was not finite."""
-  bad = device_loops.first_non_finite(finite, n)
+  bad = dispatch.first_non_finite(finite, n)
   if bad is None:
     return
   value = float(np.asarray(loss)[bad])

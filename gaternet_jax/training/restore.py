@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaternet_jax import checkpoints, distributed, layout, models, steps
+from gaternet_jax import cpu, layout, models
 from gaternet_jax import data as data_lib
-from gaternet_jax import workdir as workdir_lib
 from gaternet_jax.data import augment
-from gaternet_jax.models import native_conv
 from gaternet_jax.errors import CheckpointError, UserError
+from gaternet_jax.training import checkpoints, distributed, steps
+from gaternet_jax.training import workdir as workdir_lib
 
 
 def run_dir(workdir: str) -> str:
@@ -161,7 +161,7 @@ class Run:
 
     def forward(variables, images):
       x = augment.normalize(images, info.mean, info.std, steps.compute_dtype(self.config))
-      with native_conv.native_convolutions(enabled=jax.default_backend() == 'cpu'):
+      with cpu.speedups(jax.default_backend(), training=False):
         logits, aux = self.model.apply(variables, x, train=False)
       gates = aux['gates'] > 0.5 if 'gates' in aux else jnp.zeros((images.shape[0], 0), bool)
       return logits, gates

@@ -1,12 +1,12 @@
 """Native CPU kernels: C++ sources here, compiled on first use and registered as XLA FFI targets.
 
-XLA:CPU's own convolutions are slow for what CPU training of these models does (README,
-Throughput); the kernels here replace them where `models/native_conv.py` finds them applicable.
+XLA:CPU's own convolutions are slow for what CPU training of these models does
+(docs/performance.md); the kernels here replace them where `cpu/native_conv.py` finds them applicable.
 They are an optimisation only: every caller falls back on XLA's own computation when
 `available()` is False, i.e. when
 
 - the environment variable GATERNET_NATIVE_KERNELS is '0' (or false/no/off: to measure or debug
-  without them; a value that is no on/off spelling is an error, environment.switch);
+  without them; a value that is no on/off spelling is an error, cpu/flags.py `switch`);
 - it is unset and the CPU is not one they were measured on: the default is on only for x86-64
   CPUs with AVX-512 (measured on the 2-core AVX-512 development machine); '1' (true/yes/on)
   turns them on for any CPU they compile for (AVX2 / SSE / NEON builds, correct but unmeasured
@@ -39,7 +39,7 @@ import threading
 
 from absl import logging
 
-from gaternet_jax import environment
+from gaternet_jax.cpu import flags
 
 # off; on for any CPU they compile for; unset: on where measured (`measured_cpu()`).
 SWITCH_VARIABLE = 'GATERNET_NATIVE_KERNELS'
@@ -217,7 +217,7 @@ def available() -> bool:
   """True once the kernels are compiled, loaded and registered (tried once per process)."""
   with _lock:
     if not _state:
-      switch = environment.switch(SWITCH_VARIABLE)
+      switch = flags.switch(SWITCH_VARIABLE)
       if switch is False:
         _state['error'] = f'{SWITCH_VARIABLE}={os.environ[SWITCH_VARIABLE]}'
       elif switch is None and not measured_cpu():

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gaternet_jax import configs
+from gaternet_jax import configs, legacy
 from gaternet_jax.gating import batch_shaping, binarizers
 
 
@@ -75,7 +75,7 @@ def _on_probability(aux: Mapping[str, jax.Array], config) -> jax.Array:
 
 def _l1_term(aux: Mapping[str, jax.Array], config, progress: Progress) -> jax.Array:
   del progress  # constant weight
-  return gate_l1(aux['gates'], config.gater.l1_weight)
+  return gate_l1(aux['gates'], configs.gating_of(config).l1_weight)
 
 
 def _l0_term(aux: Mapping[str, jax.Array], config, progress: Progress) -> jax.Array:
@@ -101,9 +101,7 @@ def _batch_shaping_term(aux: Mapping[str, jax.Array], config, progress: Progress
   per_gate = batch_shaping.batch_shaping_per_gate(
     _on_probability(aux, config), g.prior_a, g.prior_b
   )
-  reduction = g.get(
-    'batch_shaping_reduction', configs.LEGACY_VALUES['gating.batch_shaping_reduction']
-  )
+  reduction = legacy.field(config, 'gating.batch_shaping_reduction')
   return weight * (jnp.sum(per_gate) if reduction == 'sum' else jnp.mean(per_gate))
 
 

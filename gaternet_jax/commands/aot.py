@@ -25,10 +25,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from gaternet_jax import describe, steps
-from gaternet_jax.models import layers
+from gaternet_jax.commands import describe
 from gaternet_jax.data.base import DatasetInfo
 from gaternet_jax.errors import UserError
+from gaternet_jax.models import layers
+from gaternet_jax.training import steps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Callable, TypeVar
 import jax
 import numpy as np
 
+from gaternet_jax import environment
 from gaternet_jax.errors import UserError
 
 T = TypeVar('T', bool, int)
@@ -99,8 +100,6 @@ def _env_int(env, name: str) -> int | None:
 
 
 def _cpu_only() -> bool:
-  from gaternet_jax import environment  # noqa: PLC0415 - environment imports no JAX module state
-
   return environment.cpu_only_install()
 
 

@@ -27,14 +27,16 @@ import flax.traverse_util
 import jax
 import numpy as np
 
-from gaternet_jax import checkpoints, describe, distributed, models, restore, steps
-from gaternet_jax import workdir as workdir_lib
+from gaternet_jax import models
 from gaternet_jax.analysis import collect
+from gaternet_jax.commands import describe
 from gaternet_jax.data.base import TRAIN
 from gaternet_jax.errors import UserError
 from gaternet_jax.gating.local import MODULE_NAME as LOCAL_GATE_MODULE
 from gaternet_jax.layout import GatedLayer, layer_offsets
 from gaternet_jax.models import pruning as pruning_lib
+from gaternet_jax.training import checkpoints, distributed, restore, steps
+from gaternet_jax.training import workdir as workdir_lib
 
 EXPORT_DIR = 'export'
 EXPORT_FILE = 'export.json'

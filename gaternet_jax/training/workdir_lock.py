@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from gaternet_jax.errors import UserError
-from gaternet_jax.workdir import LOCK_FILE
+from gaternet_jax.training.workdir import LOCK_FILE
 
 # How long a remote acquire waits before reading the lock back, so that a run that passed the
 # existence check at about the same time has had its rename land and the loser can see it lost.

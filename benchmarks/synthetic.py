@@ -57,7 +57,6 @@ def variant_config(
   """A copy of `config` as its `variant` ('plain' or 'gated') with a benchmark's overrides
   (None keeps the config's value; `batch_size` sets the evaluation batch too)."""
   config = config.copy_and_resolve_references()
-  config.variant = variant
   config.model.gated = variant == 'gated'
   if batch_size:
     config.batch_size = config.eval_batch_size = batch_size

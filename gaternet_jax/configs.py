@@ -63,7 +63,6 @@ def base_config(
   """
   c = ml_collections.ConfigDict()
   c.name = name
-  c.variant = variant
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -183,6 +182,20 @@ def gating_config(variant: str = 'gated') -> ml_collections.ConfigDict:
   g.l0_start = batch_shaping.L0_START_EPOCH / epochs  # L0 off before this fraction of training
   g.l0_ramp_end = batch_shaping.L0_RAMP_END_EPOCH / epochs  # full L0 weight from here on
   return g
+
+
+def variant_of(config) -> str:
+  """The variant a config trains ('plain', 'wider', 'se', 'gated', 'bas', 'gaternet_bas'), read
+  from the fields that decide it. Never stored: whether a model is gated is said once
+  (`model.gated`; how, by `gating`), so no override can make a label disagree with the model."""
+  model = config.model
+  if model.gated:
+    if gating_of(config).method == 'local':
+      return 'bas'
+    return 'gaternet_bas' if 'batch_shaping' in gate_losses(config) else 'gated'
+  if model.get('se_reduction'):
+    return 'se'
+  return 'wider' if model.get('width', 1.0) != 1.0 else 'plain'
 
 
 def gating_of(config) -> ml_collections.ConfigDict:

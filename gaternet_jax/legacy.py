@@ -27,6 +27,10 @@ RECIPE_FIELDS = (*LEGACY_VALUES, 'gating.module_init_bias')
 # Old dotted name -> new (2026-12-05: lambda beside the other gate-loss weights). A stored config
 # is read with the new name; an override or sweep naming the old one is told the new one.
 RENAMED_FIELDS = {'gater.l1_weight': 'gating.l1_weight'}
+# Fields runs before 2026-12-05 stored that are now derived (`variant`: configs.variant_of, from
+# model.gated and gating): dropped when a stored config is read. They never changed what a run
+# computed (model.gated did).
+DROPPED_FIELDS = ('variant',)
 
 
 def field(config, name: str) -> Any:
@@ -45,7 +49,10 @@ def renamed_hint(name: str) -> str:
 
 def read_stored(config: dict[str, Any]) -> dict[str, Any]:
   """A stored config (nested dicts, as in config.json) as this version names and fills it: every
-  RENAMED_FIELDS field moved to its new name, every LEGACY_VALUES field it lacks filled in."""
+  RENAMED_FIELDS field moved to its new name, every DROPPED_FIELDS one removed, every
+  LEGACY_VALUES field it lacks filled in."""
+  for name in DROPPED_FIELDS:
+    config.pop(name, None)
   for old, new in RENAMED_FIELDS.items():
     (old_parent, old_leaf), (new_parent, new_leaf) = old.split('.'), new.split('.')
     section = config.get(old_parent)

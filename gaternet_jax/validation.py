@@ -103,7 +103,6 @@ class Rule:
 
 RULES: dict[str, Rule] = {
   'name': Rule(str),
-  'variant': Rule(str, _one_of(lambda: configs.VARIANTS)),
   'seed': Rule(int, _at_least(0)),
   'model.backbone': Rule(str, _one_of(_backbones)),
   'model.width': Rule(float, _above(0)),

@@ -1,17 +1,26 @@
 """Renamed config fields: old runs' config.json read with the new names, old spellings told the new.
 
-`gater.l1_weight` became `gating.l1_weight` on 2026-12-05 (legacy.RENAMED_FIELDS).
+`gater.l1_weight` became `gating.l1_weight` on 2026-12-05 (legacy.RENAMED_FIELDS), and `variant`
+is derived from the model instead of stored (legacy.DROPPED_FIELDS).
 """
 
+import glob
 import json
 import os
 
+import ml_collections
 import pytest
-from conftest import TINY_FLAGS, tiny_default
+from conftest import REPO, TINY_FLAGS, load_experiment, tiny_default
 
 from gaternet_jax import configs, legacy
 from gaternet_jax.commands import evaluate
+from gaternet_jax.errors import UserError
 from gaternet_jax.training import checkpoints, procedure, restore
+
+EXPERIMENTS = sorted(
+  os.path.splitext(os.path.basename(p))[0]
+  for p in glob.glob(os.path.join(REPO, 'experiments', '*.py'))
+)
 
 
 def test_a_stored_config_is_read_with_the_new_names():
@@ -67,3 +76,20 @@ def test_the_old_spelling_is_one_error_naming_the_new(tmp_path, cli, command):
   assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
   assert 'gater.l1_weight' in errors[0] and 'renamed gating.l1_weight' in errors[0]
   assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('experiment', EXPERIMENTS)
+def test_the_variant_is_derived_from_the_model_for_every_experiment(experiment):
+  """`variant` is not a field: the config string's variant is what the model fields say."""
+  for variant in configs.VARIANTS:
+    try:
+      config = load_experiment(experiment, variant)
+    except UserError:  # not every experiment has every variant
+      continue
+    assert 'variant' not in config and configs.variant_of(config) == variant
+
+
+def test_a_stored_variant_is_dropped_and_the_model_decides():
+  stored = {'variant': 'gated', 'model': {'gated': False, 'width': 1.0, 'se_reduction': 0}}
+  read = legacy.read_stored(stored)
+  assert 'variant' not in read and configs.variant_of(ml_collections.ConfigDict(read)) == 'plain'

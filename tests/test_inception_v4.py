@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import check_zero_gate, load_experiment
 
-from gaternet_jax import models
+from gaternet_jax import configs, models
 from gaternet_jax.commands import describe
 from gaternet_jax.errors import UserError
 from gaternet_jax.layout import total_filters
@@ -165,6 +165,6 @@ def test_experiment_refuses_wider_and_se(variant):
   with pytest.raises(UserError, match='plain or gated'):
     load_experiment('imagenet_inception_v4', variant)
   config = load_experiment('imagenet_inception_v4')
-  assert config.variant == 'gated' and config.data.image_size == 299
+  assert configs.variant_of(config) == 'gated' and config.data.image_size == 299
   assert config.gater.dropout_rate == 0.05 and config.optimizer.weight_decay == 4e-5
   assert load_experiment('imagenet_inception_v4', 'plain').gater.dropout_rate == 0.0

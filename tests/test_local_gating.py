@@ -41,7 +41,7 @@ BAS_GATED_FILTERS = {
 @pytest.mark.parametrize('name', sorted(BAS_GATED_FILTERS))
 def test_bas_configs_describe_their_gates_and_gating_modules(name):
   config = load_experiment(name)
-  assert (config.variant, config.gating.method, config.gating.binarizer) == (
+  assert (configs.variant_of(config), config.gating.method, config.gating.binarizer) == (
     'bas',
     'local',
     'gumbel',

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_FLAGS, tiny_default
 
+from gaternet_jax import configs
 from gaternet_jax import data as data_lib
 from gaternet_jax.errors import CheckpointError
 from gaternet_jax.training import procedure, restore, steps
@@ -23,7 +24,8 @@ def test_three_stages_and_results(gated_run):
   for stage in (workdir_lib.STAGE_BACKBONE, workdir_lib.STAGE_GATER, workdir_lib.STAGE_JOINT):
     assert os.path.exists(os.path.join(workdir, stage, 'results.json')), stage
   assert (
-    workdir_lib.load_config(os.path.join(workdir, workdir_lib.STAGE_BACKBONE)).variant == 'plain'
+    configs.variant_of(workdir_lib.load_config(os.path.join(workdir, workdir_lib.STAGE_BACKBONE)))
+    == 'plain'
   )
   gater_config = workdir_lib.load_config(os.path.join(workdir, workdir_lib.STAGE_GATER))
   assert gater_config.model.backbone == 'cifar_resnet8' and not gater_config.model.gated

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import check_zero_gate, load_experiment, tiny_default
 
-from gaternet_jax import models
+from gaternet_jax import configs, models
 from gaternet_jax.commands import describe
 from gaternet_jax.errors import UserError
 from gaternet_jax.layout import total_filters
@@ -60,7 +60,9 @@ def test_experiments_refuse_wider_and_se_and_keep_the_recipe(name):
     with pytest.raises(UserError, match='no'):
       load_experiment(name, variant)
   c = load_experiment(name)
-  assert c.variant == 'gated' and c.model.gated and c.gater.extractor == 'cifar_resnet20'
+  assert (
+    configs.variant_of(c) == 'gated' and c.model.gated and c.gater.extractor == 'cifar_resnet20'
+  )
   assert (c.schedule.name, c.schedule.num_epochs, c.batch_size) == ('cosine', 1800.0, 128)
   assert (c.optimizer.learning_rate, c.optimizer.momentum, c.optimizer.nesterov) == (0.2, 0.9, True)
   assert (c.procedure.joint_extra_epochs, c.procedure.joint_learning_rate) == (30.0, 0.05)

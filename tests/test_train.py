@@ -18,6 +18,7 @@ import optax
 import pytest
 from conftest import REPO, TINY_FLAGS, run_on_cpu_devices, tiny_default
 
+from gaternet_jax import configs
 from gaternet_jax import data as data_lib
 from gaternet_jax.data import feed
 from gaternet_jax.errors import NonFiniteLossError
@@ -167,7 +168,7 @@ def test_plain_run_end_to_end(tmp_path):
   assert stored['step'] == 6 and stored['name'] == 'default'
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   assert checkpoints.latest_step(workdir) == 6
-  assert workdir_lib.load_config(workdir).variant == 'plain'
+  assert configs.variant_of(workdir_lib.load_config(workdir)) == 'plain'
   # Running again resumes at the end: nothing to train, same step.
   again = procedure.train_and_evaluate(tiny_default('plain'), workdir)
   assert again['step'] == 6

@@ -125,7 +125,6 @@ def test_rules_cover_every_field_of_the_base_config():
     ('procedure.pretrain_epochs', 0.0),
     ('procedure.joint_extra_epochs', -1.0),
     ('procedure.joint_learning_rate', -0.1),
-    ('variant', 'huge'),
     ('optimizer.learning_rate', float('nan')),
     ('model.width', float('inf')),
   ],

@@ -15,7 +15,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from gaternet_jax import models
+from gaternet_jax import configs, models
 from gaternet_jax.analysis import analyze
 from gaternet_jax.commands import describe
 from gaternet_jax.data import feed
@@ -96,7 +96,9 @@ def analyze_workdir(
   directory = restore.require_checkpoint(workdir)
   config, setup, state, dataset, _ = restore.load_state(directory)
   if not config.model.gated:
-    raise UserError(f'{workdir!r} holds a {config.variant} model; analyze needs a gated run')
+    raise UserError(
+      f'{workdir!r} holds a {configs.variant_of(config)} model; analyze needs a gated run'
+    )
   split = split or config.data.eval_split
   info = dataset.info
   info.split_size(split, '--split')  # a clear error for an unknown --split
@@ -110,7 +112,7 @@ def analyze_workdir(
     labels,
     models.gate_layout(config, info.image_shape),
     out_dir=out_dir or workdir_lib.path(workdir, workdir_lib.ANALYSIS_DIR),
-    model_name=f'{config.name} ({config.variant})',
+    model_name=f'{config.name} ({configs.variant_of(config)})',
     split=split,
     backbone_macs=stats['backbone_macs'],
     gater_macs=stats['gater_macs'],

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from gaternet_jax import configs
 from gaternet_jax.commands import describe
 from gaternet_jax.data.base import DatasetInfo
 from gaternet_jax.errors import UserError
@@ -241,7 +242,7 @@ def compile_for(config, topology: str) -> dict[str, Any]:
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract_state))
   result = {
     'config': config.name,
-    'variant': config.variant,
+    'variant': configs.variant_of(config),
     'topology': tpu.name,
     'raw_topology': tpu.topology,
     'chip': chip.generation,

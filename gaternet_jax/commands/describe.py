@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaternet_jax import models
+from gaternet_jax import configs, models
 from gaternet_jax.data import embedded
 from gaternet_jax.gating.local import MODULE_NAME as LOCAL_GATE_MODULE
 from gaternet_jax.layout import total_filters
@@ -192,7 +192,7 @@ def format_text(config, stats: dict[str, int]) -> str:
     ('gater MACs/image', stats['gater_macs']),
   ]
   lines = [
-    f'{config.name} ({config.variant}): backbone {config.model.backbone}, '
+    f'{config.name} ({configs.variant_of(config)}): backbone {config.model.backbone}, '
     f'{num_classes} classes, input {"x".join(map(str, image_shape))}'
   ]
   for label, value in rows:

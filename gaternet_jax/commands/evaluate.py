@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from gaternet_jax import models
+from gaternet_jax import configs, models
 from gaternet_jax.commands import describe
 from gaternet_jax.errors import UserError
 from gaternet_jax.training import dispatch, restore
@@ -39,7 +39,9 @@ def evaluate_workdir(
   directory = restore.require_checkpoint(workdir)
   config, setup, state, dataset, step = restore.load_state(directory, step=step)
   if gate_threshold != 0.0 and not config.model.gated:
-    raise UserError(f'{workdir!r} holds a {config.variant} model: it has no gates to threshold')
+    raise UserError(
+      f'{workdir!r} holds a {configs.variant_of(config)} model: it has no gates to threshold'
+    )
   if skip_off_units:
     setup = dataclasses.replace(setup, model=models.with_unit_skipping(setup.model))
   info = dataset.info
@@ -51,7 +53,7 @@ def evaluate_workdir(
   result = {
     'workdir': workdir,
     'name': config.name,
-    'variant': config.variant,
+    'variant': configs.variant_of(config),
     'split': split,
     'step': int(step),
     **metrics_with_macs(totals, stats, layout),

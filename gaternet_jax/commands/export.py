@@ -27,7 +27,7 @@ import flax.traverse_util
 import jax
 import numpy as np
 
-from gaternet_jax import models
+from gaternet_jax import configs, models
 from gaternet_jax.analysis import collect
 from gaternet_jax.commands import describe
 from gaternet_jax.data.base import TRAIN
@@ -96,7 +96,6 @@ def export_config(config, pruning: pruning_lib.Pruning, gated: bool):
   with out.unlocked():
     out.model.pruning = pruning_lib.to_config(pruning)
     out.model.gated = gated
-    out.variant = config.variant if gated else 'plain'
   return out
 
 
@@ -143,7 +142,9 @@ def _take_changed_axes(value: np.ndarray, shape, index: np.ndarray) -> np.ndarra
 
 def _check_exportable(config, workdir: str) -> None:
   if not config.model.gated:
-    raise UserError(f'{workdir!r} holds a {config.variant} model; export needs a gated run')
+    raise UserError(
+      f'{workdir!r} holds a {configs.variant_of(config)} model; export needs a gated run'
+    )
   if 'pruning' in config.model:
     raise UserError(f'{workdir!r} is already an export; export its source run instead')
   if config.model.backbone not in models.PRUNABLE:

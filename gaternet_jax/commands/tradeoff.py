@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from gaternet_jax import models
+from gaternet_jax import configs, models
 from gaternet_jax.analysis import figures
 from gaternet_jax.commands import describe, evaluate
 from gaternet_jax.errors import UserError
@@ -70,7 +70,9 @@ def tradeoff_workdir(
   directory = restore.require_checkpoint(workdir)
   config, setup, state, dataset, step = restore.load_state(directory)
   if not config.model.gated:
-    raise UserError(f'{workdir!r} holds a {config.variant} model; tradeoff needs a gated run')
+    raise UserError(
+      f'{workdir!r} holds a {configs.variant_of(config)} model; tradeoff needs a gated run'
+    )
   info = dataset.info
   split = split or config.data.eval_split
   info.split_size(split, '--split')  # a clear error for an unknown --split
@@ -105,7 +107,7 @@ def tradeoff_workdir(
     workdir_lib.write_json(out, JSON_FILE, result)
     fig = figures.tradeoff_figure(
       rows,
-      model_name=f'{config.name} ({config.variant})',
+      model_name=f'{config.name} ({configs.variant_of(config)})',
       split=split,
       num_examples=result['examples'],
       plain_macs=plain['backbone_macs'],

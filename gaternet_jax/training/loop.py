@@ -275,7 +275,7 @@ def run(
   layout = models.gate_layout(config, setup.info.image_shape) if config.model.gated else []
   results = {
     'name': config.name,
-    'variant': config.variant,
+    'variant': configs.variant_of(config),
     'dataset': config.data.name,
     'backbone': config.model.backbone,
     'params': int(sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))),

@@ -113,7 +113,6 @@ def _locked(workdir: str):
 def backbone_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The plain backbone of a gated config."""
   c = ml_collections.ConfigDict(config.to_dict())
-  c.variant = 'plain'
   c.model.gated = False
   return c
 
@@ -121,7 +120,6 @@ def backbone_stage_config(config: ml_collections.ConfigDict) -> ml_collections.C
 def gater_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The gater's feature extractor as a classifier (its own head) on the same task."""
   c = ml_collections.ConfigDict(config.to_dict())
-  c.variant = 'plain'
   c.model.backbone = config.gater.extractor
   c.model.width = config.gater.extractor_width
   c.model.se_reduction = 0

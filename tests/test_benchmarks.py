@@ -277,3 +277,24 @@ def test_host_pipeline_times_the_streamed_pipeline_per_thread_setting():
   )  # fmt: skip
   assert set(out['images_per_s']) == {'auto', '0', '1'} and out['image_size'] == 32
   assert all(len(r) == 2 and min(r) > 0 for r in out['round_images_per_s'].values())
+
+
+@pytest.mark.slow
+def test_gate_distribution_against_the_beta_prior(gated_run, tmp_path):
+  from scipy import stats  # noqa: PLC0415
+
+  workdir, _ = gated_run
+  figure = tmp_path / 'gd.png'
+  out = _json_line('benchmarks/gate_distribution.py', '--workdir', workdir, '--out', str(figure))
+  assert out['workdir'] == workdir and out['examples'] > 0 and out['gates'] > 0
+  assert sum(out['histogram']) == pytest.approx(1.0, abs=1e-3)
+  # The prior's bins are the Beta(0.6, 0.4) CDF's differences (the default prior).
+  assert out['prior'] == [0.6, 0.4]
+  expected = np.diff(stats.beta.cdf(np.linspace(0, 1, 11), 0.6, 0.4))
+  np.testing.assert_allclose(out['prior_histogram'], expected, atol=1e-4)
+  tv = 0.5 * np.abs(np.array(out['histogram']) - expected).sum()
+  assert out['total_variation'] == pytest.approx(tv, abs=1e-3)
+  shares = out['input_dependent'] + out['always_on'] + out['always_off']
+  assert shares == pytest.approx(1.0) and 0 <= out['density'] <= 1
+  assert out['batch_shaping_loss'] > 0 and out['loss_batches'] >= 1
+  assert figure.stat().st_size > 0

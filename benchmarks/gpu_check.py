@@ -11,8 +11,10 @@ JPEGs (45k/5k hold-out), bfloat16, with its wall time split into setup, compilat
 dispatch), training, evaluation and checkpointing (results.json `time_split_s`).
 Call B: the gated joint stage, 164 epochs, bfloat16, from call A's plain run (`init.backbone`, and
 `init.gater`: the gater's extractor is a ResNet-20, the plain run's architecture) at the config's
-lambda or `--l1_weight`, with the same split. B must run on the machine A ran on (within its 30 s
-of warmth): A's run lives in `--work`, an ignored folder of the working tree that stays there.
+lambda or `--l1_weight`, with the same split; then, last, benchmarks/population.py's vmapped
+populations (K = 1, 2, 4, 8 ResNet-20 members in one program, float32, batch 128: issue 35's GPU
+number). B must run on the machine A ran on (within its 30 s of warmth): A's run lives in `--work`,
+an ignored folder of the working tree that stays there.
 
 Every finished part is appended to OUT/gpu_check.jsonl at once and its output kept in
 OUT/<part>.log, so a call cut off at its limit still returns what it finished; the last line
@@ -122,6 +124,36 @@ def call_b(args, out: str, summary: dict) -> None:
   if args.l1_weight is not None:
     extra.append(f'--config.gating.l1_weight={args.l1_weight}')
   _record(out, summary, 'gated_joint_164_epochs', _train('gated', 'gated', args, out, extra))
+  population(out, summary, args.smoke)
+
+
+def population(out: str, summary: dict, smoke: bool) -> None:
+  """What K members in one vmapped program buy (benchmarks/population.py), last: a call cut off
+  at its limit loses only this."""
+  if smoke:
+    flags = [
+      '--config',
+      os.path.join(REPO, 'experiments', 'default.py'),
+      '--members',
+      '1,2',
+      '--variants',
+      'gated',
+      '--steps',
+      '1',
+      '--rounds',
+      '1',
+      '--examples',
+      '400',
+    ]
+  else:
+    flags = ['--config', CONFIG, '--members', '1,2,4,8', '--steps', '50', '--rounds', '2']
+  stdout = _run(
+    'population',
+    [sys.executable, os.path.join(REPO, 'benchmarks', 'population.py'), '--member_maps', 'vmap',
+     *flags],
+    out,
+  )  # fmt: skip
+  _record(out, summary, 'population_vmap', json.loads(stdout.strip().splitlines()[-1]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,6 +64,11 @@ _FLAGS = (
    'a Markdown file.'),
   (('report',), 'multi_string', 'workdir', [], 'A finished run (repeat; or list them after it).'),
   (('sweep',), 'multi_string', 'sweep', [], 'FIELD=V1,V2,... (repeat for a grid).'),
+  (('sweep',), 'bool', 'vectorize', False,
+   'Train every point as one program (the grid may vary seed, learning rate, gate dropout and '
+   'gate-loss weights only).'),
+  (('sweep',), 'string', 'member_map', None,
+   'With --vectorize: vmap, map or sequential (default: vmap on GPU/TPU, sequential on a CPU).'),
   (('reproduce',), 'string', 'seeds', '0,1,2', 'Seeds S1,S2,... (each: plain, gated, control).'),
   (('reproduce',), 'float', 'epochs', None,
    "Epochs per stage (default: the config's schedule.num_epochs)."),
@@ -238,7 +243,15 @@ def cmd_report(argv) -> None:
 
 def cmd_sweep(argv) -> None:
   config, workdir = _value('config'), _value('workdir')
-  for result in sweep.sweep(config, workdir, FLAGS.sweep, procedure.train_and_evaluate):
+  results = sweep.sweep(
+    config,
+    workdir,
+    FLAGS.sweep,
+    procedure.train_and_evaluate,
+    vectorize=FLAGS.vectorize,
+    member_map=FLAGS.member_map,
+  )
+  for result in results:
     if distributed.is_leader():
       print(json.dumps(result, sort_keys=True), flush=True)
 

@@ -12,7 +12,9 @@ USAGE = {
   'export': 'gaternet export --workdir DIR [--split S] [--max_examples N] [--out DIR]',
   'tradeoff': 'gaternet tradeoff --workdir DIR [--split S] [--thresholds T1,T2,...] [--out DIR]',
   'report': 'gaternet report --workdir DIR [--workdir DIR ...] [--out table.md]   (or DIR DIR ...)',
-  'sweep': 'gaternet sweep --config FILE --sweep FIELD=V1,V2 [--sweep ...] --workdir DIR',
+  'sweep': (
+    'gaternet sweep --config FILE --sweep FIELD=V1,V2 [--sweep ...] --workdir DIR [--vectorize]'
+  ),
   'reproduce': (
     'gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR '
     '[--config.FIELD=VALUE ...]'

@@ -250,8 +250,10 @@ def test_gpu_check_runs_both_calls_in_smoke_mode(tmp_path):
     'throughput_bf16_b32',
     'plain_164_epochs',
     'gated_joint_164_epochs',
+    'population_vmap',
   ]
   assert os.path.exists(os.path.join(out, 'gated.log'))
+  assert b['population_vmap']['gated']['vmap']['2']['members_images_per_s'] > 0
 
 
 @pytest.mark.slow
@@ -298,3 +300,21 @@ def test_gate_distribution_against_the_beta_prior(gated_run, tmp_path):
   assert shares == pytest.approx(1.0) and 0 <= out['density'] <= 1
   assert out['batch_shaping_loss'] > 0 and out['loss_batches'] >= 1
   assert figure.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_population_reports_every_size_and_member_map():
+  out = _json_line(
+    'benchmarks/population.py', '--config', 'experiments/default.py', '--variants', 'gated',
+    '--members', '1,2', '--member_maps', 'sequential,vmap', '--steps', '1', '--rounds', '1',
+    '--examples', '400',
+  )  # fmt: skip
+  assert out['backend'] == 'cpu' and out['default_member_map'] == 'sequential'
+  for member_map in ('sequential', 'vmap'):
+    one, two = out['gated'][member_map]['1'], out['gated'][member_map]['2']
+    assert one['speedup_vs_k1'] == 1.0 and one['batch_size'] == 100
+    assert two['members_images_per_s'] > 0 and two['compile_s'] > 0
+    assert abs(two['per_member_images_per_s'] * 2 - two['members_images_per_s']) < 0.2
+    assert two['speedup_vs_k1'] == round(
+      two['members_images_per_s'] / one['members_images_per_s'], 3
+    )

@@ -130,10 +130,31 @@ def sweep(
   workdir: str,
   specs: list[str],
   train: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
+  *,
+  vectorize: bool = False,
+  member_map: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-  """Trains every grid point in `workdir/<field=value,...>`; yields {'point': ..., **results}."""
+  """Trains every grid point in `workdir/<field=value,...>`; yields {'point': ..., **results}.
+
+  With `vectorize`, the points train as one population (`training/population.py`: one program
+  per stage, each point still an ordinary run in its own sub-workdir) and are yielded at the end.
+  """
   points = grid_configs(config, specs)
+  if vectorize:
+    from gaternet_jax.training import population  # noqa: PLC0415 - JAX only when training
+
+    population.check_vectorizable([run_config for _, _, run_config in points])
   check_data([(f'sweep point {point}', run_config) for _, point, run_config in points])
+  if vectorize:
+    results = population.train_grid(
+      [run_config for _, _, run_config in points],
+      [workdir_lib.join(workdir, name) for name, _, _ in points],
+      workdir,
+      member_map=member_map,
+    )
+    for (_, point, _), result in zip(points, results, strict=True):
+      yield {'point': point, **result}
+    return
   for name, point, run_config in points:
     preemption.check_stop()
     yield {'point': point, **train(run_config, workdir_lib.join(workdir, name))}

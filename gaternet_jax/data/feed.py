@@ -134,3 +134,25 @@ class ResidentTrainData:
     epoch = step // self.steps_per_epoch
     orders = self.orders(epoch)
     return self._sample(self.images, self.labels, orders, jnp.int32(epoch), jnp.int32(step))
+
+
+class MemberOrders(ResidentTrainData):
+  """The resident set for a population trained as one program: one example order per member.
+
+  `keys` are the members' stacked order keys; `orders` returns [members, epochs, shards,
+  per_device], member m's being exactly what `ResidentTrainData` with key `keys[m]` draws, so each
+  member sees the batches it would see trained alone. The images are held once for all members.
+  """
+
+  def __init__(self, images, labels, *, num_train, batch_size, sharding, keys):
+    super().__init__(
+      images, labels, num_train=num_train, batch_size=batch_size, sharding=sharding, key=keys
+    )
+    self.orders_sharding = NamedSharding(sharding.mesh, P(None, None, *sharding.spec))
+
+    def member_orders(keys, first_epoch, epochs):
+      return jax.vmap(lambda key: self.epoch_orders(key, first_epoch, epochs))(keys)
+
+    self._epoch_orders = jax.jit(
+      member_orders, static_argnames='epochs', out_shardings=self.orders_sharding
+    )

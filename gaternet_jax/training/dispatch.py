@@ -141,17 +141,17 @@ class TrainDispatch:
       # at an epoch's last step reaches (max_steps - 2) // steps_per_epoch + 1 more). Their
       # example orders are drawn outside the chunk, once per epoch, not in every step.
       self.chunk_epochs = (self.max_steps - 2) // self.resident.steps_per_epoch + 2
-      one_step = functools.partial(_one_step, setup=setup, resident=self.resident)
+      one_step = functools.partial(resident_step, setup=setup, resident=self.resident)
       if self.max_steps == 1:
         # No loop: with XLA's own convolutions XLA:CPU ran the step ~45x slower inside a while
         # loop (4.7 vs 218 images/s, ResNet-20, batch 128, the 2-core development CPU; ~10%
         # slower with the native ones), so one step per call is a plain call; the batch is still
         # drawn inside it (one dispatch per step, not two).
-        chunk = functools.partial(_single_step, one_step=one_step)
+        chunk = functools.partial(single_step_chunk, one_step=one_step)
       else:
         # The step is its own jitted function so that its trace is made once and reused: the
         # chunk traces it for its metrics' shapes and again as the loop's body.
-        chunk = functools.partial(_train_chunk, one_step=jax.jit(one_step), size=self.max_steps)
+        chunk = functools.partial(loop_chunk, one_step=jax.jit(one_step), size=self.max_steps)
       self._chunk = jax.jit(
         chunk,
         in_shardings=(
@@ -195,21 +195,21 @@ class TrainDispatch:
     return self._chunk(state, r.images, r.labels, orders, first_epoch, self.key, jnp.int32(n))
 
 
-def _one_step(state, images, labels, orders, first_epoch, key, *, setup, resident):
+def resident_step(state, images, labels, orders, first_epoch, key, *, setup, resident):
   """One training step on the resident batch of step `state.step` (`step` of the dispatch)."""
   batch = resident.sample(images, labels, orders, first_epoch, state.step)
   batch = jax.lax.with_sharding_constraint(batch, setup.data_sharding)
   return steps.train_step(state, batch, key, setup=setup)
 
 
-def _single_step(state, images, labels, orders, first_epoch, key, num_steps, *, one_step):
+def single_step_chunk(state, images, labels, orders, first_epoch, key, num_steps, *, one_step):
   """A chunk of exactly one step, without a loop; metrics as length-1 arrays."""
   del num_steps  # always 1
   state, metrics = one_step(state, images, labels, orders, first_epoch, key)
   return state, jax.tree.map(lambda m: m[None], metrics)
 
 
-def _train_chunk(state, images, labels, orders, first_epoch, key, num_steps, *, one_step, size):
+def loop_chunk(state, images, labels, orders, first_epoch, key, num_steps, *, one_step, size):
   """`num_steps` (traced, <= size) train steps in one loop; metrics in `size`-long arrays."""
   args = (images, labels, orders, first_epoch, key)
   shapes = jax.eval_shape(one_step, state, *args)[1]

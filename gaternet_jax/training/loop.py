@@ -64,7 +64,7 @@ def check_resume_plan(workdir: str, setup: steps.Setup, *, resuming: bool) -> fl
   return plan['elapsed_s']
 
 
-def _record_elapsed(workdir: str, elapsed: float) -> None:
+def record_elapsed(workdir: str, elapsed: float) -> None:
   """Training time up to the checkpoint just saved, kept in plan.json for a later resume."""
   if distributed.is_leader():
     plan = workdir_lib.read_json(workdir, workdir_lib.PLAN_FILE)
@@ -211,7 +211,7 @@ def run(
     saving = time.time()
     _check_finite(*previous)  # never write a checkpoint of a diverged state
     checkpoints.save(manager, workdir, step, state)
-    _record_elapsed(workdir, elapsed_before + time.time() - started)
+    record_elapsed(workdir, elapsed_before + time.time() - started)
     last_saved = time.monotonic()
     time_split['checkpoint'] += time.time() - saving
 
@@ -228,7 +228,7 @@ def run(
     while step < plan.total_steps:
       # A chunk never crosses a log, eval or checkpoint step, so each happens where the config
       # puts it, whatever the steps per dispatch.
-      n = min(trainer.max_steps, _next_boundary(step, cadences, plan.total_steps) - step)
+      n = min(trainer.max_steps, next_boundary(step, cadences, plan.total_steps) - step)
       dispatching = time.time()
       state, metrics = trainer(state, step, n)
       if step == start_step:
@@ -272,8 +272,26 @@ def run(
     eval_metrics = evaluator(state, config.data.eval_split)
   writer.flush()
   writer.close()
+  time_split['train'] = time.time() - started - sum(time_split.values())
+  results = results_of(
+    config, setup, stage, step, elapsed_before + time.time() - started, eval_metrics, time_split
+  )
+  write_results(workdir, results)
+  return results
+
+
+def results_of(
+  config: ml_collections.ConfigDict,
+  setup: steps.Setup,
+  stage: str | None,
+  step: int,
+  wall_time_s: float,
+  eval_metrics: dict[str, Any],
+  time_split: dict[str, float],
+) -> dict[str, Any]:
+  """What a finished run's `results.json` holds."""
   layout = models.gate_layout(config, setup.info.image_shape) if config.model.gated else []
-  results = {
+  return {
     'name': config.name,
     'variant': configs.variant_of(config),
     'dataset': config.data.name,
@@ -282,18 +300,15 @@ def run(
     'gated_filters': sum(layer.filters for layer in layout),
     'stage': stage,
     'step': int(step),
-    'total_steps': plan.total_steps,
-    'wall_time_s': round(elapsed_before + time.time() - started, 2),
+    'total_steps': setup.plan.total_steps,
+    'wall_time_s': round(wall_time_s, 2),
     'split': config.data.eval_split,
     'eval': eval_metrics,
+    'time_split_s': {k: round(v, 2) for k, v in time_split.items()},
   }
-  time_split['train'] = time.time() - started - sum(time_split.values())
-  results['time_split_s'] = {k: round(v, 2) for k, v in time_split.items()}
-  write_results(workdir, results)
-  return results
 
 
-def _next_boundary(step: int, cadences: tuple[int, ...], total_steps: int) -> int:
+def next_boundary(step: int, cadences: tuple[int, ...], total_steps: int) -> int:
   """The first step after `step` at which the loop logs, evaluates, checkpoints or ends."""
   return min(total_steps, *((step // c + 1) * c for c in cadences))
 

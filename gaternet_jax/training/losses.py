@@ -66,36 +66,48 @@ class Progress(NamedTuple):
     return round(fraction * self.total_steps)
 
 
-Regularizer = Callable[[Mapping[str, jax.Array], Any, Progress], jax.Array]
+Regularizer = Callable[..., jax.Array]  # (aux, config, progress[, weight=]) -> weighted term
+
+# The config field that weights each built-in regulariser. A population trained as one program
+# (`training/population.py`) passes each member's weight as a traced value (`objective`'s
+# `weights`) instead of the Python number in the shared config.
+WEIGHT_FIELDS = {
+  'l1': 'gating.l1_weight',
+  'l0': 'gating.l0_weight',
+  'batch_shaping': 'gating.batch_shaping_weight',
+}
 
 
 def _on_probability(aux: Mapping[str, jax.Array], config) -> jax.Array:
   return binarizers.on_probability(aux['gate_logits'], configs.gating_of(config).binarizer)
 
 
-def _l1_term(aux: Mapping[str, jax.Array], config, progress: Progress) -> jax.Array:
+def _l1_term(aux: Mapping[str, jax.Array], config, progress: Progress, weight=None) -> jax.Array:
   del progress  # constant weight
-  return gate_l1(aux['gates'], configs.gating_of(config).l1_weight)
+  weight = configs.gating_of(config).l1_weight if weight is None else weight
+  return gate_l1(aux['gates'], weight)
 
 
-def _l0_term(aux: Mapping[str, jax.Array], config, progress: Progress) -> jax.Array:
+def _l0_term(aux: Mapping[str, jax.Array], config, progress: Progress, weight=None) -> jax.Array:
   g = configs.gating_of(config)
   start = progress.at(g.l0_start)
   weight = batch_shaping.l0_weight(
     progress.step,
-    final_weight=g.l0_weight,
+    final_weight=g.l0_weight if weight is None else weight,
     start_step=start,
     ramp_end_step=max(start, progress.at(g.l0_ramp_end)),  # equal: the full weight at `start`
   )
   return weight * jnp.mean(_on_probability(aux, config))
 
 
-def _batch_shaping_term(aux: Mapping[str, jax.Array], config, progress: Progress) -> jax.Array:
+def _batch_shaping_term(
+  aux: Mapping[str, jax.Array], config, progress: Progress, weight=None
+) -> jax.Array:
   g = configs.gating_of(config)
   weight = batch_shaping.batch_shaping_weight(
     progress.step,
     end_step=max(1, progress.at(g.batch_shaping_end)),
-    initial_weight=g.batch_shaping_weight,
+    initial_weight=g.batch_shaping_weight if weight is None else weight,
   )
   # On the GLOBAL batch: under jit with the batch sharded, the sort is a global sort.
   per_gate = batch_shaping.batch_shaping_per_gate(
@@ -124,6 +136,7 @@ def objective(
   aux: Mapping[str, jax.Array],
   config,
   progress: Progress = Progress(0, 1),
+  weights: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss: cross-entropy plus every active regulariser.
 
@@ -134,6 +147,8 @@ def objective(
       plain model).
     config: the run's config (chooses and weights the regularisers).
     progress: the training step and the run's total steps (the loss weights' schedules).
+    weights: values that replace the config's weight fields (`WEIGHT_FIELDS`' values as keys),
+      e.g. one population member's traced weights; absent fields keep the config's.
 
   Returns:
     (loss, terms): the scalar loss, and `cross_entropy`, `sparsity` (the sum of the
@@ -144,7 +159,11 @@ def objective(
   sparsity = jnp.zeros((), jnp.float32)
   if 'gates' in aux:
     for name in active_regularizers(config):
-      terms[name] = REGULARIZERS[name](aux, config, progress)
+      field = WEIGHT_FIELDS.get(name)
+      if weights and field in weights:
+        terms[name] = REGULARIZERS[name](aux, config, progress, weight=weights[field])
+      else:
+        terms[name] = REGULARIZERS[name](aux, config, progress)
       sparsity = sparsity + terms[name]
   terms['sparsity'] = sparsity
   return ce + sparsity, terms

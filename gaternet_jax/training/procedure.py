@@ -56,7 +56,7 @@ def train_and_evaluate(
   if config.model.gated and config.procedure.pretrain:
     check_init_sources(config)
   workdir_lib.ensure_writable(workdir, jax.process_index())
-  with _locked(workdir):
+  with locked(workdir):
     if config.model.gated and config.procedure.pretrain:
       return run(config, workdir, resume_step=resume_step)
     return loop.run(config, workdir, resume_step=resume_step)
@@ -79,7 +79,7 @@ def train_control(
   config = checkpoints.keep_stored_recipe(config, workdir)
   p = config.procedure
   workdir_lib.ensure_writable(workdir, jax.process_index())
-  with _locked(workdir):
+  with locked(workdir):
     return loop.run(
       config,
       workdir,
@@ -92,7 +92,7 @@ def train_control(
 
 
 @contextlib.contextmanager
-def _locked(workdir: str):
+def locked(workdir: str):
   """Holds the workdir's lock on process 0; every process raises alike when it is taken."""
   lock = workdir_lock.WorkdirLock(workdir_lib.path(workdir)) if distributed.is_leader() else None
   refusal = None

@@ -9,6 +9,7 @@ maintenance mode. Nothing here touches files: `device_loops.py` dispatches these
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -74,24 +75,29 @@ def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ('data',))
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optax.Schedule:
+def learning_rate_schedule(
+  config: ml_collections.ConfigDict, plan: Plan, peak: float | jax.Array | None = None
+) -> optax.Schedule:
+  """The config's schedule, peaking at `plan.learning_rate` (or `peak`, which may be traced: a
+  population member's own learning rate)."""
+  peak = plan.learning_rate if peak is None else peak
   s = config.schedule
   warmup = min(round(s.warmup_epochs * plan.steps_per_epoch), plan.total_steps - 1)
   decay_steps = max(1, plan.total_steps - warmup)
   if s.name == 'cosine':
-    main = optax.cosine_decay_schedule(plan.learning_rate, decay_steps)
+    main = optax.cosine_decay_schedule(peak, decay_steps)
   elif s.name == 'step':
     boundaries = {
       max(1, round(b * plan.total_steps) - warmup): s.decay_factor for b in s.boundaries
     }
-    main = optax.piecewise_constant_schedule(plan.learning_rate, boundaries)
+    main = optax.piecewise_constant_schedule(peak, boundaries)
   elif s.name == 'constant':
-    main = optax.constant_schedule(plan.learning_rate)
+    main = optax.constant_schedule(peak)
   else:
     raise ValueError(f'schedule.name {s.name!r}')  # validation.RULES refuses it first
   if warmup <= 0:
     return main
-  ramp = optax.linear_schedule(0.0, plan.learning_rate, warmup)
+  ramp = optax.linear_schedule(0.0, peak, warmup)
   return optax.join_schedules([ramp, main], [warmup])
 
 
@@ -137,6 +143,9 @@ class Setup:
   abstract_state: TrainState
   replicated: NamedSharding
   data_sharding: NamedSharding
+  # The XLA:CPU speed-ups (gaternet_jax/cpu) while tracing the steps; off for a population
+  # vmapped on the CPU, whose native convolutions have no batching rule.
+  cpu_speedups: bool = True
 
 
 def build(
@@ -208,6 +217,13 @@ def platform(setup: Setup) -> str:
   return setup.mesh.devices.flat[0].platform
 
 
+def speedups(setup: Setup, *, training: bool):
+  """The context a step of `setup` is traced in (`cpu.speedups`, unless the setup turns them off)."""
+  if not setup.cpu_speedups:
+    return contextlib.nullcontext()
+  return cpu.speedups(platform(setup), training=training, mesh=setup.mesh)
+
+
 def create_state(setup: Setup, key: jax.Array | int) -> TrainState:
   """Initialises the state directly into its (replicated) shardings, from a key or a seed."""
   init = functools.partial(
@@ -241,11 +257,29 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
 
 
+# The values a population member may hold as a traced number (`train_step`'s `hyper`), where a
+# run alone has a Python constant from its config: the peak learning rate (after batch scaling)
+# and the final gate-dropout rate; the gate-loss weights are `losses.WEIGHT_FIELDS`.
+PEAK_LEARNING_RATE = 'peak_learning_rate'
+GATE_DROPOUT_RATE = 'gater.dropout_rate'
+
+
 def train_step(
-  state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, setup: Setup
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  *,
+  setup: Setup,
+  hyper: dict[str, jax.Array] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step; a pure function of (state, batch, key)."""
+  """One optimizer step; a pure function of (state, batch, key).
+
+  `hyper` (a population member's, `training/population.py`): traced values that replace the
+  config's learning rate (PEAK_LEARNING_RATE), final gate-dropout rate (GATE_DROPOUT_RATE) and
+  gate-loss weights (`losses.WEIGHT_FIELDS`); whether dropout is drawn at all stays the config's.
+  """
   config = setup.config
+  hyper = hyper or {}
   step_key = jax.random.fold_in(key, state.step)
   augment_key, gates_key = jax.random.split(step_key)
   x = preprocess(config, setup.info, batch['image'], augment_key)
@@ -255,11 +289,12 @@ def train_step(
   gate_dropout_rate = 0.0
   if config.gater.dropout_rate:
     fraction = state.step.astype(jnp.float32) / setup.plan.total_steps
-    gate_dropout_rate = config.gater.dropout_rate * jnp.minimum(fraction, 1.0)
+    final_rate = hyper.get(GATE_DROPOUT_RATE, config.gater.dropout_rate)
+    gate_dropout_rate = final_rate * jnp.minimum(fraction, 1.0)
 
   def loss_fn(params):
     # XLA:CPU-only speed-ups (gaternet_jax/cpu); nothing on GPU or TPU.
-    with cpu.speedups(platform(setup), training=True, mesh=setup.mesh):
+    with speedups(setup, training=True):
       (logits, aux), new_vars = setup.model.apply(
         {'params': params, 'batch_stats': state.batch_stats},
         x,
@@ -269,14 +304,18 @@ def train_step(
         mutable=['batch_stats'],
       )
     progress = losses.Progress(state.step, setup.plan.total_steps)
-    loss, terms = losses.objective(logits, labels, aux, config, progress)
+    loss, terms = losses.objective(logits, labels, aux, config, progress, weights=hyper)
     density = aux['density'] if 'density' in aux else jnp.zeros((), jnp.float32)
     return loss, (new_vars, logits, terms, density)
 
   (loss, (new_vars, logits, terms, density)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
     state.params
   )
-  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+  tx, schedule = setup.tx, setup.schedule
+  if PEAK_LEARNING_RATE in hyper:  # the same optimizer around a traced peak: same state layout
+    schedule = learning_rate_schedule(config, setup.plan, peak=hyper[PEAK_LEARNING_RATE])
+    tx = make_optimizer(config, schedule)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(
     step=state.step + 1,
@@ -297,7 +336,7 @@ def train_step(
     **terms,
     'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
     'gate_density': density,
-    'learning_rate': setup.schedule(state.step),
+    'learning_rate': schedule(state.step),
   }
   return new_state, metrics
 
@@ -307,7 +346,7 @@ def _eval_forward(state: TrainState, batch: dict[str, jax.Array], setup: Setup, 
   1(g' > gate_threshold)."""
   x = preprocess(setup.config, setup.info, batch['image'], None)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  with cpu.speedups(platform(setup), training=False, mesh=setup.mesh):
+  with speedups(setup, training=False):
     return setup.model.apply(variables, x, train=False, gate_threshold=gate_threshold)
 
 

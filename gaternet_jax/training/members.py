@@ -4,13 +4,15 @@ A population's members share one model and shapes and differ only in numbers the
 reads (`steps.train_step`'s `hyper`), their random keys and their example orders. `member_hyper`
 makes the numbers that differ traced arrays; `stack` / `member` put states on and off a leading
 member axis; `PopulationDispatch` advances every member by `n` steps, drawing each member's
-batches from its own order (`feed.MemberOrders`), as `dispatch.TrainDispatch` does for one run.
+batches from its own order (`feed.MemberOrders`), as `dispatch.TrainDispatch` does for one run;
+`write_member` writes a member out as an ordinary finished run, `copy_finished_run` copies one.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Any, Sequence
 
 import jax
@@ -21,7 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from gaternet_jax import configs, cpu
 from gaternet_jax.data import feed
-from gaternet_jax.training import dispatch, losses, steps
+from gaternet_jax.training import checkpoints, dispatch, distributed, loop, losses, steps
+from gaternet_jax.training import workdir as workdir_lib
 
 MEMBER_MAPS = ('vmap', 'map', 'sequential')
 
@@ -176,3 +179,45 @@ def _population_step(
     return member_step(s, images, labels, o, first_epoch, k, h)
 
   return jax.lax.map(one, (state, orders, keys, hyper))
+
+
+def write_member(config, workdir: str, setup: steps.Setup, state, step: int, wall: float, results):
+  """One member as an ordinary finished run: config, plan, final checkpoint, results."""
+  if distributed.is_leader():
+    workdir_lib.save_config(config, workdir)
+    workdir_lib.write_json(
+      workdir,
+      workdir_lib.PLAN_FILE,
+      {
+        'num_train': setup.info.num_train,
+        'steps_per_epoch': setup.plan.steps_per_epoch,
+        'total_steps': setup.plan.total_steps,
+        'devices': setup.mesh.size,
+        'elapsed_s': round(wall, 2),
+      },
+    )
+  manager = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
+  state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, setup.abstract_state))
+  checkpoints.save(manager, workdir, step, state)
+  checkpoints.finish(manager, workdir, step)
+  loop.write_results(workdir, results)
+
+
+def copy_finished_run(source: str, target: str, config) -> None:
+  """`source`'s files into `target`, with `config` as its config.json; results.json last, so that
+  an interrupted copy is not a finished run (it is copied again)."""
+  src, dst = workdir_lib.path(source), workdir_lib.path(target)
+
+  def walk(folder):  # (epath has no recursive glob for cloud storage)
+    for entry in folder.iterdir():
+      yield from walk(entry) if entry.is_dir() else [entry]
+
+  files = [f for f in walk(src) if f.name != workdir_lib.LOCK_FILE]
+  files.sort(key=lambda f: f.name == workdir_lib.RESULTS_FILE)
+  for f in files:
+    relative = os.path.relpath(os.fspath(f), os.fspath(src))
+    out = dst / relative
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if f.name == workdir_lib.RESULTS_FILE:
+      workdir_lib.save_config(config, target)
+    out.write_bytes(f.read_bytes())

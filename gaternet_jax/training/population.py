@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -286,31 +285,9 @@ def train_population(
     result = loop.results_of(c, s, stage, step, wall, eval_metrics[k], {})
     del result['time_split_s']
     result['population'] = {'members': count, 'member': k, 'workdir': pop_dir}
-    write_member(c, d, s, members.member(state, k), step, wall, result)
+    members.write_member(c, d, s, members.member(state, k), step, wall, result)
     results.append(result)
   return results
-
-
-def write_member(config, workdir: str, setup: steps.Setup, state, step: int, wall: float, results):
-  """One member as an ordinary finished run: config, plan, final checkpoint, results."""
-  if distributed.is_leader():
-    workdir_lib.save_config(config, workdir)
-    workdir_lib.write_json(
-      workdir,
-      workdir_lib.PLAN_FILE,
-      {
-        'num_train': setup.info.num_train,
-        'steps_per_epoch': setup.plan.steps_per_epoch,
-        'total_steps': setup.plan.total_steps,
-        'devices': setup.mesh.size,
-        'elapsed_s': round(wall, 2),
-      },
-    )
-  manager = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
-  state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, setup.abstract_state))
-  checkpoints.save(manager, workdir, step, state)
-  checkpoints.finish(manager, workdir, step)
-  loop.write_results(workdir, results)
 
 
 def _member_means(pending, k: int) -> dict[str, float]:
@@ -409,7 +386,7 @@ def train_grid(
       for i, o in enumerate(owner):
         if o != i and not distributed.agree(lambda i=i: workdir_lib.is_finished(dirs[i])):
           if distributed.is_leader():
-            copy_finished_run(dirs[o], dirs[i], stage_configs[i])
+            members.copy_finished_run(dirs[o], dirs[i], stage_configs[i])
           distributed.barrier(f'copy:{dirs[i]}')
       return dirs
 
@@ -442,26 +419,6 @@ def _plain_run_key(config) -> str:
   ignored = set(losses.WEIGHT_FIELDS.values())
   flat = {k: v for k, v in configs.flatten(config).items() if k not in ignored}
   return json.dumps(flat, sort_keys=True, default=str)
-
-
-def copy_finished_run(source: str, target: str, config) -> None:
-  """`source`'s files into `target`, with `config` as its config.json; results.json last, so that
-  an interrupted copy is not a finished run (it is copied again)."""
-  src, dst = workdir_lib.path(source), workdir_lib.path(target)
-
-  def walk(folder):  # (epath has no recursive glob for cloud storage)
-    for entry in folder.iterdir():
-      yield from walk(entry) if entry.is_dir() else [entry]
-
-  files = [f for f in walk(src) if f.name != workdir_lib.LOCK_FILE]
-  files.sort(key=lambda f: f.name == workdir_lib.RESULTS_FILE)
-  for f in files:
-    relative = os.path.relpath(os.fspath(f), os.fspath(src))
-    out = dst / relative
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if f.name == workdir_lib.RESULTS_FILE:
-      workdir_lib.save_config(config, target)
-    out.write_bytes(f.read_bytes())
 
 
 def _from_pretrained(state, setup, *, backbone_dir, gater_dir):

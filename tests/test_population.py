@@ -251,3 +251,40 @@ def test_members_are_replicated_over_the_data_axis_of_several_devices():
   assert len(diffs) == 8
   for key, diff in diffs.items():
     assert diff == 0.0 if key.startswith('sequential/') else diff < 1e-3, (key, diff)
+
+
+@pytest.mark.slow
+def test_a_population_directory_resumes_only_its_own_members(tmp_path):
+  config = tiny_default('plain', max_steps=1)
+  seeds = lambda *s: [tiny_default('plain', max_steps=1, seed=k) for k in s]  # noqa: E731
+  dirs = [str(tmp_path / 'a'), str(tmp_path / 'b')]
+  pop_dir = str(tmp_path / 'population')
+  first = population.train_population(seeds(0, 1), dirs, pop_dir)
+  with pytest.raises(UserError, match='holds another population'):
+    population.train_population(seeds(0, 2), [str(tmp_path / 'c'), str(tmp_path / 'd')], pop_dir)
+  # Another member map is the same population: it resumes (here: finished, nothing to train).
+  again = population.train_population(seeds(0, 1), dirs, pop_dir, member_map='map')
+  assert [r['eval'] for r in again] == [r['eval'] for r in first]
+  assert config.max_steps == first[0]['step'] == 1
+
+
+@pytest.mark.slow
+def test_a_kill_while_members_are_written_out_resumes(tmp_path, monkeypatch):
+  grid = sweep.grid_configs(tiny_default('plain', max_steps=1), ['seed=0,1,2'])
+  configs, dirs = [c for _, _, c in grid], [str(tmp_path / n) for n, _, _ in grid]
+  write = members.write_member
+  written = []
+
+  def killed_after_the_first(*args, **kwargs):
+    if written:
+      raise KeyboardInterrupt('killed')
+    written.append(write(*args, **kwargs))
+
+  monkeypatch.setattr(members, 'write_member', killed_after_the_first)
+  with pytest.raises(KeyboardInterrupt):
+    population.train_grid(configs, dirs, str(tmp_path))
+  assert workdir_lib.is_finished(dirs[0]) and not workdir_lib.is_finished(dirs[1])
+  monkeypatch.setattr(members, 'write_member', write)
+  results = population.train_grid(configs, dirs, str(tmp_path))
+  assert all(workdir_lib.is_finished(d) for d in dirs)
+  assert [r['population']['member'] for r in results] == [0, 1, 2]

@@ -197,8 +197,11 @@ def write_member(config, workdir: str, setup: steps.Setup, state, step: int, wal
       },
     )
   manager = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
-  state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, setup.abstract_state))
-  checkpoints.save(manager, workdir, step, state)
+  if step not in distributed.agree(
+    lambda: checkpoints.steps(workdir)
+  ):  # else written before a kill
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, setup.abstract_state))
+    checkpoints.save(manager, workdir, step, state)
   checkpoints.finish(manager, workdir, step)
   loop.write_results(workdir, results)
 

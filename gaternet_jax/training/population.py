@@ -154,10 +154,13 @@ def train_population(
     ],
   }
   stored = distributed.agree(lambda: _read_population(pop_dir))
-  if stored is not None and stored != record:
+  # The member map only changes how the members share the machine: a population started with one
+  # may resume with another (e.g. begun on a CPU, finished on a GPU).
+  same = lambda r: {k: v for k, v in r.items() if k != 'member_map'}  # noqa: E731
+  if stored is not None and same(stored) != same(record):
     raise UserError(
-      f'{pop_dir!r} holds another population (members, configs, stage or member map differ); '
-      'rerun the same command or use a new --workdir'
+      f'{pop_dir!r} holds another population (its members, configs or stage differ); rerun the '
+      'same command or use a new --workdir'
     )
   if distributed.is_leader():
     workdir_lib.write_json(pop_dir, POPULATION_FILE, record)
@@ -285,7 +288,10 @@ def train_population(
     result = loop.results_of(c, s, stage, step, wall, eval_metrics[k], {})
     del result['time_split_s']
     result['population'] = {'members': count, 'member': k, 'workdir': pop_dir}
-    members.write_member(c, d, s, members.member(state, k), step, wall, result)
+    if distributed.agree(lambda d=d: workdir_lib.is_finished(d)):
+      result = workdir_lib.read_results(d)  # written before an interruption
+    else:
+      members.write_member(c, d, s, members.member(state, k), step, wall, result)
     results.append(result)
   return results
 
@@ -334,13 +340,14 @@ def train_grid(
   workdir_lib.ensure_writable(workdir, jax.process_index())
 
   def population_stage(stage_configs, stage_dirs, pop_name, **kwargs) -> None:
-    todo = [
-      i
-      for i, d in enumerate(stage_dirs)
-      if not distributed.agree(lambda d=d: workdir_lib.is_finished(d))
-    ]
-    if not todo:
+    finished = [distributed.agree(lambda d=d: workdir_lib.is_finished(d)) for d in stage_dirs]
+    if all(finished):
       return
+    # The unfinished members; or, once a population of this stage exists, its members (a kill
+    # while they were written out leaves some finished, and the population resumes as it was).
+    stored = distributed.agree(lambda: _read_population(workdir_lib.join(pop_root, pop_name)))
+    ours = {m['workdir'] for m in stored['members']} if stored else set()
+    todo = [i for i, d in enumerate(stage_dirs) if d in ours or not finished[i]]
     preemption.check_stop()
     init = kwargs.pop('initialize', None)
     train_population(

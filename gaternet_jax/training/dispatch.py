@@ -195,11 +195,14 @@ class TrainDispatch:
     return self._chunk(state, r.images, r.labels, orders, first_epoch, self.key, jnp.int32(n))
 
 
-def resident_step(state, images, labels, orders, first_epoch, key, *, setup, resident):
-  """One training step on the resident batch of step `state.step` (`step` of the dispatch)."""
+def resident_step(state, images, labels, orders, first_epoch, key, hyper=None, *, setup, resident):
+  """One training step on the resident batch of step `state.step` (`step` of the dispatch);
+  `hyper`: a population member's traced values (`steps.train_step`)."""
   batch = resident.sample(images, labels, orders, first_epoch, state.step)
   batch = jax.lax.with_sharding_constraint(batch, setup.data_sharding)
-  return steps.train_step(state, batch, key, setup=setup)
+  if hyper is None:  # a solo run's step, as it always was
+    return steps.train_step(state, batch, key, setup=setup)
+  return steps.train_step(state, batch, key, setup=setup, hyper=hyper)
 
 
 def single_step_chunk(state, images, labels, orders, first_epoch, key, num_steps, *, one_step):

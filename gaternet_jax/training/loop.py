@@ -37,12 +37,7 @@ def check_resume_plan(workdir: str, setup: steps.Setup, *, resuming: bool) -> fl
   steps and the schedule. A different device count only changes the data order, so it is
   logged.
   """
-  plan = {
-    'num_train': setup.info.num_train,
-    'steps_per_epoch': setup.plan.steps_per_epoch,
-    'total_steps': setup.plan.total_steps,
-    'devices': setup.mesh.size,
-  }
+  plan = plan_record(setup)
   stored = None
   if resuming and workdir_lib.exists(workdir, workdir_lib.PLAN_FILE):
     stored = workdir_lib.read_json(workdir, workdir_lib.PLAN_FILE)
@@ -62,6 +57,16 @@ def check_resume_plan(workdir: str, setup: steps.Setup, *, resuming: bool) -> fl
   if distributed.is_leader():
     workdir_lib.write_json(workdir, workdir_lib.PLAN_FILE, plan)
   return plan['elapsed_s']
+
+
+def plan_record(setup: steps.Setup) -> dict[str, int]:
+  """What `plan.json` holds of a run's derived plan (besides the training time spent)."""
+  return {
+    'num_train': setup.info.num_train,
+    'steps_per_epoch': setup.plan.steps_per_epoch,
+    'total_steps': setup.plan.total_steps,
+    'devices': setup.mesh.size,
+  }
 
 
 def record_elapsed(workdir: str, elapsed: float) -> None:

@@ -102,7 +102,7 @@ class PopulationDispatch:
       orders_sharding = NamedSharding(setup.mesh, P(None, *setup.data_sharding.spec))
       key_sharding = rep
     else:
-      member_step = functools.partial(_member_step, setup=setup, resident=self.resident)
+      member_step = functools.partial(dispatch.resident_step, setup=setup, resident=self.resident)
       programs = [
         functools.partial(_population_step, member_step=member_step, member_map=member_map)
       ]
@@ -157,13 +157,6 @@ def _program_key(config) -> str:
   return json.dumps({k: v for k, v in configs.flatten(config).items() if k != 'seed'}, default=str)
 
 
-def _member_step(state, images, labels, orders, first_epoch, key, hyper, *, setup, resident):
-  """One member's training step on its own batch of step `state.step`."""
-  batch = resident.sample(images, labels, orders, first_epoch, state.step)
-  batch = jax.lax.with_sharding_constraint(batch, setup.data_sharding)
-  return steps.train_step(state, batch, key, setup=setup, hyper=hyper)
-
-
 def _population_step(
   state, images, labels, orders, first_epoch, member_args, *, member_step, member_map
 ):
@@ -185,17 +178,8 @@ def write_member(config, workdir: str, setup: steps.Setup, state, step: int, wal
   """One member as an ordinary finished run: config, plan, final checkpoint, results."""
   if distributed.is_leader():
     workdir_lib.save_config(config, workdir)
-    workdir_lib.write_json(
-      workdir,
-      workdir_lib.PLAN_FILE,
-      {
-        'num_train': setup.info.num_train,
-        'steps_per_epoch': setup.plan.steps_per_epoch,
-        'total_steps': setup.plan.total_steps,
-        'devices': setup.mesh.size,
-        'elapsed_s': round(wall, 2),
-      },
-    )
+    plan = dict(loop.plan_record(setup), elapsed_s=round(wall, 2))
+    workdir_lib.write_json(workdir, workdir_lib.PLAN_FILE, plan)
   manager = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
   if step not in distributed.agree(
     lambda: checkpoints.steps(workdir)

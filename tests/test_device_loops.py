@@ -151,8 +151,8 @@ def test_non_finite_loss_inside_a_chunk_stops_at_that_step(tmp_path, monkeypatch
   """Step 6 (the 2nd of the chunk 5-8) goes non-finite: the error names it, checkpoint 4 stays."""
   real_step = steps.train_step
 
-  def poisoned_step(state, batch, key, *, setup):
-    new_state, metrics = real_step(state, batch, key, setup=setup)
+  def poisoned_step(state, batch, key, *, setup, **kwargs):
+    new_state, metrics = real_step(state, batch, key, setup=setup, **kwargs)
     bad = state.step >= 5
     poison = jnp.where(bad, jnp.nan, 0.0)
     new_state = new_state.replace(params=jax.tree.map(lambda p: p + poison, new_state.params))

@@ -200,8 +200,6 @@ def resident_step(state, images, labels, orders, first_epoch, key, hyper=None, *
   `hyper`: a population member's traced values (`steps.train_step`)."""
   batch = resident.sample(images, labels, orders, first_epoch, state.step)
   batch = jax.lax.with_sharding_constraint(batch, setup.data_sharding)
-  if hyper is None:  # a solo run's step, as it always was
-    return steps.train_step(state, batch, key, setup=setup)
   return steps.train_step(state, batch, key, setup=setup, hyper=hyper)
 
 

@@ -7,11 +7,15 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 from conftest import REPO, TINY_FLAGS, tiny_default
 
+from gaternet_jax import configs
 from gaternet_jax.commands import reproduce
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import checkpoints, procedure, restore
 from gaternet_jax.training import workdir as workdir_lib
 
 
@@ -70,6 +74,63 @@ def test_a_rerun_skips_finished_runs(reproduced):
   before = _files(workdir)
   assert reproduce.reproduce(tiny_default('gated'), workdir, [0, 1]) == summary
   assert _files(workdir) == before  # nothing trained, evaluated or written again
+
+
+# Another value for every field of the sections only gated runs read (checkpoints.GATE_SECTIONS).
+OTHER_GATE_FIELDS = {
+  'gater.bottleneck': 4,
+  'gater.dropout_rate': 0.5,
+  'gater.extractor': 'cifar_resnet20',
+  'gater.extractor_width': 0.5,
+  'gater.init_bias': 3.0,
+  'gating.batch_shaping_end': 0.5,
+  'gating.batch_shaping_reduction': 'mean',
+  'gating.batch_shaping_weight': 2.0,
+  'gating.binarizer': 'gumbel',
+  'gating.l0_ramp_end': 0.9,
+  'gating.l0_start': 0.1,
+  'gating.l0_weight': 0.3,
+  'gating.l1_weight': 0.25,
+  'gating.losses': 'l1,l0,batch_shaping',
+  'gating.method': 'local',
+  'gating.module_hidden': 8,
+  'gating.module_init_bias': 2.0,
+  'gating.module_weight_decay': True,
+  'gating.prior_a': 0.3,
+  'gating.prior_b': 0.7,
+  'gating.temperature': 1.5,
+}
+
+
+def test_other_gate_fields_cover_both_sections():
+  flat = configs.flatten(tiny_default('plain'))
+  assert sorted(OTHER_GATE_FIELDS) == sorted(
+    k for k in flat if k.startswith(checkpoints.GATE_SECTIONS)
+  )
+  assert all(flat[k] != v for k, v in OTHER_GATE_FIELDS.items())
+
+
+@pytest.mark.slow
+def test_a_plain_run_trains_the_same_whatever_the_gate_sections_hold(tmp_path):
+  # Why a finished plain run is kept when only these fields change (the next test).
+  params = []
+  for name, overrides in (('a', {}), ('b', OTHER_GATE_FIELDS)):
+    directory = str(tmp_path / name)
+    procedure.train_and_evaluate(tiny_default('plain', **overrides), directory)
+    params.append(restore.load_state(directory).state.params)
+  assert jax.tree.structure(params[0]) == jax.tree.structure(params[1])
+  assert jax.tree.all(jax.tree.map(np.array_equal, *params))
+
+
+def test_a_later_lambda_keeps_the_plain_runs_and_refuses_the_finished_gated_ones(reproduced):
+  workdir, _ = reproduced
+  before = _files(workdir)
+  other = tiny_default('gated', **{'gating.l1_weight': 0.25})
+  for seed, config in reproduce.plan(other, workdir, [0, 1])['plain']:
+    checkpoints.check_resume_config(config, reproduce.run_dir(workdir, seed, 'plain'))
+  with pytest.raises(UserError, match=r'seed0/gated.*gating\.l1_weight'):
+    reproduce.reproduce(other, workdir, [0, 1])
+  assert _files(workdir) == before
 
 
 def test_bad_arguments_are_one_line():

@@ -39,6 +39,20 @@ RESUMABLE_FIELDS = frozenset(
     'init.gater',
   }
 )
+# Sections only a run with gates reads (the gater and the gate losses). A plain, unpruned run
+# trains the same whatever they hold (tests/test_reproduce.py checks it bit for bit), so they do
+# not make its stored config another one: `gaternet reproduce` keeps its finished plain runs when
+# the gated runs' λ is chosen after them.
+GATE_SECTIONS = ('gater.', 'gating.')
+
+
+def trains_without_gates(flat: dict[str, Any]) -> bool:
+  """Whether a flattened config describes a plain run: no gates and no pruning plan (an export's
+  plan may keep local gates, which read `gating.*`)."""
+  pruning = any(
+    v for k, v in flat.items() if k == 'model.pruning' or k.startswith('model.pruning.')
+  )
+  return not flat.get('model.gated') and not pruning
 
 
 # Periodic checkpoints are at least this many seconds apart on a GPU or TPU when
@@ -285,10 +299,13 @@ def config_conflicts(config, workdir: str, stages: tuple[str, ...] = ()) -> str 
     return None
   stored = configs.flatten(workdir_lib.load_config(workdir))
   new = configs.flatten(config)
+  plain = trains_without_gates(stored) and trains_without_gates(new)
   conflicts = sorted(
     key
     for key in set(stored) | set(new)
-    if key not in RESUMABLE_FIELDS and stored.get(key) != new.get(key)
+    if key not in RESUMABLE_FIELDS
+    and not (plain and key.startswith(GATE_SECTIONS))
+    and stored.get(key) != new.get(key)
   )
   if not conflicts:
     return None

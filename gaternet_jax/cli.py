@@ -254,6 +254,10 @@ def cmd_sweep(argv) -> None:
   for result in results:
     if distributed.is_leader():
       print(json.dumps(result, sort_keys=True), flush=True)
+  summary = sweep.summarize(config, workdir, FLAGS.sweep)
+  if distributed.is_leader():
+    sweep.write_summary(summary, workdir)
+    print(sweep.markdown(summary), end='', file=sys.stderr)
 
 
 def cmd_reproduce(argv) -> None:

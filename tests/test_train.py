@@ -411,6 +411,18 @@ def test_sweep_command_runs_each_point(tmp_path, cli):
   for lr in ('0.05', '0.1'):
     stored = workdir_lib.load_config(str(tmp_path / f'optimizer.learning_rate={lr}'))
     assert stored.optimizer.learning_rate == float(lr)
+  # The summary of both points, scored on the evaluation split once (cached beside each run).
+  summary = json.loads((tmp_path / 'sweep.json').read_text())
+  assert [p['point'] for p in summary['points']] == points
+  assert summary['fields'] == ['optimizer.learning_rate'] and summary['split'] == 'test'
+  for row, lr in zip(summary['points'], ('0.05', '0.1')):
+    scored = json.loads(
+      (tmp_path / f'optimizer.learning_rate={lr}' / 'evaluation.json').read_text()
+    )
+    assert row['top1_error'] == scored['top1_error'] and row['step'] == scored['step'] == 6
+    assert row['gate_density'] == 1.0 and row['macs'] == scored['macs'] > 0
+  assert len((tmp_path / 'sweep.md').read_text().splitlines()) == 6
+  assert (tmp_path / 'sweep.png').stat().st_size > 1000
   bad = cli(
     'sweep',
     '--config',

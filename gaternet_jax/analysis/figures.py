@@ -391,6 +391,45 @@ def reproduce_figure(summary: dict) -> mpl_figure.Figure:
   return fig
 
 
+def _numbers(values: list[str]) -> list[float] | None:
+  try:
+    return [float(v) for v in values]
+  except ValueError:
+    return None
+
+
+def sweep_figure(summary: dict) -> mpl_figure.Figure:
+  """`gaternet sweep`'s summary: top-1 error and MACs used per point, over the field's value
+  when the grid has one numeric axis (a symmetric-log axis when it spans a decade or more from 0), else
+  one labelled point each."""
+  points = summary['points']
+  fields = summary['fields']
+  x = _numbers([p['point'][fields[0]] for p in points]) if len(fields) == 1 else None
+  fig = _new_figure(8.0, 3.4)
+  errors, macs = fig.subplots(1, 2)
+  positions = x if x is not None else list(range(len(points)))
+  for ax, values, label in (
+    (errors, [p['top1_error'] for p in points], f'top-1 error (%), {summary["split"]}'),
+    (macs, [p['macs'] / 1e6 for p in points], 'MACs used per image (millions)'),
+  ):
+    ax.plot(positions, values, marker='o')
+    ax.set_ylabel(label)
+    if x is None:
+      names = [', '.join(f'{k}={v}' for k, v in p['point'].items()) for p in points]
+      ax.set_xticks(positions, names, rotation=30, ha='right', fontsize=7)
+    else:
+      ax.set_xlabel(fields[0])
+      positive = [v for v in x if v > 0]
+      if min(x) >= 0 and positive and max(x) / min(positive) >= 10:
+        ax.set_xscale('symlog', linthresh=min(positive))
+  for p, position, error in zip(points, positions, [p['top1_error'] for p in points]):
+    errors.annotate(f'{100 * p["gate_density"]:.0f}% on', (position, error), fontsize=7,
+                    textcoords='offset points', xytext=(3, 4))  # fmt: skip
+  errors.margins(x=0.08, y=0.15)  # room for the labels
+  fig.suptitle(f'{summary["name"]}: {len(points)} points (labels: gates on)')
+  return fig
+
+
 def save_figure(fig: mpl_figure.Figure, path: str | os.PathLike) -> None:
   """Writes `fig` as a PNG to `path`, a local path or any `etils.epath` URL (e.g. ``gs://``).
 

@@ -9,7 +9,25 @@ from typing import Any
 from gaternet_jax import configs, models
 from gaternet_jax.commands import describe
 from gaternet_jax.errors import UserError
-from gaternet_jax.training import dispatch, restore
+from gaternet_jax.training import dispatch, distributed, restore
+from gaternet_jax.training import workdir as workdir_lib
+
+# `final_evaluation`'s cache beside a finished run, keyed by the step it scored.
+EVALUATION_JSON = 'evaluation.json'
+
+
+def final_evaluation(directory: str) -> dict:
+  """`evaluate_workdir` of a finished run on its evaluation split, cached beside it by step: a
+  rerun of `gaternet reproduce` or `gaternet sweep` scores nothing again."""
+  step = workdir_lib.read_results(directory)['step']
+  if workdir_lib.exists(directory, EVALUATION_JSON):
+    cached = workdir_lib.read_json(directory, EVALUATION_JSON)
+    if cached.get('step') == step:
+      return cached
+  result = evaluate_workdir(directory)
+  if distributed.is_leader():
+    workdir_lib.write_json(directory, EVALUATION_JSON, result)
+  return result
 
 
 def evaluate_workdir(

@@ -35,8 +35,6 @@ RUNS = ('plain', 'gated', 'control')
 RESULTS_JSON = 'reproduce.json'
 TABLE_MD = 'reproduce.md'
 FIGURE_PNG = 'reproduce.png'
-# The evaluation of a finished run, kept beside it so a rerun of the command does not redo it.
-EVALUATION_JSON = 'reproduce_evaluation.json'
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -124,7 +122,10 @@ def reproduce(
       preemption.check_stop()
       progress(f'seed {seed}: {kind}')
       train[kind](c, directory)
-  rows = {kind: {seed: scored(run_dir(workdir, seed, kind)) for seed in seeds} for kind in RUNS}
+  rows = {
+    kind: {seed: evaluate.final_evaluation(run_dir(workdir, seed, kind)) for seed in seeds}
+    for kind in RUNS
+  }
   summary = summarize(rows, runs['gated'][0][1], seeds)
   if distributed.is_leader():
     workdir_lib.write_json(workdir, RESULTS_JSON, summary)
@@ -133,19 +134,6 @@ def reproduce(
 
     figures.save_figure(figures.reproduce_figure(summary), workdir_lib.path(workdir, FIGURE_PNG))
   return summary
-
-
-def scored(directory: str) -> dict[str, Any]:
-  """`evaluate` of a finished run on its evaluation split, cached beside it by step."""
-  step = workdir_lib.read_results(directory)['step']
-  if workdir_lib.exists(directory, EVALUATION_JSON):
-    cached = workdir_lib.read_json(directory, EVALUATION_JSON)
-    if cached.get('step') == step:
-      return cached
-  result = evaluate.evaluate_workdir(directory)
-  if distributed.is_leader():
-    workdir_lib.write_json(directory, EVALUATION_JSON, result)
-  return result
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

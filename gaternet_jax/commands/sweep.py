@@ -3,6 +3,10 @@
 Every point is built and validated before the first one trains, its data-dependent checks
 included (batch sizes against the examples and devices), so a bad value in the last point is
 reported at once, naming the point, not after hours of training.
+
+When every point has finished, `summarize` scores each on its evaluation split and `sweep.json`,
+`sweep.md` and `sweep.png` set them side by side: top-1 error, gate density and MACs used per
+point (over the field when the grid has one numeric axis: e.g. the λ curve of a gated config).
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from gaternet_jax import configs, legacy, validation
 from gaternet_jax.errors import UserError
 from gaternet_jax.training import preemption
 from gaternet_jax.training import workdir as workdir_lib
+
+SUMMARY_JSON = 'sweep.json'
+TABLE_MD = 'sweep.md'
+FIGURE_PNG = 'sweep.png'
 
 
 def parse_sweep(specs: list[str]) -> list[dict[str, str]]:
@@ -158,3 +166,58 @@ def sweep(
   for name, point, run_config in points:
     preemption.check_stop()
     yield {'point': point, **train(run_config, workdir_lib.join(workdir, name))}
+
+
+def summarize(config: ml_collections.ConfigDict, workdir: str, specs: list[str]) -> dict[str, Any]:
+  """Every finished point's final evaluation (cached beside it), in grid order."""
+  from gaternet_jax.commands import evaluate  # noqa: PLC0415 - JAX only when scoring
+
+  rows = []
+  for name, point, _ in grid_configs(config, specs):
+    result = evaluate.final_evaluation(workdir_lib.join(workdir, name))
+    rows.append({
+      'point': point,
+      'workdir': name,
+      'step': result['step'],
+      'top1_error': result['top1_error'],
+      'top5_error': result['top5_error'],
+      'gate_density': result.get('gate_density', 1.0),
+      'macs': result['macs'],
+    })  # fmt: skip
+  return {
+    'name': config.name,
+    'split': result['split'],
+    'fields': list(rows[0]['point']),
+    'points': rows,
+  }
+
+
+def write_summary(summary: dict[str, Any], workdir: str) -> None:
+  """`sweep.json`, `sweep.md` and `sweep.png` in `workdir` (process 0 only)."""
+  workdir_lib.write_json(workdir, SUMMARY_JSON, summary)
+  workdir_lib.path(workdir, TABLE_MD).write_text(markdown(summary))
+  from gaternet_jax.analysis import figures  # noqa: PLC0415 - matplotlib only here
+
+  figures.save_figure(figures.sweep_figure(summary), workdir_lib.path(workdir, FIGURE_PNG))
+
+
+def markdown(summary: dict[str, Any]) -> str:
+  """One row per point: its values, top-1 error, gate density and MACs used."""
+  fields = summary['fields']
+  lines = [
+    f'{summary["name"]}: {len(summary["points"])} points, {summary["split"]} split',
+    '',
+    '| ' + ' | '.join([*fields, 'top-1 error (%)', 'gates on', 'MACs used (M)', 'step']) + ' |',
+    '|' + '---|' * (len(fields) + 4),
+  ]
+  for row in summary['points']:
+    values = [row['point'][f] for f in fields]
+    lines.append(
+      '| '
+      + ' | '.join([
+        *values, f'{row["top1_error"]:.2f}', f'{100 * row["gate_density"]:.1f}%',
+        f'{row["macs"] / 1e6:.2f}', str(row['step']),
+      ])
+      + ' |'
+    )  # fmt: skip
+  return '\n'.join(lines) + '\n'

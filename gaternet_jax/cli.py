@@ -275,7 +275,9 @@ def cmd_compile(argv) -> None:
   config = _value('config')
   # TPU executables cannot be read back without a TPU client: compile afresh, store nothing.
   jax.config.update('jax_enable_compilation_cache', False)
-  result = aot.compile_for(config, _value('topology', ' (e.g. --topology v4-32)'))
+  topology = _value('topology', ' (e.g. --topology v4-32)')
+  with preemption.exit_at_once_on_signal(f'the compile for {topology}'):
+    result = aot.compile_for(config, topology)
   print(json.dumps(result, sort_keys=True) if FLAGS.json else aot.format_text(result))
   aot.check_fits(result)
 

@@ -2,9 +2,13 @@
 installed: `pip install -e '.[tpu]'`) the compiled step's memory and cost against the config."""
 
 import importlib.util
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import load_experiment
+from conftest import REPO, load_experiment
 
 from gaternet_jax.commands import aot
 from gaternet_jax.errors import UserError
@@ -88,3 +92,25 @@ def test_a_step_that_does_not_fit_says_what_to_change():
   }  # fmt: skip
   with pytest.raises(UserError, match='does not fit .* 40.0 GiB .* 16 GiB of HBM; lower'):
     aot.check_fits(result)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_ctrl_c_during_the_compile_stops_it_at_once():
+  # ResNet-164-Gated for one v5e chip: lowered in about 10 s, then minutes inside XLA's compile,
+  # where Python would run the handler only when the compile returns.
+  process = subprocess.Popen(
+    [sys.executable, '-m', 'gaternet_jax.main', 'compile', '--config',
+     'experiments/cifar10_resnet164.py', '--topology', 'v5e-1'],
+    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  try:
+    time.sleep(30)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 5.0
+  finally:
+    process.kill()
+  assert process.returncode == 130 and out == '', err[-2000:]
+  assert 'gaternet: stopped by SIGINT during the compile for v5e-1; nothing was written' in err

@@ -5,6 +5,9 @@ process: outside the training loop, inside it, and during its last step."""
 
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 import weakref
 
@@ -124,3 +127,50 @@ def test_a_signal_whose_raise_was_swallowed_stops_at_the_next_boundary():
       preemption.check_stop()
   assert stopped.value.exit_code == 143
   preemption.check_stop()  # no command installed any more: nothing pending
+
+
+# A program whose XLA compile is one long C++ call (over a minute on the 2-core CPU): the
+# command's handler cannot run until it returns.
+SLOW_COMPILE = """
+import sys, jax, jax.numpy as jnp
+from gaternet_jax.training import preemption
+
+def f(x):
+  for i in range(1500):
+    x = jnp.sin(x @ x + i) * jnp.cos(x[::-1])
+  return x
+
+lowered = jax.jit(f).lower(jnp.ones((8, 8)))
+with preemption.CommandSignals(), preemption.exit_at_once_on_signal('the test compile'):
+  print('compiling', flush=True)
+  lowered.compile()
+print('compiled', flush=True)
+"""
+
+
+@pytest.mark.parametrize('sig, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_a_long_compile_ends_the_process_at_once(sig, code):
+  process = subprocess.Popen(
+    [sys.executable, '-c', SLOW_COMPILE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  try:
+    assert process.stdout.readline() == 'compiling\n'
+    time.sleep(0.5)  # inside the compile
+    sent = time.monotonic()
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=30)  # without the watcher: > 60 s
+    assert time.monotonic() - sent < 5.0  # not when the compile returns
+  finally:
+    process.kill()
+  assert process.returncode == code and out == ''
+  name = signal.Signals(sig).name
+  assert err.strip().splitlines()[-1] == (
+    f'gaternet: stopped by {name} during the test compile; nothing was written'
+  )
+
+
+def test_without_a_signal_the_wakeup_fd_and_the_watcher_are_gone_after():
+  with preemption.exit_at_once_on_signal('nothing'):
+    assert any(t.name == 'exit-on-signal' for t in threading.enumerate())
+  assert not any(t.name == 'exit-on-signal' for t in threading.enumerate())
+  assert signal.set_wakeup_fd(-1) == -1  # restored: nothing was set before

@@ -58,6 +58,17 @@ def test_reproduce_trains_plain_gated_and_control_per_seed_and_writes_the_table(
   joint = workdir_lib.read_results(reproduce.run_dir(workdir, 0, 'gated'))
   assert control['step'] == joint['step'] == 6
   assert summary['runs']['plain']['gate_density']['mean'] == 1.0
+  # Wall times: each run's own training (the gated run's: its joint stage).
+  for kind in reproduce.RUNS:
+    for seed in (0, 1):
+      wall = summary['runs'][kind]['per_seed'][str(seed)]['wall_time_s']
+      assert wall == workdir_lib.read_results(reproduce.run_dir(workdir, seed, kind))['wall_time_s']
+      assert wall > 0
+  joint = workdir_lib.join(reproduce.run_dir(workdir, 0, 'gated'), workdir_lib.STAGE_JOINT)
+  assert (
+    summary['runs']['gated']['per_seed']['0']['wall_time_s']
+    == (workdir_lib.read_results(joint)['wall_time_s'])
+  )
   differences = summary['gated_minus_control']['per_seed']
   for seed, d in zip((0, 1), differences):
     gated = summary['runs']['gated']['per_seed'][str(seed)]['top1_error']

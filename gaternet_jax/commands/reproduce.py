@@ -16,7 +16,7 @@ Runs are trained plain first, then gated, then controls; each is an ordinary run
 analyze, export and load_run work on it), finished ones are skipped and interrupted ones resume.
 At the end every run is scored on the config's evaluation split and `reproduce.json`,
 `reproduce.md` and `reproduce.png` summarise them: per seed and mean +- std, the top-1 error, the
-gate density and the MACs used; gated - plain and gated - control.
+gate density, the MACs used and the training wall time; gated - plain and gated - control.
 """
 
 from __future__ import annotations
@@ -122,10 +122,7 @@ def reproduce(
       preemption.check_stop()
       progress(f'seed {seed}: {kind}')
       train[kind](c, directory)
-  rows = {
-    kind: {seed: evaluate.final_evaluation(run_dir(workdir, seed, kind)) for seed in seeds}
-    for kind in RUNS
-  }
+  rows = {kind: {seed: scored(run_dir(workdir, seed, kind)) for seed in seeds} for kind in RUNS}
   summary = summarize(rows, runs['gated'][0][1], seeds)
   if distributed.is_leader():
     workdir_lib.write_json(workdir, RESULTS_JSON, summary)
@@ -134,6 +131,15 @@ def reproduce(
 
     figures.save_figure(figures.reproduce_figure(summary), workdir_lib.path(workdir, FIGURE_PNG))
   return summary
+
+
+def scored(directory: str) -> dict[str, Any]:
+  """A finished run's final evaluation and its training wall time (`results.json`: every session
+  of the run; a gated run's is its joint stage, since its stages 1 and 2 are plain runs)."""
+  return {
+    **evaluate.final_evaluation(directory),
+    'wall_time_s': workdir_lib.read_results(directory)['wall_time_s'],
+  }
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -159,6 +165,7 @@ def summarize(rows: dict[str, dict[int, dict]], config, seeds: list[int]) -> dic
         'macs': rows[kind][s]['macs'],
         'gate_density': rows[kind][s].get('gate_density', 1.0),
         'step': rows[kind][s]['step'],
+        'wall_time_s': rows[kind][s]['wall_time_s'],
       }
       for s in seeds
     }
@@ -166,7 +173,7 @@ def summarize(rows: dict[str, dict[int, dict]], config, seeds: list[int]) -> dic
       'per_seed': per_seed,
       **{
         metric: _mean_std([per_seed[str(s)][metric] for s in seeds])
-        for metric in ('top1_error', 'macs', 'gate_density')
+        for metric in ('top1_error', 'macs', 'gate_density', 'wall_time_s')
       },
     }
   for other in ('plain', 'control'):
@@ -178,7 +185,10 @@ def summarize(rows: dict[str, dict[int, dict]], config, seeds: list[int]) -> dic
 def markdown(summary: dict[str, Any]) -> str:
   """The summary as a Markdown table (errors in %, MACs in millions per image)."""
   seeds = summary['seeds']
-  head = ['run', *[f'seed {s}' for s in seeds], 'mean ± std', 'gate density', 'MMACs used']
+  head = [
+    'run', *[f'seed {s}' for s in seeds], 'mean ± std', 'gate density', 'MMACs used',
+    'wall (s, mean)',
+  ]  # fmt: skip
   title = (
     f'{summary["name"]}, {summary["epochs_per_stage"]:g} epochs per stage, '
     f'top-1 error (%) on {summary["split"]}'
@@ -195,12 +205,12 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append(
       f'| {kind} | ' + ' | '.join(cells) + f' | {r["top1_error"]["mean"]:.2f} ± '
       f'{r["top1_error"]["std"]:.2f} | {r["gate_density"]["mean"]:.3f} | '
-      f'{r["macs"]["mean"] / 1e6:.2f} |'
+      f'{r["macs"]["mean"] / 1e6:.2f} | {r["wall_time_s"]["mean"]:,.0f} |'
     )
   for other in ('plain', 'control'):
     d = summary[f'gated_minus_{other}']
     cells = [f'{v:+.2f}' for v in d['per_seed']]
     lines.append(
-      f'| gated − {other} | ' + ' | '.join(cells) + f' | {d["mean"]:+.2f} ± {d["std"]:.2f} | | |'
+      f'| gated − {other} | ' + ' | '.join(cells) + f' | {d["mean"]:+.2f} ± {d["std"]:.2f} | | | |'
     )
   return '\n'.join(lines) + '\n'

@@ -17,6 +17,7 @@ def _summary(points):
       'top5_error': 1.0,
       'gate_density': density,
       'macs': macs,
+      'split': 'holdout',
     }
     for point, error, density, macs in points
   ]
@@ -64,3 +65,35 @@ def test_a_grid_of_two_axes_or_text_values_is_one_labelled_point_each():
   ]  # fmt: skip
   near = _summary([({'optimizer.learning_rate': v}, 10.0, 1.0, 40e6) for v in ('0.05', '0.1')])
   assert figures.sweep_figure(near).axes[0].get_xscale() == 'linear'
+
+
+def test_a_curve_is_drawn_in_the_fields_order_whatever_the_grid_order():
+  shuffled = dict(LAMBDA, points=[LAMBDA['points'][i] for i in (2, 0, 1)])
+  errors, _ = figures.sweep_figure(shuffled).axes
+  assert list(errors.lines[0].get_xdata()) == [0.0, 0.003, 0.1]
+  assert list(errors.lines[0].get_ydata()) == [15.1, 15.4, 17.9]
+  assert sweep.markdown(shuffled).splitlines()[4].startswith('| 0.1 |')  # the table: grid order
+
+
+def test_a_grid_over_the_evaluation_split_says_so():
+  grid = _summary([({'data.eval_split': v}, 10.0, 1.0, 40e6) for v in ('holdout', 'test')])
+  grid['split'] = None
+  assert sweep.markdown(grid).splitlines()[0] == "cifar10_resnet20: 2 points, each point's split"
+  assert figures.sweep_figure(grid).axes[0].get_ylabel() == "top-1 error (%), each point's split"
+
+
+def test_a_cached_final_evaluation_is_read_under_either_name(tmp_path, monkeypatch):
+  from gaternet_jax.commands import evaluate  # noqa: PLC0415
+  from gaternet_jax.training import workdir as workdir_lib  # noqa: PLC0415
+
+  monkeypatch.setattr(evaluate, 'evaluate_workdir', lambda d: {'step': 6, 'top1_error': 9.0})
+  run = str(tmp_path)
+  workdir_lib.write_json(run, workdir_lib.RESULTS_FILE, {'step': 6})
+  workdir_lib.write_json(run, evaluate.OLDER_EVALUATION_JSON, {'step': 6, 'top1_error': 1.0})
+  assert evaluate.final_evaluation(run)['top1_error'] == 1.0  # reproduce's file before 2026-12-06
+  workdir_lib.write_json(run, workdir_lib.RESULTS_FILE, {'step': 9})  # trained on since
+  monkeypatch.setattr(evaluate, 'evaluate_workdir', lambda d: {'step': 9, 'top1_error': 2.0})
+  assert evaluate.final_evaluation(run)['top1_error'] == 2.0
+  assert workdir_lib.read_json(run, evaluate.EVALUATION_JSON) == {'step': 9, 'top1_error': 2.0}
+  monkeypatch.setattr(evaluate, 'evaluate_workdir', lambda d: pytest.fail('scored again'))
+  assert evaluate.final_evaluation(run)['top1_error'] == 2.0

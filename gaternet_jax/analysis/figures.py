@@ -405,11 +405,14 @@ def sweep_figure(summary: dict) -> mpl_figure.Figure:
   points = summary['points']
   fields = summary['fields']
   x = _numbers([p['point'][fields[0]] for p in points]) if len(fields) == 1 else None
+  if x is not None:  # a curve over the field, whatever order the grid listed its values in
+    x, points = map(list, zip(*sorted(zip(x, points), key=lambda pair: pair[0])))
   fig = _new_figure(8.0, 3.4)
   errors, macs = fig.subplots(1, 2)
   positions = x if x is not None else list(range(len(points)))
+  split = summary['split'] or "each point's split"  # None: a grid over data.eval_split
   for ax, values, label in (
-    (errors, [p['top1_error'] for p in points], f'top-1 error (%), {summary["split"]}'),
+    (errors, [p['top1_error'] for p in points], f'top-1 error (%), {split}'),
     (macs, [p['macs'] / 1e6 for p in points], 'MACs used per image (millions)'),
   ):
     ax.plot(positions, values, marker='o')

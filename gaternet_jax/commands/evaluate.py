@@ -8,22 +8,38 @@ from typing import Any
 
 from gaternet_jax import configs, models
 from gaternet_jax.commands import describe
-from gaternet_jax.errors import UserError
+from gaternet_jax.errors import CheckpointError, UserError
 from gaternet_jax.training import dispatch, distributed, restore
 from gaternet_jax.training import workdir as workdir_lib
 
-# `final_evaluation`'s cache beside a finished run, keyed by the step it scored.
+# `final_evaluation`'s cache beside a finished run, keyed by the step it scored; before
+# 2026-12-06 `reproduce` wrote it under the older name, which is still read.
 EVALUATION_JSON = 'evaluation.json'
+OLDER_EVALUATION_JSON = 'reproduce_evaluation.json'
+
+
+def _cached_evaluation(directory: str, step: int) -> dict | None:
+  for name in (EVALUATION_JSON, OLDER_EVALUATION_JSON):
+    if workdir_lib.exists(directory, name):
+      cached = workdir_lib.read_json(directory, name)
+      if cached.get('step') == step:
+        return cached
+  return None
 
 
 def final_evaluation(directory: str) -> dict:
   """`evaluate_workdir` of a finished run on its evaluation split, cached beside it by step: a
-  rerun of `gaternet reproduce` or `gaternet sweep` scores nothing again."""
+  rerun of `gaternet reproduce` or `gaternet sweep` scores nothing again. Process 0 decides
+  whether the cache serves (the evaluation is collective: every host scores, or none)."""
   step = workdir_lib.read_results(directory)['step']
-  if workdir_lib.exists(directory, EVALUATION_JSON):
-    cached = workdir_lib.read_json(directory, EVALUATION_JSON)
-    if cached.get('step') == step:
-      return cached
+  if distributed.agree(lambda: _cached_evaluation(directory, step) is not None):
+    cached = _cached_evaluation(directory, step)
+    if cached is None:
+      raise CheckpointError(
+        f'{directory!r}: process 0 reads its {EVALUATION_JSON} for step {step}, this host does '
+        'not; the workdir must be storage every host sees alike'
+      )
+    return cached
   result = evaluate_workdir(directory)
   if distributed.is_leader():
     workdir_lib.write_json(directory, EVALUATION_JSON, result)

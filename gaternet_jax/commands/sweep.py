@@ -183,10 +183,12 @@ def summarize(config: ml_collections.ConfigDict, workdir: str, specs: list[str])
       'top5_error': result['top5_error'],
       'gate_density': result.get('gate_density', 1.0),
       'macs': result['macs'],
+      'split': result['split'],
     })  # fmt: skip
+  splits = sorted({row['split'] for row in rows})
   return {
     'name': config.name,
-    'split': result['split'],
+    'split': splits[0] if len(splits) == 1 else None,  # None: a grid over data.eval_split
     'fields': list(rows[0]['point']),
     'points': rows,
   }
@@ -201,11 +203,16 @@ def write_summary(summary: dict[str, Any], workdir: str) -> None:
   figures.save_figure(figures.sweep_figure(summary), workdir_lib.path(workdir, FIGURE_PNG))
 
 
+def split_words(summary: dict[str, Any]) -> str:
+  """'holdout split', or 'each point's split' for a grid over the evaluation split."""
+  return f'{summary["split"]} split' if summary['split'] else "each point's split"
+
+
 def markdown(summary: dict[str, Any]) -> str:
   """One row per point: its values, top-1 error, gate density and MACs used."""
   fields = summary['fields']
   lines = [
-    f'{summary["name"]}: {len(summary["points"])} points, {summary["split"]} split',
+    f'{summary["name"]}: {len(summary["points"])} points, {split_words(summary)}',
     '',
     '| ' + ' | '.join([*fields, 'top-1 error (%)', 'gates on', 'MACs used (M)', 'step']) + ' |',
     '|' + '---|' * (len(fields) + 4),

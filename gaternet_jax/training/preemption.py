@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 
 import jax
@@ -100,33 +99,41 @@ def exit_at_once_on_signal(what: str):
 
   Python runs a signal's handler between two bytecodes, so while the main thread is inside such
   a call the command's handler waits for it to return (measured: a SIGTERM 6 s into a 21 s XLA
-  compile took effect 15 s later, when the compile returned). The C half of Python's handler writes the signal's number at once to
-  `signal.set_wakeup_fd`'s pipe: a thread reading that pipe ends the process.
+  compile took effect 15 s later, when the compile returned). The C half of Python's handler
+  writes the signal's number at once to `signal.set_wakeup_fd`'s pipe: a thread reading that pipe
+  ends the process.
   """
   if threading.current_thread() is not threading.main_thread():
     yield
     return
+  stop_signals = (signal.SIGINT, signal.SIGTERM)
   read_end, write_end = os.pipe()
   os.set_blocking(write_end, False)  # set_wakeup_fd's requirement: a signal never blocks
-  previous = signal.set_wakeup_fd(write_end)
 
   def watch():
     while data := os.read(read_end, 1):  # b'' once write_end is closed: the work is done
-      if data[0] in (signal.SIGINT, signal.SIGTERM):
+      if data[0] in stop_signals:
         name = signal.Signals(data[0]).name
-        print(f'gaternet: stopped by {name} during {what}; nothing was written', file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(128 + data[0])  # noqa: SLF001 - the main thread cannot unwind from C++
+        # os.write, not print: the main thread may hold sys.stderr's lock.
+        os.write(2, f'gaternet: stopped by {name} during {what}; nothing was written\n'.encode())
+        os._exit(128 + data[0])  # the main thread cannot unwind from inside C++
 
   watcher = threading.Thread(target=watch, name='exit-on-signal', daemon=True)
   watcher.start()
+  previous = signal.set_wakeup_fd(write_end)
   try:
     yield
   finally:
-    signal.set_wakeup_fd(previous)
-    os.close(write_end)
-    watcher.join()
-    os.close(read_end)
+    # The two signals held back while the watcher is taken down, so the command's handler cannot
+    # cut the cleanup short; one that came meanwhile reaches that handler right after.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+      signal.set_wakeup_fd(previous)
+      os.close(write_end)
+      watcher.join()
+      os.close(read_end)
+    finally:
+      signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def check_stop() -> None:

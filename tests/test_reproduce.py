@@ -76,6 +76,11 @@ def test_reproduce_trains_plain_gated_and_control_per_seed_and_writes_the_table(
     assert d == pytest.approx(gated - control)
   table = open(os.path.join(workdir, reproduce.TABLE_MD)).read()
   assert '| gated − control |' in table and '| control |' in table
+  for other in ('plain', 'control'):
+    low, high = summary[f'gated_minus_{other}']['ci95']
+    assert (
+      f'gated − {other}: 95% confidence interval of the mean [{low:+.2f}, {high:+.2f}]' in table
+    )
   assert json.load(open(os.path.join(workdir, reproduce.RESULTS_JSON))) == summary
   assert os.path.getsize(os.path.join(workdir, reproduce.FIGURE_PNG)) > 1000
 
@@ -142,6 +147,18 @@ def test_a_later_lambda_keeps_the_plain_runs_and_refuses_the_finished_gated_ones
   with pytest.raises(UserError, match=r'seed0/gated.*gating\.l1_weight'):
     reproduce.reproduce(other, workdir, [0, 1])
   assert _files(workdir) == before
+
+
+def test_the_paired_difference_and_its_confidence_interval():
+  # t(0.975, 2 degrees of freedom) = 4.302653 (tables); the half-width is t * std / sqrt(3).
+  d = reproduce.paired_difference([-1.0, -2.0, -3.0])
+  assert d['mean'] == -2.0 and d['std'] == 1.0
+  assert d['ci95'] == pytest.approx([-2 - 4.302653 / 3**0.5, -2 + 4.302653 / 3**0.5], abs=1e-6)
+  assert d['verdict'] == 'unresolved'
+  assert reproduce.paired_difference([-1.0, -1.1, -0.9])['verdict'] == 'lower'
+  assert reproduce.paired_difference([0.4, 0.6])['verdict'] == 'unresolved'  # t(1) = 12.7
+  assert reproduce.paired_difference([0.5, 0.6, 0.55])['verdict'] == 'higher'
+  assert 'ci95' not in reproduce.paired_difference([0.5])  # one seed: no interval
 
 
 def test_bad_arguments_are_one_line():

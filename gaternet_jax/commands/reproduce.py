@@ -21,10 +21,12 @@ gate density, the MACs used and the training wall time; gated - plain and gated 
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, Callable
 
 import ml_collections
+import scipy.stats
 
 from gaternet_jax.commands import evaluate, sweep
 from gaternet_jax.errors import UserError
@@ -178,7 +180,21 @@ def summarize(rows: dict[str, dict[int, dict]], config, seeds: list[int]) -> dic
     }
   for other in ('plain', 'control'):
     differences = [rows['gated'][s]['top1_error'] - rows[other][s]['top1_error'] for s in seeds]
-    out[f'gated_minus_{other}'] = {'per_seed': differences, **_mean_std(differences)}
+    out[f'gated_minus_{other}'] = paired_difference(differences)
+  return out
+
+
+def paired_difference(differences: list[float]) -> dict[str, Any]:
+  """Per-seed differences (gated - other, same seed), their mean +- std and, from two seeds on,
+  the 95% confidence interval of the mean (Student's t, n - 1 degrees of freedom) with its
+  verdict: 'lower' or 'higher' (gated's error) when the interval excludes 0, else 'unresolved'."""
+  out: dict[str, Any] = {'per_seed': differences, **_mean_std(differences)}
+  n = len(differences)
+  if n > 1:
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * out['std'] / math.sqrt(n)
+    low, high = out['mean'] - half, out['mean'] + half
+    out['ci95'] = [low, high]
+    out['verdict'] = 'lower' if high < 0 else 'higher' if low > 0 else 'unresolved'
   return out
 
 
@@ -213,4 +229,18 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append(
       f'| gated − {other} | ' + ' | '.join(cells) + f' | {d["mean"]:+.2f} ± {d["std"]:.2f} | | | |'
     )
+  lines.append('')
+  for other in ('plain', 'control'):
+    d = summary[f'gated_minus_{other}']
+    if 'ci95' in d:
+      low, high = d['ci95']
+      words = {
+        'lower': f'the gated error is lower than {other}',
+        'higher': f'the gated error is higher than {other}',
+        'unresolved': f'no difference from {other} resolved at {len(seeds)} seeds',
+      }[d['verdict']]
+      lines.append(
+        f'gated − {other}: 95% confidence interval of the mean [{low:+.2f}, {high:+.2f}] '
+        f"(paired over seeds, Student's t): {words}."
+      )
   return '\n'.join(lines) + '\n'

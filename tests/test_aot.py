@@ -2,6 +2,7 @@
 installed: `pip install -e '.[tpu]'`) the compiled step's memory and cost against the config."""
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -103,6 +104,8 @@ def test_ctrl_c_during_the_compile_stops_it_at_once():
     [sys.executable, '-m', 'gaternet_jax.main', 'compile', '--config',
      'experiments/cifar10_resnet164.py', '--topology', 'v5e-1'],
     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # This test process may hold libtpu's lockfile (the compiles above): libtpu's own switch.
+    env=dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD='1'),
   )  # fmt: skip
   try:
     time.sleep(30)

@@ -34,7 +34,7 @@ PURPOSE = {
   'export': 'a pruned static model: always-off filters removed, always-on ones folded',
   'tradeoff': 'error vs MACs as the gate threshold moves',
   'report': "a Markdown table of finished runs next to the paper's numbers",
-  'sweep': 'a grid over config fields, one resumable run per point',
+  'sweep': 'a grid over config fields, one resumable run per point, with a table and a figure',
   'reproduce': 'plain, gated and the control per seed, with a table and a figure',
   'compile': 'the training step compiled for a TPU slice here: HBM, FLOPs, projected speed',
 }

@@ -400,8 +400,8 @@ def _numbers(values: list[str]) -> list[float] | None:
 
 def sweep_figure(summary: dict) -> mpl_figure.Figure:
   """`gaternet sweep`'s summary: top-1 error and MACs used per point, over the field's value
-  when the grid has one numeric axis (a symmetric-log axis when it spans a decade or more from 0), else
-  one labelled point each."""
+  when the grid has one numeric axis (a symmetric-log axis when it spans a decade or more from
+  0), else one labelled point each."""
   points = summary['points']
   fields = summary['fields']
   x = _numbers([p['point'][fields[0]] for p in points]) if len(fields) == 1 else None

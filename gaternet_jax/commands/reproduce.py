@@ -226,9 +226,8 @@ def markdown(summary: dict[str, Any]) -> str:
   for other in ('plain', 'control'):
     d = summary[f'gated_minus_{other}']
     cells = [f'{v:+.2f}' for v in d['per_seed']]
-    lines.append(
-      f'| gated − {other} | ' + ' | '.join(cells) + f' | {d["mean"]:+.2f} ± {d["std"]:.2f} | | | |'
-    )
+    mean = f'{d["mean"]:+.2f} ± {d["std"]:.2f}'
+    lines.append(f'| gated − {other} | ' + ' | '.join(cells) + f' | {mean} | | | |')
   lines.append('')
   for other in ('plain', 'control'):
     d = summary[f'gated_minus_{other}']

@@ -243,10 +243,10 @@ def cmd_report(argv) -> None:
 
 def cmd_sweep(argv) -> None:
   config, workdir = _value('config'), _value('workdir')
+  points = sweep.grid_configs(config, FLAGS.sweep)
   results = sweep.sweep(
-    config,
+    points,
     workdir,
-    FLAGS.sweep,
     procedure.train_and_evaluate,
     vectorize=FLAGS.vectorize,
     member_map=FLAGS.member_map,
@@ -254,7 +254,7 @@ def cmd_sweep(argv) -> None:
   for result in results:
     if distributed.is_leader():
       print(json.dumps(result, sort_keys=True), flush=True)
-  summary = sweep.summarize(config, workdir, FLAGS.sweep)
+  summary = sweep.summarize(points, workdir)
   if distributed.is_leader():
     sweep.write_summary(summary, workdir)
     print(sweep.markdown(summary), end='', file=sys.stderr)

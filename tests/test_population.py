@@ -39,7 +39,9 @@ def vectorized(tmp_path_factory):
   """The gated procedure for 2 seeds x 2 lambdas, vectorised; and the four points trained alone."""
   root = tmp_path_factory.mktemp('population')
   config = tiny_default('gated')
-  results = list(sweep.sweep(config, str(root / 'grid'), GRID, None, vectorize=True))
+  results = list(
+    sweep.sweep(sweep.grid_configs(config, GRID), str(root / 'grid'), None, vectorize=True)
+  )
   alone = {}
   for name, _, point_config in sweep.grid_configs(config, GRID):
     alone[name] = procedure.train_and_evaluate(point_config, str(root / 'alone' / name))
@@ -95,7 +97,11 @@ def test_each_member_is_an_ordinary_finished_run(vectorized):
     pop = root / 'grid' / population.POPULATION_DIR / stage / 'population.json'
     assert len(json.load(open(pop))['members']) == 2, stage
   # A rerun of the whole sweep trains nothing and returns the same results.
-  again = list(sweep.sweep(tiny_default('gated'), str(root / 'grid'), GRID, None, vectorize=True))
+  again = list(
+    sweep.sweep(
+      sweep.grid_configs(tiny_default('gated'), GRID), str(root / 'grid'), None, vectorize=True
+    )
+  )
   assert [r['eval'] for r in again] == [r['eval'] for r in results]
 
 
@@ -112,11 +118,15 @@ def test_a_killed_population_resumes_to_the_same_result(tmp_path, monkeypatch):
 
   monkeypatch.setattr(members.PopulationDispatch, '__call__', crash_after_step_4)
   with pytest.raises(KeyboardInterrupt):
-    list(sweep.sweep(config, str(tmp_path / 'grid'), grid, None, vectorize=True))
+    list(
+      sweep.sweep(sweep.grid_configs(config, grid), str(tmp_path / 'grid'), None, vectorize=True)
+    )
   pop_dir = str(tmp_path / 'grid' / population.POPULATION_DIR / 'run')
   assert restore.checkpoints.latest_step(pop_dir) == 3  # the last checkpoint before the kill
   monkeypatch.setattr(members.PopulationDispatch, '__call__', call)
-  resumed = list(sweep.sweep(config, str(tmp_path / 'grid'), grid, None, vectorize=True))
+  resumed = list(
+    sweep.sweep(sweep.grid_configs(config, grid), str(tmp_path / 'grid'), None, vectorize=True)
+  )
   for result, (name, _, point_config) in zip(
     resumed, sweep.grid_configs(config, grid), strict=True
   ):
@@ -186,7 +196,7 @@ def test_only_values_that_differ_become_traced():
 def test_a_grid_that_changes_the_program_is_refused_with_one_line(tmp_path, grid, field):
   config = tiny_default('gated')
   with pytest.raises(UserError, match=f'--vectorize: the grid varies {field}') as e:
-    list(sweep.sweep(config, str(tmp_path), grid, None, vectorize=True))
+    list(sweep.sweep(sweep.grid_configs(config, grid), str(tmp_path), None, vectorize=True))
   assert '\n' not in str(e.value)
   assert not any(tmp_path.iterdir())
 

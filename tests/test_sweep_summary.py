@@ -44,7 +44,7 @@ def test_the_table_has_one_row_per_point_in_grid_order():
 
 
 def test_one_numeric_axis_spanning_decades_from_zero_is_plotted_over_a_symlog_axis():
-  fig = figures.sweep_figure(LAMBDA)
+  fig = figures.sweep_figure(LAMBDA, sweep.split_words(LAMBDA))
   errors, macs = fig.axes
   assert errors.get_xscale() == macs.get_xscale() == 'symlog'
   assert list(errors.lines[0].get_xdata()) == [0.0, 0.003, 0.1]
@@ -58,18 +58,18 @@ def test_a_grid_of_two_axes_or_text_values_is_one_labelled_point_each():
     ({'seed': '0', 'gating.binarizer': 'semhash'}, 15.0, 0.8, 30e6),
     ({'seed': '0', 'gating.binarizer': 'gumbel'}, 16.0, 0.7, 28e6),
   ])  # fmt: skip
-  errors, _ = figures.sweep_figure(grid).axes
+  errors, _ = figures.sweep_figure(grid, sweep.split_words(grid)).axes
   assert errors.get_xscale() == 'linear'
   assert [t.get_text() for t in errors.get_xticklabels()] == [
     'seed=0, gating.binarizer=semhash', 'seed=0, gating.binarizer=gumbel',
   ]  # fmt: skip
   near = _summary([({'optimizer.learning_rate': v}, 10.0, 1.0, 40e6) for v in ('0.05', '0.1')])
-  assert figures.sweep_figure(near).axes[0].get_xscale() == 'linear'
+  assert figures.sweep_figure(near, sweep.split_words(near)).axes[0].get_xscale() == 'linear'
 
 
 def test_a_curve_is_drawn_in_the_fields_order_whatever_the_grid_order():
   shuffled = dict(LAMBDA, points=[LAMBDA['points'][i] for i in (2, 0, 1)])
-  errors, _ = figures.sweep_figure(shuffled).axes
+  errors, _ = figures.sweep_figure(shuffled, sweep.split_words(shuffled)).axes
   assert list(errors.lines[0].get_xdata()) == [0.0, 0.003, 0.1]
   assert list(errors.lines[0].get_ydata()) == [15.1, 15.4, 17.9]
   assert sweep.markdown(shuffled).splitlines()[4].startswith('| 0.1 |')  # the table: grid order
@@ -79,7 +79,10 @@ def test_a_grid_over_the_evaluation_split_says_so():
   grid = _summary([({'data.eval_split': v}, 10.0, 1.0, 40e6) for v in ('holdout', 'test')])
   grid['split'] = None
   assert sweep.markdown(grid).splitlines()[0] == "cifar10_resnet20: 2 points, each point's split"
-  assert figures.sweep_figure(grid).axes[0].get_ylabel() == "top-1 error (%), each point's split"
+  assert (
+    figures.sweep_figure(grid, sweep.split_words(grid)).axes[0].get_ylabel()
+    == "top-1 error (%), each point's split"
+  )
 
 
 def test_a_cached_final_evaluation_is_read_under_either_name(tmp_path, monkeypatch):

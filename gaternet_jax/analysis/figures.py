@@ -398,10 +398,10 @@ def _numbers(values: list[str]) -> list[float] | None:
     return None
 
 
-def sweep_figure(summary: dict) -> mpl_figure.Figure:
+def sweep_figure(summary: dict, split_words: str) -> mpl_figure.Figure:
   """`gaternet sweep`'s summary: top-1 error and MACs used per point, over the field's value
   when the grid has one numeric axis (a symmetric-log axis when it spans a decade or more from
-  0), else one labelled point each."""
+  0), else one labelled point each. `split_words` names the split the errors are on."""
   points = summary['points']
   fields = summary['fields']
   x = _numbers([p['point'][fields[0]] for p in points]) if len(fields) == 1 else None
@@ -410,9 +410,8 @@ def sweep_figure(summary: dict) -> mpl_figure.Figure:
   fig = _new_figure(8.0, 3.4)
   errors, macs = fig.subplots(1, 2)
   positions = x if x is not None else list(range(len(points)))
-  split = summary['split'] or "each point's split"  # None: a grid over data.eval_split
   for ax, values, label in (
-    (errors, [p['top1_error'] for p in points], f'top-1 error (%), {split}'),
+    (errors, [p['top1_error'] for p in points], f'top-1 error (%), {split_words}'),
     (macs, [p['macs'] / 1e6 for p in points], 'MACs used per image (millions)'),
   ):
     ax.plot(positions, values, marker='o')

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import ml_collections
 import scipy.stats
 
-from gaternet_jax.commands import evaluate, sweep
+from gaternet_jax.commands import evaluate, summary_files, sweep
 from gaternet_jax.errors import UserError
 from gaternet_jax.training import checkpoints, distributed, preemption, procedure
 from gaternet_jax.training import workdir as workdir_lib
@@ -37,6 +37,7 @@ RUNS = ('plain', 'gated', 'control')
 RESULTS_JSON = 'reproduce.json'
 TABLE_MD = 'reproduce.md'
 FIGURE_PNG = 'reproduce.png'
+FILES = summary_files.Names(RESULTS_JSON, TABLE_MD, FIGURE_PNG)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -127,11 +128,11 @@ def reproduce(
   rows = {kind: {seed: scored(run_dir(workdir, seed, kind)) for seed in seeds} for kind in RUNS}
   summary = summarize(rows, runs['gated'][0][1], seeds)
   if distributed.is_leader():
-    workdir_lib.write_json(workdir, RESULTS_JSON, summary)
-    workdir_lib.path(workdir, TABLE_MD).write_text(markdown(summary))
     from gaternet_jax.analysis import figures  # noqa: PLC0415 - matplotlib only here
 
-    figures.save_figure(figures.reproduce_figure(summary), workdir_lib.path(workdir, FIGURE_PNG))
+    summary_files.write(
+      workdir, FILES, summary, markdown(summary), figures.reproduce_figure(summary)
+    )
   return summary
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import ast
 import itertools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import ml_collections
 
 from gaternet_jax import configs, legacy, validation
+from gaternet_jax.commands import summary_files
 from gaternet_jax.errors import UserError
 from gaternet_jax.training import preemption
 from gaternet_jax.training import workdir as workdir_lib
@@ -25,6 +26,15 @@ from gaternet_jax.training import workdir as workdir_lib
 SUMMARY_JSON = 'sweep.json'
 TABLE_MD = 'sweep.md'
 FIGURE_PNG = 'sweep.png'
+FILES = summary_files.Names(SUMMARY_JSON, TABLE_MD, FIGURE_PNG)
+
+
+class GridPoint(NamedTuple):
+  """One point of the grid: its sub-workdir's name, its field values as given, its config."""
+
+  name: str
+  values: dict[str, str]
+  config: ml_collections.ConfigDict
 
 
 def parse_sweep(specs: list[str]) -> list[dict[str, str]]:
@@ -87,10 +97,8 @@ def parse_value(text: str, kind: type) -> Any:
   return ast.literal_eval(text)
 
 
-def grid_configs(
-  config: ml_collections.ConfigDict, specs: list[str]
-) -> list[tuple[str, dict[str, str], ml_collections.ConfigDict]]:
-  """(sub-workdir name, point, config) of every grid point, each validated."""
+def grid_configs(config: ml_collections.ConfigDict, specs: list[str]) -> list[GridPoint]:
+  """Every point of the grid, each config validated."""
   if not specs:  # (the grid of no axes is one point: the base config, which is not a sweep)
     raise UserError('--sweep field=v1,v2 is required (repeat it for a grid)')
   grid = parse_sweep(specs)
@@ -104,7 +112,7 @@ def grid_configs(
     except UserError as e:
       raise UserError(f'sweep point {point}: {e}') from None
     name = ','.join(f'{k}={v}' for k, v in point.items())
-    points.append((name, point, run_config))
+    points.append(GridPoint(name, point, run_config))
   return points
 
 
@@ -134,20 +142,19 @@ def check_data(points: list[tuple[str, ml_collections.ConfigDict]]) -> None:
 
 
 def sweep(
-  config: ml_collections.ConfigDict,
+  points: list[GridPoint],
   workdir: str,
-  specs: list[str],
   train: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
   *,
   vectorize: bool = False,
   member_map: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-  """Trains every grid point in `workdir/<field=value,...>`; yields {'point': ..., **results}.
+  """Trains every point of `grid_configs` in `workdir/<field=value,...>`; yields
+  {'point': ..., **results}.
 
   With `vectorize`, the points train as one population (`training/population.py`: one program
   per stage, each point still an ordinary run in its own sub-workdir) and are yielded at the end.
   """
-  points = grid_configs(config, specs)
   if vectorize:
     from gaternet_jax.training import population  # noqa: PLC0415 - JAX only when training
 
@@ -168,12 +175,12 @@ def sweep(
     yield {'point': point, **train(run_config, workdir_lib.join(workdir, name))}
 
 
-def summarize(config: ml_collections.ConfigDict, workdir: str, specs: list[str]) -> dict[str, Any]:
+def summarize(points: list[GridPoint], workdir: str) -> dict[str, Any]:
   """Every finished point's final evaluation (cached beside it), in grid order."""
   from gaternet_jax.commands import evaluate  # noqa: PLC0415 - JAX only when scoring
 
   rows = []
-  for name, point, _ in grid_configs(config, specs):
+  for name, point, _ in points:
     result = evaluate.final_evaluation(workdir_lib.join(workdir, name))
     rows.append({
       'point': point,
@@ -187,7 +194,7 @@ def summarize(config: ml_collections.ConfigDict, workdir: str, specs: list[str])
     })  # fmt: skip
   splits = sorted({row['split'] for row in rows})
   return {
-    'name': config.name,
+    'name': points[0].config.name,
     'split': splits[0] if len(splits) == 1 else None,  # None: a grid over data.eval_split
     'fields': list(rows[0]['point']),
     'points': rows,
@@ -196,11 +203,10 @@ def summarize(config: ml_collections.ConfigDict, workdir: str, specs: list[str])
 
 def write_summary(summary: dict[str, Any], workdir: str) -> None:
   """`sweep.json`, `sweep.md` and `sweep.png` in `workdir` (process 0 only)."""
-  workdir_lib.write_json(workdir, SUMMARY_JSON, summary)
-  workdir_lib.path(workdir, TABLE_MD).write_text(markdown(summary))
   from gaternet_jax.analysis import figures  # noqa: PLC0415 - matplotlib only here
 
-  figures.save_figure(figures.sweep_figure(summary), workdir_lib.path(workdir, FIGURE_PNG))
+  figure = figures.sweep_figure(summary, split_words(summary))
+  summary_files.write(workdir, FILES, summary, markdown(summary), figure)
 
 
 def split_words(summary: dict[str, Any]) -> str:

@@ -126,7 +126,7 @@ def base_config(
   c.half_precision = False  # bfloat16 compute; parameters and BN statistics stay float32
   c.log_every_steps = 100
   # Training steps per jitted call on device-resident data (None: the platform's default, see
-  # device_loops.py); results are the same at any value, only the speed changes.
+  # training/dispatch.py); results are the same at any value, only the speed changes.
   c.steps_per_dispatch = config_dict.placeholder(int)
   c.eval_every_epochs = 4.0
   c.checkpoint_every_steps = 1000

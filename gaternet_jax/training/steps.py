@@ -3,8 +3,8 @@
 Parameters, batch statistics and optimizer state are replicated; every batch is sharded over the
 mesh's `data` axis, so `jax.jit` with explicit shardings turns each step into data-parallel SPMD
 (gradients are all-reduced by XLA). This is the JAX Training Cookbook's recipe; raw `pmap` is in
-maintenance mode. Nothing here touches files: `device_loops.py` dispatches these steps,
-`train.py` runs the loop, `procedure.py` the stages.
+maintenance mode. Nothing here touches files: `dispatch.py` dispatches these steps,
+`loop.py` runs the loop, `procedure.py` the stages.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
   python benchmarks/gpu_check.py --call A --data_dir DIR --out OUT [--work gpu_runs]
   python benchmarks/gpu_check.py --call B --data_dir DIR --out OUT [--work gpu_runs] [--l1_weight L]
+  python benchmarks/gpu_check.py --call C --data_dir DIR --out OUT [--seeds 0,1,2] [--epochs 164]
   python benchmarks/gpu_check.py --call A --smoke --out OUT     # the CPU test of the same path
 
 Call A: (1) docs/performance.md's GPU throughput table: ResNet-20 plain and gated, float32 and bfloat16,
@@ -15,6 +16,11 @@ lambda or `--l1_weight`, with the same split; then, last, benchmarks/population.
 populations (K = 1, 2, 4, 8 ResNet-20 members in one program, float32, batch 128: issue 35's GPU
 number). B must run on the machine A ran on (within its 30 s of warmth): A's run lives in `--work`,
 an ignored folder of the working tree that stays there.
+Call C, for a lease after A and B: issue 32's reproduction at full length on the GPU, `gaternet
+reproduce --vectorize` (each run kind's seeds as one vmapped program) of ResNet-20 at --epochs per
+stage on all 50,000 training JPEGs, bfloat16, the test split scored once per run. At --deadline_s
+it is stopped with SIGTERM (it checkpoints); the same call on the same machine resumes it, and
+every run that finished is recorded (its test error, gate density, wall time) either way.
 
 Every finished part is appended to OUT/gpu_check.jsonl at once and its output kept in
 OUT/<part>.log, so a call cut off at its limit still returns what it finished; the last line
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,9 +56,8 @@ CONFIG = os.path.join(REPO, 'experiments', 'cifar10_resnet20.py')
 def _run(part: str, command: list[str], out: str, timeout: float | None = None) -> str:
   """Runs `command` (output to OUT/<part>.log); its stdout; raises on failure."""
   started = time.time()
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
   result = subprocess.run(
-    command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env(), check=False
   )
   with open(os.path.join(out, f'{part}.log'), 'w') as f:
     f.write(f'$ {" ".join(command)}\n{result.stdout}\n{result.stderr}\n')
@@ -59,6 +65,11 @@ def _run(part: str, command: list[str], out: str, timeout: float | None = None) 
   if result.returncode:
     raise RuntimeError(f'{part} failed (exit {result.returncode}): {result.stderr[-800:]}')
   return result.stdout
+
+
+def _env() -> dict[str, str]:
+  """This checkout first on the children's path (the device machine installs nothing)."""
+  return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
 
 
 def _record(out: str, summary: dict, part: str, value: dict) -> None:
@@ -156,14 +167,60 @@ def population(out: str, summary: dict, smoke: bool) -> None:
   _record(out, summary, 'population_vmap', json.loads(stdout.strip().splitlines()[-1]))
 
 
+def call_c(args, out: str, summary: dict) -> None:
+  workdir = os.path.join(args.work, 'reproduce')
+  if args.smoke:
+    config = os.path.join(REPO, 'experiments', 'default.py')
+    budget = ['--config.max_steps=6', '--config.checkpoint_every_steps=3']
+  else:
+    config = CONFIG
+    budget = [
+      '--config.data.name=imagefolder', f'--config.data.data_dir={os.path.abspath(args.data_dir)}',
+    ]  # fmt: skip
+  command = [
+    sys.executable, '-m', 'gaternet_jax.main', 'reproduce', f'--config={config}',
+    f'--workdir={workdir}', f'--seeds={args.seeds}', f'--epochs={args.epochs}', '--vectorize',
+    '--config.half_precision=True', '--config.eval_every_epochs=1000', *budget,
+  ]  # fmt: skip
+  if args.l1_weight is not None:
+    command.append(f'--config.gating.l1_weight={args.l1_weight}')
+  started = time.time()
+  with open(os.path.join(out, 'reproduce.log'), 'a') as log:
+    log.write(f'$ {" ".join(command)}\n')
+    log.flush()
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log, env=_env())
+    try:
+      returncode = process.wait(timeout=args.deadline_s)
+    except subprocess.TimeoutExpired:
+      process.send_signal(signal.SIGTERM)  # checkpoints the step it is at, then exits 143
+      returncode = process.wait()
+  runs = {}
+  for seed in args.seeds.split(','):
+    for kind in ('plain', 'gated', 'control'):
+      results = os.path.join(workdir, f'seed{seed}', kind, 'results.json')
+      if os.path.exists(results):
+        with open(results) as f:
+          r = json.load(f)
+        runs[f'seed{seed}/{kind}'] = {k: r[k] for k in ('step', 'wall_time_s', 'eval') if k in r}
+  part = {'returncode': returncode, 'wall_s': round(time.time() - started, 1), 'finished': runs}
+  table = os.path.join(workdir, 'reproduce.json')
+  if returncode == 0 and os.path.exists(table):
+    with open(table) as f:
+      part['summary'] = json.load(f)
+  _record(out, summary, 'reproduce_vectorized', part)
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--call', choices=('A', 'B'), required=True)
+  parser.add_argument('--call', choices=('A', 'B', 'C'), required=True)
   parser.add_argument('--data_dir', help='the CIFAR-10 JPEG folder (train/...), not for --smoke')
   parser.add_argument('--out', required=True, help='where the JSON lines and logs go ($OUT)')
   parser.add_argument('--work', default=os.path.join(REPO, 'gpu_runs'), help='the runs, kept')
   parser.add_argument('--l1_weight', type=float, default=None)
   parser.add_argument('--smoke', action='store_true', help='embedded data, tiny budget (CPU)')
+  parser.add_argument('--seeds', default='0,1,2', help='call C: the seeds')
+  parser.add_argument('--epochs', type=float, default=164, help='call C: epochs per stage')
+  parser.add_argument('--deadline_s', type=float, default=510, help='call C: stop (resumable)')
   args = parser.parse_args(argv)
   if not args.smoke and not args.data_dir:
     parser.error('--data_dir is required (the CIFAR-10 JPEGs), except with --smoke')
@@ -171,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
   summary: dict = {'call': args.call, 'smoke': args.smoke}
   started = time.time()
   try:
-    (call_a if args.call == 'A' else call_b)(args, args.out, summary)
+    {'A': call_a, 'B': call_b, 'C': call_c}[args.call](args, args.out, summary)
   finally:
     summary['wall_s'] = round(time.time() - started, 1)
     print(json.dumps(summary))

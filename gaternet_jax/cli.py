@@ -67,7 +67,9 @@ _FLAGS = (
   (('sweep',), 'bool', 'vectorize', False,
    'Train every point as one program (the grid may vary seed, learning rate, gate dropout and '
    'gate-loss weights only).'),
-  (('sweep',), 'string', 'member_map', None,
+  (('reproduce',), 'bool', 'vectorize', False,
+   'Train the seeds of each run kind (plain, gated, control) as one program.'),
+  (('sweep', 'reproduce'), 'string', 'member_map', None,
    'With --vectorize: vmap, map or sequential (default: vmap on GPU/TPU, sequential on a CPU).'),
   (('reproduce',), 'string', 'seeds', '0,1,2', 'Seeds S1,S2,... (each: plain, gated, control).'),
   (('reproduce',), 'float', 'epochs', None,
@@ -264,7 +266,15 @@ def cmd_reproduce(argv) -> None:
   config, workdir = _value('config'), _value('workdir')
   seeds = reproduce.parse_seeds(FLAGS.seeds)
   say = lambda message: print(f'gaternet reproduce: {message}', file=sys.stderr, flush=True)
-  summary = reproduce.reproduce(config, workdir, seeds, FLAGS.epochs, progress=say)
+  summary = reproduce.reproduce(
+    config,
+    workdir,
+    seeds,
+    FLAGS.epochs,
+    progress=say,
+    vectorize=FLAGS.vectorize,
+    member_map=FLAGS.member_map,
+  )
   if distributed.is_leader():
     print(reproduce.markdown(summary), end='')
 

@@ -17,7 +17,7 @@ USAGE = {
   ),
   'reproduce': (
     'gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR '
-    '[--config.FIELD=VALUE ...]'
+    '[--vectorize] [--config.FIELD=VALUE ...]'
   ),
   'compile': (
     'gaternet compile --config FILE[:variant] --topology v4-32 [--json] [--config.FIELD=VALUE ...]'

@@ -257,6 +257,24 @@ def test_gpu_check_runs_both_calls_in_smoke_mode(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_call_c_reproduces_as_one_population_and_resumes_after_its_deadline(tmp_path):
+  out, work = str(tmp_path / 'out'), str(tmp_path / 'work')
+  args = ['benchmarks/gpu_check.py', '--smoke', '--out', out, '--work', work, '--call', 'C']
+  args += ['--seeds', '0,1']
+  stopped = _json_line(*args, '--deadline_s', '5')['reproduce_vectorized']
+  assert stopped['returncode'] != 0 and 'summary' not in stopped
+  done = _json_line(*args)['reproduce_vectorized']
+  assert done['returncode'] == 0
+  assert sorted(done['finished']) == [
+    f'seed{s}/{k}' for s in (0, 1) for k in ('control', 'gated', 'plain')
+  ]
+  assert done['finished']['seed1/gated']['step'] == 6
+  summary = done['summary']
+  assert summary['seeds'] == [0, 1] and 'ci95' in summary['gated_minus_control']
+  assert os.path.isdir(os.path.join(work, 'reproduce', 'population', 'control'))
+
+
+@pytest.mark.slow
 def test_bas_gradients_compares_both_reductions_with_the_cross_entropy():
   out = _json_line(
     'benchmarks/bas_gradients.py', '--config', 'experiments/default.py:bas', '--batches', '1',

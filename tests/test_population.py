@@ -201,6 +201,16 @@ def test_a_grid_that_changes_the_program_is_refused_with_one_line(tmp_path, grid
   assert not any(tmp_path.iterdir())
 
 
+def test_each_member_may_start_from_its_own_runs_but_not_only_some():
+  def config(seed, backbone):
+    return tiny_default('gated', seed=seed, **{'init.backbone': backbone})
+
+  population.check_vectorizable([config(0, '/runs/plain0'), config(1, '/runs/plain1')])
+  with pytest.raises(UserError, match='init.backbone is set for some points only') as e:
+    population.check_vectorizable([config(0, '/runs/plain0'), config(1, None)])
+  assert '\n' not in str(e.value)
+
+
 def test_mixing_zero_and_positive_gate_dropout_is_refused():
   configs = [tiny_default('gated', **{'gater.dropout_rate': r}) for r in (0.0, 0.05)]
   with pytest.raises(UserError, match='gater.dropout_rate mixes 0'):

@@ -173,6 +173,28 @@ def test_bad_arguments_are_one_line():
     reproduce.plan(tiny_default('gated'), '/tmp/x', [0], epochs=0)
 
 
+@pytest.mark.slow
+def test_vectorized_seeds_train_what_each_run_trains_alone(reproduced, tmp_path):
+  workdir, summary = reproduced
+  together = str(tmp_path / 'together')
+  vectorized = reproduce.reproduce(tiny_default('gated'), together, [0, 1], vectorize=True)
+  for kind in reproduce.RUNS:
+    assert vectorized['runs'][kind]['top1_error'] == summary['runs'][kind]['top1_error'], kind
+    for seed in (0, 1):
+      alone = restore.load_state(reproduce.run_dir(workdir, seed, kind)).state
+      member = restore.load_state(reproduce.run_dir(together, seed, kind)).state
+      for a, b in ((alone.params, member.params), (alone.batch_stats, member.batch_stats)):
+        leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        assert all(np.array_equal(x, y) for x, y in leaves), (kind, seed)
+  # Each kind was one population (the gated one only its joint stage: its stages 1 and 2 are the
+  # plain runs), and a rerun trains and writes nothing.
+  populations = sorted(os.listdir(os.path.join(together, 'population')))
+  assert populations == ['control', 'run', workdir_lib.STAGE_JOINT]
+  before = _files(together)
+  assert reproduce.reproduce(tiny_default('gated'), together, [0, 1], vectorize=True) == vectorized
+  assert _files(together) == before
+
+
 def test_one_seed_trains_its_own_gater_stage(tmp_path):
   runs = reproduce.plan(tiny_default('gated'), str(tmp_path), [3], epochs=2)
   ((seed, gated),) = runs['gated']

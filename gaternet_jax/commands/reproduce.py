@@ -14,6 +14,9 @@ For every seed s, in `WORKDIR/seed<s>/`:
 
 Runs are trained plain first, then gated, then controls; each is an ordinary run (evaluate,
 analyze, export and load_run work on it), finished ones are skipped and interrupted ones resume.
+With `vectorize`, the seeds of each kind train as one population (training/population.py: one
+program, each member what it trains alone), checkpointed in `WORKDIR/population/`; an interrupted
+population resumes with `--vectorize` again.
 At the end every run is scored on the config's evaluation split and `reproduce.json`,
 `reproduce.md` and `reproduce.png` summarise them: per seed and mean +- std, the top-1 error, the
 gate density, the MACs used and the training wall time; gated - plain and gated - control.
@@ -25,12 +28,14 @@ import math
 import statistics
 from typing import Any, Callable
 
+import jax
 import ml_collections
 import scipy.stats
 
+from gaternet_jax import validation
 from gaternet_jax.commands import evaluate, summary_files, sweep
 from gaternet_jax.errors import UserError
-from gaternet_jax.training import checkpoints, distributed, preemption, procedure
+from gaternet_jax.training import checkpoints, distributed, population, preemption, procedure
 from gaternet_jax.training import workdir as workdir_lib
 
 RUNS = ('plain', 'gated', 'control')
@@ -104,6 +109,9 @@ def reproduce(
   seeds: list[int],
   epochs: float | None = None,
   progress: Callable[[str], None] = lambda message: None,
+  *,
+  vectorize: bool = False,
+  member_map: str | None = None,
 ) -> dict[str, Any]:
   """Trains (or resumes) every run of `plan`, then writes and returns the summary."""
   runs = plan(config, workdir, seeds, epochs)
@@ -114,13 +122,27 @@ def reproduce(
     'gated': procedure.train_and_evaluate,
     'control': lambda c, directory: procedure.train_control(c, directory, c.init.backbone),
   }
+  if vectorize:
+    population.check_vectorizable([c for _, c in runs['gated']])
   for kind in RUNS:  # every plain run first: the gated runs start from them
+    todo = []
     for seed, c in runs[kind]:
       directory = run_dir(workdir, seed, kind)
+      c = checkpoints.keep_stored_recipe(c, directory, procedure.STAGES)
       if distributed.agree(lambda d=directory: workdir_lib.is_finished(d)):
         # Finished: nothing is written again, but a different config is still refused.
-        c = checkpoints.keep_stored_recipe(c, directory, procedure.STAGES)
         checkpoints.check_resume_config(c, directory, procedure.STAGES)
+      todo.append((seed, c, directory))
+    unfinished = [seed for seed, _, d in todo if not workdir_lib.is_finished(d)]
+    if not distributed.agree(lambda: bool(unfinished)):
+      continue
+    preemption.check_stop()
+    if vectorize:  # every seed: the population knows which of its members are finished
+      progress(f'seeds {",".join(map(str, unfinished))}: {kind}, as one population')
+      train_together(kind, [c for _, c, _ in todo], [d for _, _, d in todo], workdir, member_map)
+      continue
+    for seed, c, directory in todo:
+      if distributed.agree(lambda d=directory: workdir_lib.is_finished(d)):
         continue
       preemption.check_stop()
       progress(f'seed {seed}: {kind}')
@@ -134,6 +156,39 @@ def reproduce(
       workdir, FILES, summary, markdown(summary), figures.reproduce_figure(summary)
     )
   return summary
+
+
+def train_together(
+  kind: str, run_configs: list, directories: list[str], workdir: str, member_map: str | None
+) -> None:
+  """The runs of one kind, every seed, as one population in `workdir/population/`: the plain and
+  gated ones as `gaternet sweep --vectorize` trains a grid (each gated member from its own seed's
+  plain run), the controls as `procedure.train_control` trains each."""
+  if kind != 'control':
+    population.train_grid(run_configs, directories, workdir, member_map=member_map)
+    return
+  for c, directory in zip(run_configs, directories, strict=True):
+    validation.validate_config(c)
+    validation.validate_workdir(directory)
+  p = run_configs[0].procedure
+  workdir_lib.ensure_writable(workdir, jax.process_index())
+  with procedure.locked(workdir):
+    population.train_stage(
+      run_configs,
+      directories,
+      workdir_lib.join(workdir, population.POPULATION_DIR, 'control'),
+      member_map=member_map,
+      stage='control',
+      stream=procedure.STREAMS[workdir_lib.STAGE_JOINT],
+      num_epochs=run_configs[0].schedule.num_epochs + p.joint_extra_epochs,
+      learning_rate=p.joint_learning_rate,
+      initialize=[
+        lambda state, setup, b=c.init.backbone: procedure.init_from_pretrained(
+          state, setup, b, None
+        )
+        for c in run_configs
+      ],
+    )
 
 
 def scored(directory: str) -> dict[str, Any]:

@@ -61,6 +61,9 @@ VECTORIZED = (
   'gater.dropout_rate',
   *losses.WEIGHT_FIELDS.values(),
 )
+# Runs the members start from, one each (e.g. `gaternet reproduce`'s gated run of each seed from
+# that seed's plain run): read once into a member's initial state, never by the step.
+PER_MEMBER_SOURCES = ('init.backbone', 'init.gater')
 # Where the stacked checkpoints live, inside the sweep's workdir.
 POPULATION_DIR = 'population'
 POPULATION_FILE = 'population.json'
@@ -71,13 +74,17 @@ def check_vectorizable(member_configs: Sequence[ml_collections.ConfigDict]) -> N
   flat = [configs.flatten(c) for c in member_configs]
   for field in sorted(set().union(*flat)):
     if (
-      len({json.dumps(f.get(field), sort_keys=True) for f in flat}) > 1 and field not in VECTORIZED
+      len({json.dumps(f.get(field), sort_keys=True) for f in flat}) > 1
+      and field not in VECTORIZED + PER_MEMBER_SOURCES
     ):
       raise UserError(
         f'--vectorize: the grid varies {field}, which changes the compiled program; only '
         f'{", ".join(VECTORIZED)} can vary in one program (drop --vectorize to train the points '
         'one after another)'
       )
+  for field in PER_MEMBER_SOURCES:  # a stage is trained for every member or for none
+    if len({bool(f.get(field)) for f in flat}) > 1:
+      raise UserError(f'--vectorize: {field} is set for some points only; set it for all or none')
   rates = [c.gater.dropout_rate for c in member_configs]
   if any(rates) and not all(rates):
     raise UserError(
@@ -316,6 +323,27 @@ def _check_finite(first_step: int, n: int, finite, loss, labels: Sequence[str]) 
   )
 
 
+def train_stage(stage_configs, stage_dirs, pop_dir: str, **kwargs) -> None:
+  """`train_population` of the members whose run in `stage_dirs` is not finished yet; or, once a
+  population exists in `pop_dir`, of its members (a kill while they were written out leaves some
+  finished, and the population resumes as it was). `initialize` is one per member of the stage."""
+  finished = [distributed.agree(lambda d=d: workdir_lib.is_finished(d)) for d in stage_dirs]
+  if all(finished):
+    return
+  stored = distributed.agree(lambda: _read_population(pop_dir))
+  ours = {m['workdir'] for m in stored['members']} if stored else set()
+  todo = [i for i, d in enumerate(stage_dirs) if d in ours or not finished[i]]
+  preemption.check_stop()
+  init = kwargs.pop('initialize', None)
+  train_population(
+    [stage_configs[i] for i in todo],
+    [stage_dirs[i] for i in todo],
+    pop_dir,
+    initialize=None if init is None else [init[i] for i in todo],
+    **kwargs,
+  )
+
+
 def train_grid(
   member_configs: Sequence[ml_collections.ConfigDict],
   member_dirs: Sequence[str],
@@ -339,41 +367,23 @@ def train_grid(
   pop_root = workdir_lib.join(workdir, POPULATION_DIR)
   workdir_lib.ensure_writable(workdir, jax.process_index())
 
-  def population_stage(stage_configs, stage_dirs, pop_name, **kwargs) -> None:
-    finished = [distributed.agree(lambda d=d: workdir_lib.is_finished(d)) for d in stage_dirs]
-    if all(finished):
-      return
-    # The unfinished members; or, once a population of this stage exists, its members (a kill
-    # while they were written out leaves some finished, and the population resumes as it was).
-    stored = distributed.agree(lambda: _read_population(workdir_lib.join(pop_root, pop_name)))
-    ours = {m['workdir'] for m in stored['members']} if stored else set()
-    todo = [i for i, d in enumerate(stage_dirs) if d in ours or not finished[i]]
-    preemption.check_stop()
-    init = kwargs.pop('initialize', None)
-    train_population(
-      [stage_configs[i] for i in todo],
-      [stage_dirs[i] for i in todo],
-      workdir_lib.join(pop_root, pop_name),
-      initialize=None if init is None else [init[i] for i in todo],
-      member_map=member_map,
-      **kwargs,
-    )
-
   with procedure.locked(workdir):
     if not (config.model.gated and config.procedure.pretrain):
-      population_stage(member_configs, member_dirs, 'run')
+      train_stage(
+        member_configs, member_dirs, workdir_lib.join(pop_root, 'run'), member_map=member_map
+      )
       return [workdir_lib.read_results(d) for d in member_dirs]
 
-    procedure.check_init_sources(config)
     for c, d in zip(member_configs, member_dirs, strict=True):
+      procedure.check_init_sources(c)
       checkpoints.check_resume_config(c, d, workdir_lib.STAGES)
     pretrain_epochs = config.procedure.pretrain_epochs
     if pretrain_epochs is None:
       pretrain_epochs = config.schedule.num_epochs
 
-    def pretrained(stage, stage_config, init_path) -> list[str]:
-      if init_path:
-        return [restore.pretrained_dir(init_path, stage)] * len(member_dirs)
+    def pretrained(stage, stage_config, field) -> list[str]:
+      if config.init[field]:  # set for every member (check_vectorizable), each its own
+        return [restore.pretrained_dir(c.init[field], stage) for c in member_configs]
       dirs = [workdir_lib.join(d, stage) for d in member_dirs]
       stage_configs = [stage_config(c) for c in member_configs]
       # A pre-training stage is a plain network, which the gate-loss weights do not touch: the
@@ -382,10 +392,11 @@ def train_grid(
       first: dict[str, int] = {}
       owner = [first.setdefault(_plain_run_key(c), i) for i, c in enumerate(stage_configs)]
       trained = sorted(set(owner))
-      population_stage(
+      train_stage(
         [stage_configs[i] for i in trained],
         [dirs[i] for i in trained],
-        stage,
+        workdir_lib.join(pop_root, stage),
+        member_map=member_map,
         stage=stage,
         stream=procedure.STREAMS[stage],
         num_epochs=pretrain_epochs,
@@ -397,17 +408,18 @@ def train_grid(
           distributed.barrier(f'copy:{dirs[i]}')
       return dirs
 
-    backbones = pretrained(STAGE_BACKBONE, procedure.backbone_stage_config, config.init.backbone)
+    backbones = pretrained(STAGE_BACKBONE, procedure.backbone_stage_config, 'backbone')
     gaters = (
       [None] * len(member_dirs)
       if models.is_local(config)
-      else pretrained(STAGE_GATER, procedure.gater_stage_config, config.init.gater)
+      else pretrained(STAGE_GATER, procedure.gater_stage_config, 'gater')
     )
     p = config.procedure
-    population_stage(
+    train_stage(
       member_configs,
       [workdir_lib.join(d, STAGE_JOINT) for d in member_dirs],
-      STAGE_JOINT,
+      workdir_lib.join(pop_root, STAGE_JOINT),
+      member_map=member_map,
       stage=STAGE_JOINT,
       stream=procedure.STREAMS[STAGE_JOINT],
       num_epochs=config.schedule.num_epochs + p.joint_extra_epochs,

@@ -3,6 +3,7 @@
   python benchmarks/gpu_check.py --call A --data_dir DIR --out OUT [--work gpu_runs]
   python benchmarks/gpu_check.py --call B --data_dir DIR --out OUT [--work gpu_runs] [--l1_weight L]
   python benchmarks/gpu_check.py --call C --data_dir DIR --out OUT [--seeds 0,1,2] [--epochs 164]
+  python benchmarks/gpu_check.py --call D --data_dir DIR --out OUT [--epochs 500]
   python benchmarks/gpu_check.py --call A --smoke --out OUT     # the CPU test of the same path
 
 Call A: (1) docs/performance.md's GPU throughput table: ResNet-20 plain and gated, float32 and bfloat16,
@@ -21,6 +22,10 @@ reproduce --vectorize` (each run kind's seeds as one vmapped program) of ResNet-
 stage on all 50,000 training JPEGs, bfloat16, the test split scored once per run. At --deadline_s
 it is stopped with SIGTERM (it checkpoints); the same call on the same machine resumes it, and
 every run that finished is recorded (its test error, gate density, wall time) either way.
+Call D, issue 38's GPU run: ResNet-20-BaS (experiments/cifar10_resnet20_bas.py:bas) and then the
+plain ResNet-20 of the same recipe (500 epochs, batch 256; --epochs E scales the schedules to E,
+the same for both), bfloat16, on all 50,000 training JPEGs, the test split once per run; stopped at
+--deadline_s and resumed by the same call; then `gaternet analyze` and `tradeoff` on the BaS run.
 
 Every finished part is appended to OUT/gpu_check.jsonl at once and its output kept in
 OUT/<part>.log, so a call cut off at its limit still returns what it finished; the last line
@@ -167,33 +172,45 @@ def population(out: str, summary: dict, smoke: bool) -> None:
   _record(out, summary, 'population_vmap', json.loads(stdout.strip().splitlines()[-1]))
 
 
+def _run_until(part: str, command: list[str], out: str, seconds: float) -> int:
+  """Runs a resumable gaternet command (output appended to OUT/<part>.log); at `seconds` it is
+  sent SIGTERM, on which it checkpoints the step it is at and exits 143. Its exit status."""
+  with open(os.path.join(out, f'{part}.log'), 'a') as log:
+    log.write(f'$ {" ".join(command)}\n')
+    log.flush()
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log, env=_env())
+    try:
+      return process.wait(timeout=max(seconds, 0))
+    except subprocess.TimeoutExpired:
+      process.send_signal(signal.SIGTERM)
+      return process.wait()
+
+
+def _data_flags(args) -> tuple[str, list[str]]:
+  """Call C and D's data: all 50,000 training JPEGs, the test split scored once at the end (or,
+  with --smoke, the embedded default and a few steps); the config file to use with them."""
+  if args.smoke:
+    return os.path.join(REPO, 'experiments', 'default.py'), [
+      '--config.max_steps=6', '--config.checkpoint_every_steps=3',
+    ]  # fmt: skip
+  return CONFIG, [
+    '--config.data.name=imagefolder', f'--config.data.data_dir={os.path.abspath(args.data_dir)}',
+  ]  # fmt: skip
+
+
 def call_c(args, out: str, summary: dict) -> None:
   workdir = os.path.join(args.work, 'reproduce')
-  if args.smoke:
-    config = os.path.join(REPO, 'experiments', 'default.py')
-    budget = ['--config.max_steps=6', '--config.checkpoint_every_steps=3']
-  else:
-    config = CONFIG
-    budget = [
-      '--config.data.name=imagefolder', f'--config.data.data_dir={os.path.abspath(args.data_dir)}',
-    ]  # fmt: skip
+  config, budget = _data_flags(args)
   command = [
     sys.executable, '-m', 'gaternet_jax.main', 'reproduce', f'--config={config}',
-    f'--workdir={workdir}', f'--seeds={args.seeds}', f'--epochs={args.epochs}', '--vectorize',
+    f'--workdir={workdir}', f'--seeds={args.seeds}', f'--epochs={args.epochs or 164:g}',
+    '--vectorize',
     '--config.half_precision=True', '--config.eval_every_epochs=1000', *budget,
   ]  # fmt: skip
   if args.l1_weight is not None:
     command.append(f'--config.gating.l1_weight={args.l1_weight}')
   started = time.time()
-  with open(os.path.join(out, 'reproduce.log'), 'a') as log:
-    log.write(f'$ {" ".join(command)}\n')
-    log.flush()
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log, env=_env())
-    try:
-      returncode = process.wait(timeout=args.deadline_s)
-    except subprocess.TimeoutExpired:
-      process.send_signal(signal.SIGTERM)  # checkpoints the step it is at, then exits 143
-      returncode = process.wait()
+  returncode = _run_until('reproduce', command, out, args.deadline_s)
   runs = {}
   for seed in args.seeds.split(','):
     for kind in ('plain', 'gated', 'control'):
@@ -210,17 +227,65 @@ def call_c(args, out: str, summary: dict) -> None:
   _record(out, summary, 'reproduce_vectorized', part)
 
 
+def call_d(args, out: str, summary: dict) -> None:
+  """Issue 38: ResNet-20-BaS, then plain ResNet-20, at Batch-Shaping's CIFAR-10 recipe (500
+  epochs, batch 256; --epochs E scales its schedules to E), bfloat16; each stopped at the call's
+  deadline and resumed by the same call; `analyze` and `tradeoff` on the BaS run once it ends."""
+  deadline = time.time() + args.deadline_s
+  config, data = _data_flags(args)
+  if not args.smoke:
+    config = os.path.join(REPO, 'experiments', 'cifar10_resnet20_bas.py')
+  bas = os.path.join(args.work, 'bas_bas')
+  for variant in ('bas', 'plain'):
+    workdir = os.path.join(args.work, f'bas_{variant}')
+    results = os.path.join(workdir, 'results.json')
+    if not os.path.exists(results) and deadline - time.time() > 30:
+      command = [
+        sys.executable, '-m', 'gaternet_jax.main', 'train', f'--config={config}:{variant}',
+        f'--workdir={workdir}', '--config.half_precision=True', '--config.eval_every_epochs=1000',
+        *data, *([] if args.epochs is None else [f'--config.schedule.num_epochs={args.epochs}']),
+      ]  # fmt: skip
+      returncode = _run_until(f'bas_{variant}', command, out, deadline - time.time())
+      _record(out, summary, f'bas_{variant}_train', {'returncode': returncode})
+    if os.path.exists(results):
+      with open(results) as f:
+        r = json.load(f)
+      keep = ('step', 'total_steps', 'wall_time_s', 'time_split_s', 'eval')
+      _record(out, summary, f'bas_{variant}', {k: r[k] for k in keep if k in r})
+  if not os.path.exists(os.path.join(bas, 'results.json')):
+    return
+  for command_name, made in (
+    ('analyze', 'analysis/analysis.json'),
+    ('tradeoff', 'tradeoff/tradeoff.json'),
+  ):
+    if not os.path.exists(os.path.join(bas, made)) and deadline - time.time() > 20:
+      command = [sys.executable, '-m', 'gaternet_jax.main', command_name, f'--workdir={bas}']
+      _run_until(f'bas_{command_name}', command, out, deadline - time.time())
+  analysis = os.path.join(bas, 'analysis', 'analysis.json')
+  if os.path.exists(analysis):
+    with open(analysis) as f:
+      a = json.load(f)
+    part = {'census': a['census']['totals'], 'compute': a['compute'], 'split': a['split']}
+    _record(out, summary, 'bas_analyze', {**part, 'gates_per_example': a['gates_per_example']})
+  tradeoff = os.path.join(bas, 'tradeoff', 'tradeoff.json')
+  if os.path.exists(tradeoff):
+    with open(tradeoff) as f:
+      _record(out, summary, 'bas_tradeoff', json.load(f))
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--call', choices=('A', 'B', 'C'), required=True)
+  parser.add_argument('--call', choices=('A', 'B', 'C', 'D'), required=True)
   parser.add_argument('--data_dir', help='the CIFAR-10 JPEG folder (train/...), not for --smoke')
   parser.add_argument('--out', required=True, help='where the JSON lines and logs go ($OUT)')
   parser.add_argument('--work', default=os.path.join(REPO, 'gpu_runs'), help='the runs, kept')
   parser.add_argument('--l1_weight', type=float, default=None)
   parser.add_argument('--smoke', action='store_true', help='embedded data, tiny budget (CPU)')
   parser.add_argument('--seeds', default='0,1,2', help='call C: the seeds')
-  parser.add_argument('--epochs', type=float, default=164, help='call C: epochs per stage')
-  parser.add_argument('--deadline_s', type=float, default=510, help='call C: stop (resumable)')
+  parser.add_argument(
+    '--epochs', type=float, default=None, help="C: epochs per stage (164); D: the recipe's (500)"
+  )
+  parser.add_argument('--deadline_s', type=float, default=510, help='C, D: stop (resumable)')
   args = parser.parse_args(argv)
   if not args.smoke and not args.data_dir:
     parser.error('--data_dir is required (the CIFAR-10 JPEGs), except with --smoke')
@@ -228,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
   summary: dict = {'call': args.call, 'smoke': args.smoke}
   started = time.time()
   try:
-    {'A': call_a, 'B': call_b, 'C': call_c}[args.call](args, args.out, summary)
+    {'A': call_a, 'B': call_b, 'C': call_c, 'D': call_d}[args.call](args, args.out, summary)
   finally:
     summary['wall_s'] = round(time.time() - started, 1)
     print(json.dumps(summary))

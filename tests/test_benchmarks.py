@@ -275,6 +275,18 @@ def test_gpu_check_call_c_reproduces_as_one_population_and_resumes_after_its_dea
 
 
 @pytest.mark.slow
+def test_gpu_check_call_d_trains_bas_and_plain_then_analyzes_the_bas_run(tmp_path):
+  out, work = str(tmp_path / 'out'), str(tmp_path / 'work')
+  d = _json_line('benchmarks/gpu_check.py', '--smoke', '--out', out, '--work', work, '--call', 'D')
+  assert d['bas_bas_train'] == d['bas_plain_train'] == {'returncode': 0}
+  assert d['bas_bas']['step'] == d['bas_plain']['step'] == 6
+  assert 'gate_density' in d['bas_bas']['eval'] and 'gate_density' not in d['bas_plain']['eval']
+  census = d['bas_analyze']['census']
+  assert sum(census[k] for k in ('always_on', 'always_off', 'input_dependent')) == 112
+  assert len(d['bas_tradeoff']['rows']) == 6  # the default thresholds
+
+
+@pytest.mark.slow
 def test_bas_gradients_compares_both_reductions_with_the_cross_entropy():
   out = _json_line(
     'benchmarks/bas_gradients.py', '--config', 'experiments/default.py:bas', '--batches', '1',

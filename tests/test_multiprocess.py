@@ -167,6 +167,40 @@ def test_gated_procedure_on_two_processes_matches_one(tmp_path, data):
     assert abs(two['eval'][key] - one['eval'][key]) <= 1e-3 * max(1.0, abs(one['eval'][key])), key
 
 
+SWEEP = textwrap.dedent("""
+    import sys
+    from gaternet_jax import main
+    main.main(['gaternet', 'sweep', *sys.argv[2:]])
+""")
+
+
+@pytest.mark.slow
+def test_a_vectorized_grid_on_two_processes_matches_one(tmp_path):
+  """`gaternet sweep --vectorize` on 2 processes x 2 devices: the hosts agree on the stored
+  population and checkpoints (JSON records, not only numbers) and end as 1 process x 4 does."""
+
+  def sweep(workdir, processes, devices):
+    flags = [
+      '--config', 'experiments/default.py:plain', '--workdir', workdir, '--sweep', 'seed=0,1',
+      '--vectorize', '--config.max_steps=4', '--config.batch_size=8', '--config.eval_batch_size=8',
+      '--config.checkpoint_every_steps=2', '--config.log_every_steps=2',
+      '--config.eval_every_epochs=100', '--config.checkpoint_min_interval_s=1e6',
+    ]  # fmt: skip
+    finished = _finish(_launch('memory', processes, devices, flags, script=SWEEP))
+    for code, _, err in finished:
+      assert code == 0, err[-3000:]
+    return [json.loads(line) for line in finished[0][1].splitlines() if line.startswith('{')]
+
+  two = sweep(str(tmp_path / 'two'), 2, 2)
+  one = sweep(str(tmp_path / 'one'), 1, 4)
+  assert [r['point'] for r in two] == [{'seed': '0'}, {'seed': '1'}]
+  for a, b in zip(two, one, strict=True):
+    assert a['step'] == b['step'] == 4
+    for key in ('loss', 'top1_error'):
+      assert abs(a['eval'][key] - b['eval'][key]) <= 1e-3 * max(1.0, abs(b['eval'][key])), key
+  assert os.path.exists(tmp_path / 'two' / 'sweep.md')
+
+
 @pytest.mark.slow
 def test_sigterm_on_one_host_stops_every_host_at_one_step_and_resumes(tmp_path):
   """A preemption notice reaching one host (SIGTERM to process 1 only) in the procedure's joint

@@ -8,8 +8,9 @@ makes process 0 decide and broadcasts its answer, so control flow is identical e
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
@@ -118,6 +119,22 @@ def agree(decide: Callable[[], T]) -> T:
   encoded = np.asarray([_encode(value), isinstance(value, bool)], np.int32)
   out = multihost_utils.broadcast_one_to_all(encoded)
   return _decode(int(out[0]), bool(out[1]))
+
+
+def agree_json(decide: Callable[[], Any]) -> Any:
+  """`agree` for any JSON value (a stored record, a list of steps): process 0's answer, sent as
+  its JSON text's bytes after their count."""
+  if jax.process_count() == 1:
+    return decide()
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  text = json.dumps(decide()).encode() if jax.process_index() == 0 else b''
+  size = agree(lambda: len(text))
+  payload = np.zeros(size, np.int32)  # int32: what JAX carries without x64
+  if jax.process_index() == 0:
+    payload[:] = np.frombuffer(text, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(payload))
+  return json.loads(out.astype(np.uint8).tobytes())
 
 
 _NONE = -(2**31)  # int32's minimum; no step or flag is negative

@@ -181,7 +181,7 @@ def write_member(config, workdir: str, setup: steps.Setup, state, step: int, wal
     plan = dict(loop.plan_record(setup), elapsed_s=round(wall, 2))
     workdir_lib.write_json(workdir, workdir_lib.PLAN_FILE, plan)
   manager = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
-  if step not in distributed.agree(
+  if step not in distributed.agree_json(
     lambda: checkpoints.steps(workdir)
   ):  # else written before a kill
     state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, setup.abstract_state))

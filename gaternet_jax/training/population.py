@@ -160,7 +160,7 @@ def train_population(
       for c, d in zip(member_configs, member_dirs, strict=True)
     ],
   }
-  stored = distributed.agree(lambda: _read_population(pop_dir))
+  stored = distributed.agree_json(lambda: _read_population(pop_dir))
   # The member map only changes how the members share the machine: a population started with one
   # may resume with another (e.g. begun on a CPU, finished on a GPU).
   same = lambda r: {k: v for k, v in r.items() if k != 'member_map'}  # noqa: E731
@@ -330,7 +330,7 @@ def train_stage(stage_configs, stage_dirs, pop_dir: str, **kwargs) -> None:
   finished = [distributed.agree(lambda d=d: workdir_lib.is_finished(d)) for d in stage_dirs]
   if all(finished):
     return
-  stored = distributed.agree(lambda: _read_population(pop_dir))
+  stored = distributed.agree_json(lambda: _read_population(pop_dir))
   ours = {m['workdir'] for m in stored['members']} if stored else set()
   todo = [i for i, d in enumerate(stage_dirs) if d in ours or not finished[i]]
   preemption.check_stop()

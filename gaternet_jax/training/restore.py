@@ -117,7 +117,7 @@ def load_state(
       # A run training in this directory removes its oldest checkpoint after each save, so the
       # one listed may be gone by the time it is read. Gone is not damaged: take the newest
       # that exists now (or say so, when that one was asked for); still listed, it is damaged.
-      listed = distributed.agree(lambda: checkpoints.steps(directory))
+      listed = distributed.agree_json(lambda: checkpoints.steps(directory))
       if step in listed:
         raise
       if requested is not None:

@@ -172,9 +172,10 @@ def population(out: str, summary: dict, smoke: bool) -> None:
   _record(out, summary, 'population_vmap', json.loads(stdout.strip().splitlines()[-1]))
 
 
-def _run_until(part: str, command: list[str], out: str, seconds: float) -> int:
+def _run_until(part: str, command: list[str], out: str, seconds: float, grace: float = 60) -> int:
   """Runs a resumable gaternet command (output appended to OUT/<part>.log); at `seconds` it is
-  sent SIGTERM, on which it checkpoints the step it is at and exits 143. Its exit status."""
+  sent SIGTERM, on which it checkpoints the step it is at and exits 143, and killed if it has not
+  ended `grace` seconds later (so that the call still records what finished). Its exit status."""
   with open(os.path.join(out, f'{part}.log'), 'a') as log:
     log.write(f'$ {" ".join(command)}\n')
     log.flush()
@@ -183,7 +184,11 @@ def _run_until(part: str, command: list[str], out: str, seconds: float) -> int:
       return process.wait(timeout=max(seconds, 0))
     except subprocess.TimeoutExpired:
       process.send_signal(signal.SIGTERM)
-      return process.wait()
+      try:
+        return process.wait(timeout=grace)
+      except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def _data_flags(args) -> tuple[str, list[str]]:

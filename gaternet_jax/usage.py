@@ -13,11 +13,12 @@ USAGE = {
   'tradeoff': 'gaternet tradeoff --workdir DIR [--split S] [--thresholds T1,T2,...] [--out DIR]',
   'report': 'gaternet report --workdir DIR [--workdir DIR ...] [--out table.md]   (or DIR DIR ...)',
   'sweep': (
-    'gaternet sweep --config FILE --sweep FIELD=V1,V2 [--sweep ...] --workdir DIR [--vectorize]'
+    'gaternet sweep --config FILE --sweep FIELD=V1,V2 [--sweep ...] --workdir DIR '
+    '[--vectorize [--member_map M]]'
   ),
   'reproduce': (
     'gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR '
-    '[--vectorize] [--config.FIELD=VALUE ...]'
+    '[--vectorize [--member_map M]] [--config.FIELD=VALUE ...]'
   ),
   'compile': (
     'gaternet compile --config FILE[:variant] --topology v4-32 [--json] [--config.FIELD=VALUE ...]'

@@ -1,9 +1,12 @@
 """The benchmark scripts run and print the one JSON line their docstrings promise."""
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -257,13 +260,10 @@ def test_gpu_check_runs_both_calls_in_smoke_mode(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_call_c_reproduces_as_one_population_and_resumes_after_its_deadline(tmp_path):
+def test_gpu_check_call_c_reproduces_as_one_population(tmp_path):
   out, work = str(tmp_path / 'out'), str(tmp_path / 'work')
   args = ['benchmarks/gpu_check.py', '--smoke', '--out', out, '--work', work, '--call', 'C']
-  args += ['--seeds', '0,1']
-  stopped = _json_line(*args, '--deadline_s', '5')['reproduce_vectorized']
-  assert stopped['returncode'] != 0 and 'summary' not in stopped
-  done = _json_line(*args)['reproduce_vectorized']
+  done = _json_line(*args, '--seeds', '0,1')['reproduce_vectorized']
   assert done['returncode'] == 0
   assert sorted(done['finished']) == [
     f'seed{s}/{k}' for s in (0, 1) for k in ('control', 'gated', 'plain')
@@ -272,6 +272,36 @@ def test_gpu_check_call_c_reproduces_as_one_population_and_resumes_after_its_dea
   summary = done['summary']
   assert summary['seeds'] == [0, 1] and 'ci95' in summary['gated_minus_control']
   assert os.path.isdir(os.path.join(work, 'reproduce', 'population', 'control'))
+
+
+SIGTERM_CHILD = """
+import signal, sys, time
+def stop(*_):
+  open(sys.argv[1], 'w').write('checkpointed'); sys.exit(143)
+signal.signal(signal.SIGTERM, stop if sys.argv[2] == 'obeys' else signal.SIG_IGN)
+print('ready', flush=True)
+time.sleep(60)
+"""
+
+
+def test_gpu_check_stops_a_command_at_its_deadline_and_kills_one_that_ignores_it(tmp_path):
+  spec = importlib.util.spec_from_file_location('gpu_check', f'{REPO}/benchmarks/gpu_check.py')
+  gpu_check = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gpu_check)
+
+  def run(behaviour):
+    marker = str(tmp_path / behaviour)
+    command = [sys.executable, '-c', SIGTERM_CHILD, marker, behaviour]
+    started = time.time()
+    # The child is ready well within the deadline: the SIGTERM reaches its handler.
+    code = gpu_check._run_until(behaviour, command, str(tmp_path), seconds=4, grace=1)
+    return code, os.path.exists(marker), time.time() - started
+
+  code, checkpointed, seconds = run('obeys')
+  assert (code, checkpointed) == (143, True) and seconds < 15
+  code, checkpointed, seconds = run('ignores')
+  assert (code, checkpointed) == (-signal.SIGKILL, False) and seconds < 15
+  assert 'ready' in open(tmp_path / 'obeys.log').read()
 
 
 @pytest.mark.slow

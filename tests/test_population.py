@@ -13,6 +13,7 @@ from gaternet_jax import data as data_lib
 from gaternet_jax.commands import sweep
 from gaternet_jax.data import feed
 from gaternet_jax.errors import UserError
+from gaternet_jax.training import grid as grid_lib
 from gaternet_jax.training import members, population, procedure, restore, steps
 from gaternet_jax.training import workdir as workdir_lib
 
@@ -143,7 +144,7 @@ def test_vmapped_members_match_runs_alone_within_float_tolerance(tmp_path):
   config = tiny_default('plain', max_steps=2)
   grid = ['seed=0,1', 'optimizer.learning_rate=0.05,0.1']
   points = sweep.grid_configs(config, grid)
-  together = population.train_grid(
+  together = grid_lib.train_grid(
     [c for _, _, c in points],
     [str(tmp_path / 'vmap' / name) for name, _, _ in points],
     str(tmp_path / 'vmap'),
@@ -241,7 +242,7 @@ TWO_DEVICES = textwrap.dedent("""
     sys.path.insert(0, 'tests')
     from conftest import tiny_default
     from gaternet_jax.commands import sweep
-    from gaternet_jax.training import population, procedure, restore
+    from gaternet_jax.training import grid as grid_lib, procedure, restore
     assert jax.device_count() == 2, jax.devices()
     root = tempfile.mkdtemp()
     config = tiny_default('plain', max_steps=2)
@@ -250,7 +251,7 @@ TWO_DEVICES = textwrap.dedent("""
     out = {}
     for member_map in ('sequential', 'vmap'):
       where = os.path.join(root, member_map)
-      population.train_grid([c for _, _, c in points], [os.path.join(where, n) for n, _, _ in points],
+      grid_lib.train_grid([c for _, _, c in points], [os.path.join(where, n) for n, _, _ in points],
                             where, member_map=member_map)
     for name, _, c in points:
       procedure.train_and_evaluate(c, os.path.join(root, 'alone', name))
@@ -302,9 +303,9 @@ def test_a_kill_while_members_are_written_out_resumes(tmp_path, monkeypatch):
 
   monkeypatch.setattr(members, 'write_member', killed_after_the_first)
   with pytest.raises(KeyboardInterrupt):
-    population.train_grid(configs, dirs, str(tmp_path))
+    grid_lib.train_grid(configs, dirs, str(tmp_path))
   assert workdir_lib.is_finished(dirs[0]) and not workdir_lib.is_finished(dirs[1])
   monkeypatch.setattr(members, 'write_member', write)
-  results = population.train_grid(configs, dirs, str(tmp_path))
+  results = grid_lib.train_grid(configs, dirs, str(tmp_path))
   assert all(workdir_lib.is_finished(d) for d in dirs)
   assert [r['population']['member'] for r in results] == [0, 1, 2]

@@ -35,7 +35,14 @@ import scipy.stats
 from gaternet_jax import validation
 from gaternet_jax.commands import evaluate, summary_files, sweep
 from gaternet_jax.errors import UserError
-from gaternet_jax.training import checkpoints, distributed, population, preemption, procedure
+from gaternet_jax.training import (
+  checkpoints,
+  distributed,
+  grid,
+  population,
+  preemption,
+  procedure,
+)
 from gaternet_jax.training import workdir as workdir_lib
 
 RUNS = ('plain', 'gated', 'control')
@@ -165,15 +172,15 @@ def train_together(
   gated ones as `gaternet sweep --vectorize` trains a grid (each gated member from its own seed's
   plain run), the controls as `procedure.train_control` trains each."""
   if kind != 'control':
-    population.train_grid(run_configs, directories, workdir, member_map=member_map)
+    grid.train_grid(run_configs, directories, workdir, member_map=member_map)
     return
   for c, directory in zip(run_configs, directories, strict=True):
     validation.validate_config(c)
     validation.validate_workdir(directory)
   p = run_configs[0].procedure
   workdir_lib.ensure_writable(workdir, jax.process_index())
-  with procedure.locked(workdir):
-    population.train_stage(
+  with procedure.locked(workdir), grid.locked_members(directories):
+    grid.train_stage(
       run_configs,
       directories,
       workdir_lib.join(workdir, population.POPULATION_DIR, 'control'),

@@ -156,12 +156,12 @@ def sweep(
   per stage, each point still an ordinary run in its own sub-workdir) and are yielded at the end.
   """
   if vectorize:
-    from gaternet_jax.training import population  # noqa: PLC0415 - JAX only when training
+    from gaternet_jax.training import grid, population  # noqa: PLC0415 - JAX only when training
 
     population.check_vectorizable([run_config for _, _, run_config in points])
   check_data([(f'sweep point {point}', run_config) for _, point, run_config in points])
   if vectorize:
-    results = population.train_grid(
+    results = grid.train_grid(
       [run_config for _, _, run_config in points],
       [workdir_lib.join(workdir, name) for name, _, _ in points],
       workdir,

@@ -288,6 +288,19 @@ def holds_training_state(workdir: str, stages: tuple[str, ...] = ()) -> bool:
   return any(holds_training_state(workdir_lib.join(workdir, s)) for s in stages)
 
 
+def differing_fields(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """The flat fields in which `new` may not resume a run stored with `stored`: all that differ,
+  but the resumable ones and, when both train without gates, the gate sections."""
+  plain = trains_without_gates(stored) and trains_without_gates(new)
+  return sorted(
+    key
+    for key in set(stored) | set(new)
+    if key not in RESUMABLE_FIELDS
+    and not (plain and key.startswith(GATE_SECTIONS))
+    and stored.get(key) != new.get(key)
+  )
+
+
 def config_conflicts(config, workdir: str, stages: tuple[str, ...] = ()) -> str | None:
   """Why `config` may not resume the run in `workdir`, or None when it may (or nothing is there).
 
@@ -299,14 +312,7 @@ def config_conflicts(config, workdir: str, stages: tuple[str, ...] = ()) -> str 
     return None
   stored = configs.flatten(workdir_lib.load_config(workdir))
   new = configs.flatten(config)
-  plain = trains_without_gates(stored) and trains_without_gates(new)
-  conflicts = sorted(
-    key
-    for key in set(stored) | set(new)
-    if key not in RESUMABLE_FIELDS
-    and not (plain and key.startswith(GATE_SECTIONS))
-    and stored.get(key) != new.get(key)
-  )
+  conflicts = differing_fields(stored, new)
   if not conflicts:
     return None
   shown = ', '.join(f'{k} (stored {stored.get(k)!r}, now {new.get(k)!r})' for k in conflicts[:4])

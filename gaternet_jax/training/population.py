@@ -15,9 +15,8 @@ The stacked state is checkpointed in `POPULATION_DIR/<stage>/` of the sweep's wo
 like any run. When the population's stage ends, every member is written out as an ordinary run in
 its own directory (config.json, plan.json, its final checkpoint with checksums, TensorBoard events,
 results.json), so `evaluate`, `analyze`, `export`, `tradeoff`, `report`, `load_run` and a rerun
-without `--vectorize` see a finished run. `train_grid` composes the paper's procedure from such
-stages: stage 2 and 3 of a member start from that member's own earlier stages, and members that
-differ only in gate-loss weights share their (plain) pre-training stages.
+without `--vectorize` see a finished run. training/grid.py composes the paper's procedure from
+such stages.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from gaternet_jax import configs, models, validation
+from gaternet_jax import configs
 from gaternet_jax import data as data_lib
 from gaternet_jax.errors import Interrupted, NonFiniteLossError, UserError
 from gaternet_jax.training import (
@@ -45,12 +44,9 @@ from gaternet_jax.training import (
   members,
   metrics_io,
   preemption,
-  procedure,
-  restore,
   steps,
 )
 from gaternet_jax.training import workdir as workdir_lib
-from gaternet_jax.training.workdir import STAGE_BACKBONE, STAGE_GATER, STAGE_JOINT
 
 # Fields a population's members may differ in: each reaches the training step as a number, so
 # every member runs the same program. Anything else (depth, width, batch size, variant, dataset,
@@ -93,10 +89,27 @@ def check_vectorizable(member_configs: Sequence[ml_collections.ConfigDict]) -> N
     )
 
 
-def _read_population(pop_dir: str) -> dict | None:
+def read_population(pop_dir: str) -> dict | None:
   if not workdir_lib.exists(pop_dir, POPULATION_FILE):
     return None
   return workdir_lib.read_json(pop_dir, POPULATION_FILE)
+
+
+def _may_resume(stored: dict, record: dict) -> bool:
+  """Whether the population `record` describes may resume the `stored` one: the same stage,
+  stream and member directories in the same order, each member's config one that could resume
+  its run alone (checkpoints.differing_fields). The member map only changes how the members share
+  the machine: one begun on a CPU may finish on a GPU."""
+  if any(stored.get(k) != record[k] for k in ('stage', 'stream')):
+    return False
+  pairs = list(zip(stored['members'], record['members']))
+  if len(stored['members']) != len(record['members']):
+    return False
+  return all(
+    a['workdir'] == b['workdir']
+    and not checkpoints.differing_fields(configs.flatten(a['config']), configs.flatten(b['config']))
+    for a, b in pairs
+  )
 
 
 def train_population(
@@ -160,11 +173,8 @@ def train_population(
       for c, d in zip(member_configs, member_dirs, strict=True)
     ],
   }
-  stored = distributed.agree_json(lambda: _read_population(pop_dir))
-  # The member map only changes how the members share the machine: a population started with one
-  # may resume with another (e.g. begun on a CPU, finished on a GPU).
-  same = lambda r: {k: v for k, v in r.items() if k != 'member_map'}  # noqa: E731
-  if stored is not None and same(stored) != same(record):
+  stored = distributed.agree_json(lambda: read_population(pop_dir))
+  if stored is not None and not _may_resume(stored, record):
     raise UserError(
       f'{pop_dir!r} holds another population (its members, configs or stage differ); rerun the '
       'same command or use a new --workdir'
@@ -321,124 +331,3 @@ def _check_finite(first_step: int, n: int, finite, loss, labels: Sequence[str]) 
     f'population member {labels[bad_member]}: non-finite loss or gradients at step '
     f'{first_step + int(bad_step) + 1}; training stopped, the last population checkpoint is kept'
   )
-
-
-def train_stage(stage_configs, stage_dirs, pop_dir: str, **kwargs) -> None:
-  """`train_population` of the members whose run in `stage_dirs` is not finished yet; or, once a
-  population exists in `pop_dir`, of its members (a kill while they were written out leaves some
-  finished, and the population resumes as it was). `initialize` is one per member of the stage."""
-  finished = [distributed.agree(lambda d=d: workdir_lib.is_finished(d)) for d in stage_dirs]
-  if all(finished):
-    return
-  stored = distributed.agree_json(lambda: _read_population(pop_dir))
-  ours = {m['workdir'] for m in stored['members']} if stored else set()
-  todo = [i for i, d in enumerate(stage_dirs) if d in ours or not finished[i]]
-  preemption.check_stop()
-  init = kwargs.pop('initialize', None)
-  train_population(
-    [stage_configs[i] for i in todo],
-    [stage_dirs[i] for i in todo],
-    pop_dir,
-    initialize=None if init is None else [init[i] for i in todo],
-    **kwargs,
-  )
-
-
-def train_grid(
-  member_configs: Sequence[ml_collections.ConfigDict],
-  member_dirs: Sequence[str],
-  workdir: str,
-  *,
-  member_map: str | None = None,
-) -> list[dict[str, Any]]:
-  """What `gaternet train` does for each config, with every stage trained as one population.
-
-  A gated config with `procedure.pretrain` runs the paper's three stages, each a population in
-  `workdir/POPULATION_DIR/<stage>` whose members land in `<member dir>/<stage>`; then each member
-  directory is finished by `procedure.run`, exactly as a run alone finishes. Members whose stage
-  is already finished are not trained again.
-  """
-  check_vectorizable(member_configs)
-  validation.validate_workdir(workdir)
-  for c, d in zip(member_configs, member_dirs, strict=True):
-    validation.validate_config(c)
-    validation.validate_workdir(d)
-  config = member_configs[0]
-  pop_root = workdir_lib.join(workdir, POPULATION_DIR)
-  workdir_lib.ensure_writable(workdir, jax.process_index())
-
-  with procedure.locked(workdir):
-    if not (config.model.gated and config.procedure.pretrain):
-      train_stage(
-        member_configs, member_dirs, workdir_lib.join(pop_root, 'run'), member_map=member_map
-      )
-      return [workdir_lib.read_results(d) for d in member_dirs]
-
-    for c, d in zip(member_configs, member_dirs, strict=True):
-      procedure.check_init_sources(c)
-      checkpoints.check_resume_config(c, d, workdir_lib.STAGES)
-    pretrain_epochs = config.procedure.pretrain_epochs
-    if pretrain_epochs is None:
-      pretrain_epochs = config.schedule.num_epochs
-
-    def pretrained(stage, stage_config, field) -> list[str]:
-      if config.init[field]:  # set for every member (check_vectorizable), each its own
-        return [restore.pretrained_dir(c.init[field], stage) for c in member_configs]
-      dirs = [workdir_lib.join(d, stage) for d in member_dirs]
-      stage_configs = [stage_config(c) for c in member_configs]
-      # A pre-training stage is a plain network, which the gate-loss weights do not touch: the
-      # members of a lambda x seed grid that share a seed share it. Each is trained once and
-      # copied to the others (what they would have trained alone, bit for bit on the CPU).
-      first: dict[str, int] = {}
-      owner = [first.setdefault(_plain_run_key(c), i) for i, c in enumerate(stage_configs)]
-      trained = sorted(set(owner))
-      train_stage(
-        [stage_configs[i] for i in trained],
-        [dirs[i] for i in trained],
-        workdir_lib.join(pop_root, stage),
-        member_map=member_map,
-        stage=stage,
-        stream=procedure.STREAMS[stage],
-        num_epochs=pretrain_epochs,
-      )
-      for i, o in enumerate(owner):
-        if o != i and not distributed.agree(lambda i=i: workdir_lib.is_finished(dirs[i])):
-          if distributed.is_leader():
-            members.copy_finished_run(dirs[o], dirs[i], stage_configs[i])
-          distributed.barrier(f'copy:{dirs[i]}')
-      return dirs
-
-    backbones = pretrained(STAGE_BACKBONE, procedure.backbone_stage_config, 'backbone')
-    gaters = (
-      [None] * len(member_dirs)
-      if models.is_local(config)
-      else pretrained(STAGE_GATER, procedure.gater_stage_config, 'gater')
-    )
-    p = config.procedure
-    train_stage(
-      member_configs,
-      [workdir_lib.join(d, STAGE_JOINT) for d in member_dirs],
-      workdir_lib.join(pop_root, STAGE_JOINT),
-      member_map=member_map,
-      stage=STAGE_JOINT,
-      stream=procedure.STREAMS[STAGE_JOINT],
-      num_epochs=config.schedule.num_epochs + p.joint_extra_epochs,
-      learning_rate=p.joint_learning_rate,
-      initialize=[
-        functools.partial(_from_pretrained, backbone_dir=b, gater_dir=g)
-        for b, g in zip(backbones, gaters, strict=True)
-      ],
-    )
-  # Every stage is finished: the procedure only writes each member's top-level config and results.
-  return [procedure.run(c, d) for c, d in zip(member_configs, member_dirs, strict=True)]
-
-
-def _plain_run_key(config) -> str:
-  """A plain run's config minus the gate-loss weights, which only a gated model reads."""
-  ignored = set(losses.WEIGHT_FIELDS.values())
-  flat = {k: v for k, v in configs.flatten(config).items() if k not in ignored}
-  return json.dumps(flat, sort_keys=True, default=str)
-
-
-def _from_pretrained(state, setup, *, backbone_dir, gater_dir):
-  return procedure.init_from_pretrained(state, setup, backbone_dir, gater_dir)

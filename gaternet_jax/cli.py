@@ -178,6 +178,13 @@ def _value(name: str, what: str = ''):
   return value
 
 
+def _member_map() -> str | None:
+  """--member_map, which only a vectorized command reads: alone it would be silently ignored."""
+  if FLAGS.member_map is not None and not FLAGS.vectorize:
+    raise UserError('--member_map sets how a population shares the machine: add --vectorize')
+  return FLAGS.member_map
+
+
 def cmd_train(argv) -> None:
   config, workdir = _value('config'), _value('workdir')
   results = procedure.train_and_evaluate(config, workdir, resume_step=FLAGS.resume_step)
@@ -251,7 +258,7 @@ def cmd_sweep(argv) -> None:
     workdir,
     procedure.train_and_evaluate,
     vectorize=FLAGS.vectorize,
-    member_map=FLAGS.member_map,
+    member_map=_member_map(),
   )
   for result in results:
     if distributed.is_leader():
@@ -273,7 +280,7 @@ def cmd_reproduce(argv) -> None:
     FLAGS.epochs,
     progress=say,
     vectorize=FLAGS.vectorize,
-    member_map=FLAGS.member_map,
+    member_map=_member_map(),
   )
   if distributed.is_leader():
     print(reproduce.markdown(summary), end='')

@@ -229,6 +229,9 @@ def test_the_command_line_refuses_a_bad_grid_and_trains_a_good_one(tmp_path, cli
   lines = [l for l in bad.stderr.strip().splitlines() if l.startswith('gaternet: error:')]
   assert len(lines) == 1 and 'model.width' in lines[0], bad.stderr[-2000:]
   assert not any(tmp_path.iterdir())
+  alone = cli(*base, *TINY_FLAGS, '--sweep', 'seed=0,1', '--member_map', 'vmap')
+  assert alone.returncode == 2 and 'add --vectorize' in alone.stderr.strip().splitlines()[-1]
+  assert not any(tmp_path.iterdir())
   good = cli(*base, *TINY_FLAGS, '--sweep', 'seed=0,1', '--vectorize')
   assert good.returncode == 0, good.stderr[-2000:]
   printed = [json.loads(l) for l in good.stdout.strip().splitlines()]

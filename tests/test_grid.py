@@ -91,3 +91,10 @@ def test_a_member_directory_in_use_is_refused(tmp_path):
       _train(points, root)
   assert '\n' not in str(e.value)
   assert not os.path.exists(os.path.join(root, population.POPULATION_DIR))
+
+
+def test_a_directory_shared_by_two_members_is_refused(tmp_path):
+  points = _points([0, 0])
+  with pytest.raises(UserError, match='is the directory of two members') as e:
+    _train(points, str(tmp_path))
+  assert '\n' not in str(e.value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 from typing import Any, Sequence
 
 import jax
@@ -32,6 +33,7 @@ from gaternet_jax.training import (
 from gaternet_jax.training import workdir as workdir_lib
 from gaternet_jax.training.population import (
   POPULATION_DIR,
+  check_sources,
   check_vectorizable,
   read_population,
   train_population,
@@ -85,6 +87,12 @@ def train_stage(stage_configs, stage_dirs, pop_dir: str, **kwargs) -> None:
 def locked_members(member_dirs: Sequence[str]):
   """Every member directory locked as `gaternet train` locks its workdir, for as long as their
   populations train: a run started alone in one of them meanwhile is refused."""
+  seen = set()
+  for d in member_dirs:
+    key = d if '://' in d else os.path.abspath(d)
+    if key in seen:
+      raise UserError(f'{d!r} is the directory of two members (a value repeated in the grid?)')
+    seen.add(key)
   with contextlib.ExitStack() as stack:
     for d in member_dirs:
       workdir_lib.ensure_writable(d, jax.process_index())
@@ -107,15 +115,15 @@ def train_grid(
   is already finished are not trained again.
   """
   # Finished members are not trained again: a run saved by an older version may keep other values.
-  check_vectorizable([
-    c for c, d in zip(member_configs, member_dirs, strict=True)
-    if not distributed.agree(lambda d=d: workdir_lib.is_finished(d))
-  ])  # fmt: skip
+  finished = [distributed.agree(lambda d=d: workdir_lib.is_finished(d)) for d in member_dirs]
+  unfinished = [i for i, done in enumerate(finished) if not done]
+  check_vectorizable([member_configs[i] for i in unfinished])
+  check_sources(member_configs)
   validation.validate_workdir(workdir)
   for c, d in zip(member_configs, member_dirs, strict=True):
     validation.validate_config(c)
     validation.validate_workdir(d)
-  config = member_configs[0]
+  config = member_configs[unfinished[0] if unfinished else 0]  # the stages' shared recipe
   pop_root = workdir_lib.join(workdir, POPULATION_DIR)
   workdir_lib.ensure_writable(workdir, jax.process_index())
 

@@ -78,8 +78,13 @@ def check_vectorizable(member_configs: Sequence[ml_collections.ConfigDict]) -> N
         f'{", ".join(VECTORIZED)} can vary in one program (drop --vectorize to train the points '
         'one after another)'
       )
-  for field in PER_MEMBER_SOURCES:  # a stage is trained for every member or for none
-    if len({bool(f.get(field)) for f in flat}) > 1:
+  check_sources(member_configs)
+
+
+def check_sources(member_configs: Sequence[ml_collections.ConfigDict]) -> None:
+  """Refuses `PER_MEMBER_SOURCES` set for some members only: a stage trains for all or none."""
+  for field in PER_MEMBER_SOURCES:
+    if len({bool(configs.flatten(c).get(field)) for c in member_configs}) > 1:
       raise UserError(f'--vectorize: {field} is set for some points only; set it for all or none')
   rates = [c.gater.dropout_rate for c in member_configs]
   if any(rates) and not all(rates):

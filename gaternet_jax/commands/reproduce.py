@@ -130,26 +130,28 @@ def reproduce(
     'control': lambda c, directory: procedure.train_control(c, directory, c.init.backbone),
   }
   if vectorize:
+    # train_grid checks each population again; this fails before the plain runs train for hours.
+    # The plain and control configs are the gated ones' backbone stage, varying where they vary.
     population.check_vectorizable([c for _, c in runs['gated']])
   for kind in RUNS:  # every plain run first: the gated runs start from them
-    todo = []
+    todo = []  # (seed, config, directory, finished), finished agreed by every process
     for seed, c in runs[kind]:
       directory = run_dir(workdir, seed, kind)
       c = checkpoints.keep_stored_recipe(c, directory, procedure.STAGES)
-      if distributed.agree(lambda d=directory: workdir_lib.is_finished(d)):
-        # Finished: nothing is written again, but a different config is still refused.
+      finished = distributed.agree(lambda d=directory: workdir_lib.is_finished(d))
+      if finished:  # nothing is written again, but a different config is still refused
         checkpoints.check_resume_config(c, directory, procedure.STAGES)
-      todo.append((seed, c, directory))
-    unfinished = [seed for seed, _, d in todo if not workdir_lib.is_finished(d)]
-    if not distributed.agree(lambda: bool(unfinished)):
+      todo.append((seed, c, directory, finished))
+    unfinished = [seed for seed, _, _, finished in todo if not finished]
+    if not unfinished:
       continue
     preemption.check_stop()
     if vectorize:  # every seed: the population knows which of its members are finished
       progress(f'seeds {",".join(map(str, unfinished))}: {kind}, as one population')
-      train_together(kind, [c for _, c, _ in todo], [d for _, _, d in todo], workdir, member_map)
+      train_together(kind, [t[1] for t in todo], [t[2] for t in todo], workdir, member_map)
       continue
-    for seed, c, directory in todo:
-      if distributed.agree(lambda d=directory: workdir_lib.is_finished(d)):
+    for seed, c, directory, finished in todo:
+      if finished:
         continue
       preemption.check_stop()
       progress(f'seed {seed}: {kind}')
@@ -177,7 +179,10 @@ def train_together(
   for c, directory in zip(run_configs, directories, strict=True):
     validation.validate_config(c)
     validation.validate_workdir(directory)
-  p = run_configs[0].procedure
+  # The stream, epochs and learning rate are the recipe's, one for all members (the population
+  # checks the recipes agree); the initialisation is each member's own plain run.
+  stages = [procedure.control_stage(c, c.init.backbone) for c in run_configs]
+  initialize = [s.pop('initialize') for s in stages]
   workdir_lib.ensure_writable(workdir, jax.process_index())
   with procedure.locked(workdir), grid.locked_members(directories):
     grid.train_stage(
@@ -185,16 +190,8 @@ def train_together(
       directories,
       workdir_lib.join(workdir, population.POPULATION_DIR, 'control'),
       member_map=member_map,
-      stage='control',
-      stream=procedure.STREAMS[workdir_lib.STAGE_JOINT],
-      num_epochs=run_configs[0].schedule.num_epochs + p.joint_extra_epochs,
-      learning_rate=p.joint_learning_rate,
-      initialize=[
-        lambda state, setup, b=c.init.backbone: procedure.init_from_pretrained(
-          state, setup, b, None
-        )
-        for c in run_configs
-      ],
+      **stages[0],
+      initialize=initialize,
     )
 
 

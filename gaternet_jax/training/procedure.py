@@ -77,18 +77,22 @@ def train_control(
   if config.model.gated:
     raise UserError('the control trains a plain backbone; got a gated config')
   config = checkpoints.keep_stored_recipe(config, workdir)
-  p = config.procedure
   workdir_lib.ensure_writable(workdir, jax.process_index())
   with locked(workdir):
-    return loop.run(
-      config,
-      workdir,
-      stage='control',
-      stream=STREAMS[STAGE_JOINT],
-      num_epochs=config.schedule.num_epochs + p.joint_extra_epochs,
-      learning_rate=p.joint_learning_rate,
-      initialize=lambda state, setup: init_from_pretrained(state, setup, backbone_dir, None),
-    )
+    return loop.run(config, workdir, **control_stage(config, backbone_dir))
+
+
+def control_stage(config: ml_collections.ConfigDict, backbone_dir: str) -> dict[str, Any]:
+  """The control's arguments to `loop.run` (and, per member, to a population's training): the
+  joint stage's random stream, epochs and learning rate, from `backbone_dir`'s plain run."""
+  p = config.procedure
+  return dict(
+    stage='control',
+    stream=STREAMS[STAGE_JOINT],
+    num_epochs=config.schedule.num_epochs + p.joint_extra_epochs,
+    learning_rate=p.joint_learning_rate,
+    initialize=lambda state, setup: init_from_pretrained(state, setup, backbone_dir, None),
+  )
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ For each 3x3 convolution shape of the CIFAR ResNet-20 (stride 1 at 32x32x16, 16x
 8x8x64; the two stride-2 ones) it times, as separate jitted programs on random float32 inputs,
 the forward pass, the input gradient (dx) and the weight gradient (dw): XLA's own
 (`lax.conv_general_dilated` and its autodiff) and the native kernels'
-(`models/native_conv.conv_general_dilated`, the path the CPU train and eval steps take; a strided
+(`cpu/native_conv.conv_general_dilated`, the path the CPU train and eval steps take; a strided
 dx is XLA's in both). Each time is the median of `--calls` calls after a warm-up call, and the
 rounds are interleaved (every measurement once per round; the median round is reported).
 

@@ -3,7 +3,7 @@
   python benchmarks/step_profile.py --config experiments/cifar10_resnet20.py [--batch_size 128]
       [--variants plain,gated] [--precisions float32,bfloat16] [--steps_per_dispatch K]
 
-For each variant and precision: the real training dispatch (`device_loops.TrainDispatch`,
+For each variant and precision: the real training dispatch (`training/dispatch.TrainDispatch`,
 synthetic resident data as in `throughput.py`) is warmed up, timed over `--chunks` dispatches
 (`wall_ms_per_step`), then one dispatch is traced with `jax.profiler` and the trace read back with
 `jax.profiler.ProfileData`. Device planes (`/device:GPU:0`, TPU) give every kernel the device ran:

@@ -4,7 +4,7 @@
       [--rounds 3] [--steps 20] [--steps_per_dispatch K] [--pytorch]
 
 Synthetic uint8 images of the dataset's shape, resident on the devices as in a real run (no data
-is read). Training is the real loop's path: `device_loops.TrainDispatch` (batches drawn on the
+is read). Training is the real loop's path: `training/dispatch.TrainDispatch` (batches drawn on the
 device, augmentation, SemHash, the L1 term, SGD), K steps per dispatch (default: the platform's).
 Inference is the evaluation step on one batch. Each measurement runs `--steps` steps after a
 warm-up; `--rounds` repeats every measurement in turn (interleaved, so that a slow spell of the

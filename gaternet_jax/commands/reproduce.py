@@ -148,7 +148,8 @@ def reproduce(
     preemption.check_stop()
     if vectorize:  # every seed: the population knows which of its members are finished
       progress(f'seeds {",".join(map(str, unfinished))}: {kind}, as one population')
-      train_together(kind, [t[1] for t in todo], [t[2] for t in todo], workdir, member_map)
+      _, run_configs, directories, _ = zip(*todo)
+      train_together(kind, list(run_configs), list(directories), workdir, member_map)
       continue
     for seed, c, directory, finished in todo:
       if finished:

@@ -201,6 +201,19 @@ def test_one_seed_trains_its_own_gater_stage(tmp_path):
   assert seed == 3 and gated.init.gater is None and gated.schedule.num_epochs == 2.0
 
 
+def test_runs_train_seed_by_seed_each_after_the_plain_runs_it_starts_from(tmp_path):
+  workdir = str(tmp_path)
+  runs = reproduce.plan(tiny_default('gated'), workdir, [0, 1, 2])
+  assert reproduce.training_order(runs, workdir) == [
+    ('plain', 0), ('plain', 1), ('gated', 0), ('control', 0),
+    ('plain', 2), ('gated', 1), ('control', 1),
+    ('gated', 2), ('control', 2),
+  ]  # fmt: skip
+  # One seed: its gated run trains its own stage 2, so only its plain run comes first.
+  one = reproduce.plan(tiny_default('gated'), workdir, [5])
+  assert reproduce.training_order(one, workdir) == [('plain', 5), ('gated', 5), ('control', 5)]
+
+
 @pytest.mark.slow
 def test_killed_reproduce_resumes_to_the_same_table(reproduced, tmp_path):
   _, summary = reproduced

@@ -12,8 +12,12 @@ For every seed s, in `WORKDIR/seed<s>/`:
             gater, the control that says whether a gain comes from the gates or from the extra
             schedule.
 
-Runs are trained plain first, then gated, then controls; each is an ordinary run (evaluate,
-analyze, export and load_run work on it), finished ones are skipped and interrupted ones resume.
+Runs train seed by seed, each right after the plain runs it starts from (seeds 0, 1, 2: plain 0,
+plain 1, gated 0, control 0, plain 2, gated 1, ...), so every seed's comparison is complete as early
+as it can be: a reproduction of many CPU hours has rows to read after its first seed, and one whose
+files are lost midway loses the fewest finished comparisons. Each is an ordinary run (evaluate,
+analyze, export and load_run work on it); finished ones are skipped, interrupted ones resume, and
+every run's config is checked against what its directory holds before any trains.
 With `vectorize`, the seeds of each kind train as one population (training/population.py: one
 program, each member what it trains alone), checkpointed in `WORKDIR/population/`; an interrupted
 population resumes with `--vectorize` again.
@@ -104,6 +108,38 @@ def plan(
   return runs
 
 
+def training_order(
+  runs: dict[str, list[tuple[int, ml_collections.ConfigDict]]], workdir: str
+) -> list[tuple[str, int]]:
+  """(kind, seed) of every run of `plan`, seed by seed, each after the plain runs it starts from."""
+  plain_seed = {run_dir(workdir, seed, 'plain'): seed for seed, _ in runs['plain']}
+  order = []
+
+  def add(kind: str, seed: int) -> None:
+    if (kind, seed) not in order:
+      order.append((kind, seed))
+
+  for (seed, gated), (_, control) in zip(runs['gated'], runs['control']):
+    for run, c in (('gated', gated), ('control', control)):
+      for start in (c.init.backbone, c.init.gater):
+        if start:
+          add('plain', plain_seed[start])
+      add(run, seed)
+  return order
+
+
+def _prepared(
+  config: ml_collections.ConfigDict, directory: str
+) -> tuple[ml_collections.ConfigDict, str, bool]:
+  """The config a run resumes with, its directory, and whether it is finished (every process
+  agreeing); a finished run writes nothing again but a different config is still refused."""
+  config = checkpoints.keep_stored_recipe(config, directory, procedure.STAGES)
+  finished = distributed.agree(lambda: workdir_lib.is_finished(directory))
+  if finished:
+    checkpoints.check_resume_config(config, directory, procedure.STAGES)
+  return config, directory, finished
+
+
 def with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
   config = config.copy_and_resolve_references()
   config.seed = seed
@@ -133,25 +169,26 @@ def reproduce(
     # train_grid checks each population again; this fails before the plain runs train for hours.
     # The plain and control configs are the gated ones' backbone stage, varying where they vary.
     population.check_vectorizable([c for _, c in runs['gated']])
-  for kind in RUNS:  # every plain run first: the gated runs start from them
-    todo = []  # (seed, config, directory, finished), finished agreed by every process
-    for seed, c in runs[kind]:
-      directory = run_dir(workdir, seed, kind)
-      c = checkpoints.keep_stored_recipe(c, directory, procedure.STAGES)
-      finished = distributed.agree(lambda d=directory: workdir_lib.is_finished(d))
-      if finished:  # nothing is written again, but a different config is still refused
-        checkpoints.check_resume_config(c, directory, procedure.STAGES)
-      todo.append((seed, c, directory, finished))
-    unfinished = [seed for seed, _, _, finished in todo if not finished]
-    if not unfinished:
-      continue
-    preemption.check_stop()
-    if vectorize:  # every seed: the population knows which of its members are finished
+  # (kind, seed) -> (config, directory, finished) of every run, each config checked against its
+  # directory before anything trains; finished agreed by every process.
+  prepared = {
+    (kind, seed): _prepared(c, run_dir(workdir, seed, kind))
+    for kind in RUNS
+    for seed, c in runs[kind]
+  }
+  if vectorize:
+    for kind in RUNS:  # every plain run first: the gated runs start from them
+      todo = [(seed, *prepared[kind, seed]) for seed, _ in runs[kind]]
+      unfinished = [seed for seed, _, _, finished in todo if not finished]
+      if not unfinished:
+        continue
+      preemption.check_stop()  # every seed: the population knows which members are finished
       progress(f'seeds {",".join(map(str, unfinished))}: {kind}, as one population')
       _, run_configs, directories, _ = zip(*todo)
       train_together(kind, list(run_configs), list(directories), workdir, member_map)
-      continue
-    for seed, c, directory, finished in todo:
+  else:
+    for kind, seed in training_order(runs, workdir):
+      c, directory, finished = prepared[kind, seed]
       if finished:
         continue
       preemption.check_stop()

@@ -130,14 +130,14 @@ def training_order(
 
 def _prepared(
   config: ml_collections.ConfigDict, directory: str
-) -> tuple[ml_collections.ConfigDict, str, bool]:
-  """The config a run resumes with, its directory, and whether it is finished (every process
+) -> tuple[ml_collections.ConfigDict, bool]:
+  """The config the run in `directory` resumes with, and whether it is finished (every process
   agreeing); a finished run writes nothing again but a different config is still refused."""
   config = checkpoints.keep_stored_recipe(config, directory, procedure.STAGES)
   finished = distributed.agree(lambda: workdir_lib.is_finished(directory))
   if finished:
     checkpoints.check_resume_config(config, directory, procedure.STAGES)
-  return config, directory, finished
+  return config, finished
 
 
 def with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
@@ -169,8 +169,8 @@ def reproduce(
     # train_grid checks each population again; this fails before the plain runs train for hours.
     # The plain and control configs are the gated ones' backbone stage, varying where they vary.
     population.check_vectorizable([c for _, c in runs['gated']])
-  # (kind, seed) -> (config, directory, finished) of every run, each config checked against its
-  # directory before anything trains; finished agreed by every process.
+  # (kind, seed) -> (config, finished) of every run, each config checked against its directory
+  # before anything trains; finished agreed by every process.
   prepared = {
     (kind, seed): _prepared(c, run_dir(workdir, seed, kind))
     for kind in RUNS
@@ -178,22 +178,23 @@ def reproduce(
   }
   if vectorize:
     for kind in RUNS:  # every plain run first: the gated runs start from them
-      todo = [(seed, *prepared[kind, seed]) for seed, _ in runs[kind]]
-      unfinished = [seed for seed, _, _, finished in todo if not finished]
+      seeds_of_kind = [seed for seed, _ in runs[kind]]
+      unfinished = [seed for seed in seeds_of_kind if not prepared[kind, seed][1]]
       if not unfinished:
         continue
       preemption.check_stop()  # every seed: the population knows which members are finished
       progress(f'seeds {",".join(map(str, unfinished))}: {kind}, as one population')
-      _, run_configs, directories, _ = zip(*todo)
-      train_together(kind, list(run_configs), list(directories), workdir, member_map)
+      run_configs = [prepared[kind, seed][0] for seed in seeds_of_kind]
+      directories = [run_dir(workdir, seed, kind) for seed in seeds_of_kind]
+      train_together(kind, run_configs, directories, workdir, member_map)
   else:
     for kind, seed in training_order(runs, workdir):
-      c, directory, finished = prepared[kind, seed]
+      c, finished = prepared[kind, seed]
       if finished:
         continue
       preemption.check_stop()
       progress(f'seed {seed}: {kind}')
-      train[kind](c, directory)
+      train[kind](c, run_dir(workdir, seed, kind))
   rows = {kind: {seed: scored(run_dir(workdir, seed, kind)) for seed in seeds} for kind in RUNS}
   summary = summarize(rows, runs['gated'][0][1], seeds)
   if distributed.is_leader():

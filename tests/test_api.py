@@ -3,9 +3,13 @@
 import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 import gaternet_jax
 from gaternet_jax import analysis, usage
@@ -141,6 +145,33 @@ def test_each_command_lists_its_own_flags(cli, command):
   assert not re.search(r'--[a-z]+-[a-z]', result.stdout.split('flags:')[0])
   if command in ('train', 'describe', 'sweep', 'reproduce', 'compile'):
     assert '--show_config' in result.stdout  # how to see the config's fields
+
+
+@pytest.mark.slow
+def test_the_command_line_starts_without_matplotlib_or_scipy_stats():
+  """Every `gaternet` command imports the CLI; the figures (matplotlib) and the reproduction's
+  confidence interval (scipy.stats) take about 1.5 s to import, so they load where they are used.
+  The figure names stay reachable from the analysis package."""
+  code = textwrap.dedent("""
+      import sys
+      import gaternet_jax.cli
+      print(sorted(m for m in ('matplotlib', 'scipy.stats', 'sklearn') if m in sys.modules))
+      from gaternet_jax import analysis
+      from gaternet_jax.analysis import census_figure, figures
+      assert census_figure is figures.census_figure is analysis.census_figure
+      assert 'matplotlib' in sys.modules
+      try:
+        analysis.no_such_name
+      except AttributeError as e:
+        assert 'no_such_name' in str(e)
+      else:
+        raise AssertionError('no AttributeError')
+  """)
+  result = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == '[]', result.stdout
 
 
 @pytest.mark.slow

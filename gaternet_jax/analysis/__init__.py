@@ -36,14 +36,15 @@ Files:
 
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from etils import epath
 
 from gaternet_jax import errors
-from gaternet_jax.analysis import embedding, figures, stats, storage
+from gaternet_jax.analysis import embedding, stats, storage
 from gaternet_jax.analysis.embedding import (
   MAX_PERPLEXITY,
   PCA_DIMS,
@@ -51,14 +52,6 @@ from gaternet_jax.analysis.embedding import (
   embedding_params,
   embedding_skip_reason,
   embedding_subset,
-)
-from gaternet_jax.analysis.figures import (
-  census_figure,
-  class_layer_usage_figure,
-  firing_histogram_figure,
-  gates_per_example_figure,
-  save_figure,
-  tsne_figure,
 )
 from gaternet_jax.analysis.stats import (
   Layout,
@@ -80,6 +73,41 @@ from gaternet_jax.analysis.storage import (
   save_gates,
   write_json,
 )
+
+if TYPE_CHECKING:
+  from gaternet_jax.analysis import figures
+  from gaternet_jax.analysis.figures import (
+    census_figure,
+    class_layer_usage_figure,
+    firing_histogram_figure,
+    gates_per_example_figure,
+    save_figure,
+    tsne_figure,
+  )
+
+# The figures need matplotlib, which takes about half a second to import. `gaternet` imports this
+# package for every command (training and evaluation draw nothing), so `figures` and its names
+# load on first use (PEP 562); `analysis.figures.census_figure` and
+# `from gaternet_jax.analysis import census_figure` work as before.
+_FIGURE_NAMES = frozenset(
+  {
+    'census_figure',
+    'class_layer_usage_figure',
+    'firing_histogram_figure',
+    'gates_per_example_figure',
+    'save_figure',
+    'tsne_figure',
+  }
+)
+
+
+def __getattr__(name: str) -> Any:
+  if name == 'figures' or name in _FIGURE_NAMES:
+    # import_module, not `from . import figures`: that asks this very __getattr__ first.
+    figures = importlib.import_module(f'{__name__}.figures')
+    return figures if name == 'figures' else getattr(figures, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 __all__ = [
   'CENSUS_COUNTS_PNG',
@@ -273,13 +301,15 @@ def analyze(
   }
   result = _jsonable(result)
 
+  from gaternet_jax.analysis import figures  # noqa: PLC0415 - matplotlib (see __getattr__)
+
   common = {'model_name': model_name, 'split': split}
   drawn = {
-    CENSUS_PERCENT_PNG: census_figure(census, percent=True, num_examples=n, **common),
-    CENSUS_COUNTS_PNG: census_figure(census, percent=False, num_examples=n, **common),
-    FIRING_HISTOGRAM_PNG: firing_histogram_figure(firing, num_examples=n, **common),
-    GATES_PER_EXAMPLE_PNG: gates_per_example_figure(on_counts, c, **common),
-    TSNE_PNG: tsne_figure(
+    CENSUS_PERCENT_PNG: figures.census_figure(census, percent=True, num_examples=n, **common),
+    CENSUS_COUNTS_PNG: figures.census_figure(census, percent=False, num_examples=n, **common),
+    FIRING_HISTOGRAM_PNG: figures.firing_histogram_figure(firing, num_examples=n, **common),
+    GATES_PER_EXAMPLE_PNG: figures.gates_per_example_figure(on_counts, c, **common),
+    TSNE_PNG: figures.tsne_figure(
       points,
       labels[subset],
       num_examples=n,
@@ -287,13 +317,13 @@ def analyze(
       skip_reason=skip_reason,
       **common,
     ),
-    CLASS_LAYER_USAGE_PNG: class_layer_usage_figure(
+    CLASS_LAYER_USAGE_PNG: figures.class_layer_usage_figure(
       usage, num_examples=n, class_names=class_names, **common
     ),
   }
   try:
     for name, fig in drawn.items():
-      save_figure(fig, out_dir / name)
+      figures.save_figure(fig, out_dir / name)
     write_json(out_dir / JSON_FILE, result)
   except OSError as e:
     raise errors.UserError(f'cannot write the analysis to {out_dir}: {e}') from e

@@ -34,7 +34,6 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
-import scipy.stats
 
 from gaternet_jax import validation
 from gaternet_jax.commands import evaluate, summary_files, sweep
@@ -290,6 +289,9 @@ def paired_difference(differences: list[float]) -> dict[str, Any]:
   out: dict[str, Any] = {'per_seed': differences, **_mean_std(differences)}
   n = len(differences)
   if n > 1:
+    # scipy.stats takes about a second to import: only here, not on every `gaternet` command.
+    import scipy.stats  # noqa: PLC0415
+
     half = float(scipy.stats.t.ppf(0.975, n - 1)) * out['std'] / math.sqrt(n)
     low, high = out['mean'] - half, out['mean'] + half
     out['ci95'] = [low, high]

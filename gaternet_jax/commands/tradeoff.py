@@ -11,7 +11,6 @@ import math
 from typing import Any, Sequence
 
 from gaternet_jax import configs, models
-from gaternet_jax.analysis import figures
 from gaternet_jax.commands import describe, evaluate
 from gaternet_jax.errors import UserError
 from gaternet_jax.training import dispatch, distributed, restore
@@ -102,6 +101,8 @@ def tradeoff_workdir(
     'rows': rows,
   }
   if distributed.is_leader():
+    from gaternet_jax.analysis import figures  # noqa: PLC0415 - matplotlib only here
+
     out = out_dir or workdir_lib.join(workdir, TRADEOFF_DIR)
     workdir_lib.path(out).mkdir(parents=True, exist_ok=True)
     workdir_lib.write_json(out, JSON_FILE, result)

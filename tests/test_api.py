@@ -157,6 +157,8 @@ def test_the_command_line_starts_without_matplotlib_or_scipy_stats():
       import gaternet_jax.cli
       print(sorted(m for m in ('matplotlib', 'scipy.stats', 'sklearn') if m in sys.modules))
       from gaternet_jax import analysis
+      assert {'figures', 'census_figure', 'analyze'} <= set(dir(analysis))
+      assert 'matplotlib' not in sys.modules
       from gaternet_jax.analysis import census_figure, figures
       assert census_figure is figures.census_figure is analysis.census_figure
       assert 'matplotlib' in sys.modules

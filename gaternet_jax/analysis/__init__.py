@@ -109,6 +109,11 @@ def __getattr__(name: str) -> Any:
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
+def __dir__() -> list[str]:
+  # The lazy names too, so a notebook's completion lists them before they are first used.
+  return sorted({*globals(), 'figures', *_FIGURE_NAMES})
+
+
 __all__ = [
   'CENSUS_COUNTS_PNG',
   'CENSUS_PERCENT_PNG',

@@ -177,14 +177,14 @@ def reproduce(
   }
   if vectorize:
     for kind in RUNS:  # every plain run first: the gated runs start from them
-      seeds_of_kind = [seed for seed, _ in runs[kind]]
-      unfinished = [seed for seed in seeds_of_kind if not prepared[kind, seed][1]]
+      todo = [(seed, *prepared[kind, seed]) for seed, _ in runs[kind]]
+      unfinished = [seed for seed, _, finished in todo if not finished]
       if not unfinished:
         continue
       preemption.check_stop()  # every seed: the population knows which members are finished
       progress(f'seeds {",".join(map(str, unfinished))}: {kind}, as one population')
-      run_configs = [prepared[kind, seed][0] for seed in seeds_of_kind]
-      directories = [run_dir(workdir, seed, kind) for seed in seeds_of_kind]
+      run_configs = [c for _, c, _ in todo]
+      directories = [run_dir(workdir, seed, kind) for seed, _, _ in todo]
       train_together(kind, run_configs, directories, workdir, member_map)
   else:
     for kind, seed in training_order(runs, workdir):

@@ -74,6 +74,8 @@ _FLAGS = (
   (('reproduce',), 'string', 'seeds', '0,1,2', 'Seeds S1,S2,... (each: plain, gated, control).'),
   (('reproduce',), 'float', 'epochs', None,
    "Epochs per stage (default: the config's schedule.num_epochs)."),
+  (('reproduce',), 'bool', 'summary_only', False,
+   'Train nothing: the table over the seeds whose plain, gated and control runs are all finished.'),
   (_ALL, 'string', 'coordinator_address', None,
    'Manual multi-process launch: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).'),
   (_ALL, 'integer', 'num_processes', None, 'Manual launch: processes (or JAX_NUM_PROCESSES).'),
@@ -281,6 +283,7 @@ def cmd_reproduce(argv) -> None:
     progress=say,
     vectorize=FLAGS.vectorize,
     member_map=_member_map(),
+    summary_only=FLAGS.summary_only,
   )
   if distributed.is_leader():
     print(reproduce.markdown(summary), end='')

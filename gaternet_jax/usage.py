@@ -18,7 +18,7 @@ USAGE = {
   ),
   'reproduce': (
     'gaternet reproduce --config FILE[:gated] --seeds 0,1,2 [--epochs E] --workdir DIR '
-    '[--vectorize [--member_map M]] [--config.FIELD=VALUE ...]'
+    '[--vectorize [--member_map M]] [--summary_only] [--config.FIELD=VALUE ...]'
   ),
   'compile': (
     'gaternet compile --config FILE[:variant] --topology v4-32 [--json] [--config.FIELD=VALUE ...]'

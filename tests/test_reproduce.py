@@ -92,6 +92,46 @@ def test_a_rerun_skips_finished_runs(reproduced):
   assert _files(workdir) == before  # nothing trained, evaluated or written again
 
 
+@pytest.mark.slow
+def test_summary_only_tables_the_finished_seeds_and_trains_nothing(reproduced):
+  workdir, summary = reproduced
+  assert summary['unfinished_seeds'] == []
+  assert reproduce.reproduce(tiny_default('gated'), workdir, [0, 1], summary_only=True) == summary
+  # Seed 1's control unfinished, then seed 0's plain run too: a reproduction read midway.
+  aside = [
+    os.path.join(reproduce.run_dir(workdir, seed, kind), workdir_lib.RESULTS_FILE)
+    for seed, kind in ((1, 'control'), (0, 'plain'))
+  ]
+  os.rename(aside[0], aside[0] + '.aside')
+  try:
+    before = _files(workdir)
+    command = [
+      sys.executable, '-m', 'gaternet_jax.main', 'reproduce', '--config', 'experiments/default.py',
+      '--seeds', '0,1', '--workdir', workdir, '--summary_only', *TINY_FLAGS,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'Not finished yet, left out of this table: seed 1.' in result.stdout
+    assert _files(workdir) == before  # nothing trained or scored
+    partial = json.load(open(os.path.join(workdir, reproduce.RESULTS_JSON)))
+    assert partial['seeds'] == [0] and partial['unfinished_seeds'] == [1]
+    for kind in reproduce.RUNS:
+      assert partial['runs'][kind]['per_seed'] == {'0': summary['runs'][kind]['per_seed']['0']}
+    assert 'ci95' not in partial['gated_minus_control']  # one seed: no interval
+    os.rename(aside[1], aside[1] + '.aside')
+    with pytest.raises(UserError, match='no seed of 0,1 has its plain, gated and control runs'):
+      reproduce.reproduce(tiny_default('gated'), workdir, [0, 1], summary_only=True)
+    expected = dict(before)
+    expected[aside[1] + '.aside'] = expected.pop(aside[1])
+    assert _files(workdir) == expected
+  finally:
+    for path in aside:
+      if os.path.exists(path + '.aside'):
+        os.rename(path + '.aside', path)
+  # The whole table again, for the tests after this one.
+  assert reproduce.reproduce(tiny_default('gated'), workdir, [0, 1]) == summary
+
+
 # Another value for every field of the sections only gated runs read (checkpoints.GATE_SECTIONS).
 OTHER_GATE_FIELDS = {
   'gater.bottleneck': 4,

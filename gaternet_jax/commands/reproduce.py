@@ -24,6 +24,8 @@ population resumes with `--vectorize` again.
 At the end every run is scored on the config's evaluation split and `reproduce.json`,
 `reproduce.md` and `reproduce.png` summarise them: per seed and mean +- std, the top-1 error, the
 gate density, the MACs used and the training wall time; gated - plain and gated - control.
+`summary_only` (`--summary_only`) trains nothing and writes the same files over the seeds whose
+three runs are finished, naming the others: a reproduction of many hours read while it runs.
 """
 
 from __future__ import annotations
@@ -154,8 +156,11 @@ def reproduce(
   *,
   vectorize: bool = False,
   member_map: str | None = None,
+  summary_only: bool = False,
 ) -> dict[str, Any]:
-  """Trains (or resumes) every run of `plan`, then writes and returns the summary."""
+  """Trains (or resumes) every run of `plan`, then writes and returns the summary. With
+  `summary_only` nothing trains: the summary covers the seeds whose plain, gated and control runs
+  are all finished (a reproduction of many hours, read midway) and names the others."""
   runs = plan(config, workdir, seeds, epochs)
   # The data-dependent checks of the plain and the gated config, before anything trains.
   sweep.check_data([(f'reproduce {kind} run', runs[kind][0][1]) for kind in ('plain', 'gated')])
@@ -175,7 +180,14 @@ def reproduce(
     for kind in RUNS
     for seed, c in runs[kind]
   }
-  if vectorize:
+  if summary_only:
+    done = [seed for seed in seeds if all(prepared[kind, seed][1] for kind in RUNS)]
+    if not done:
+      raise UserError(
+        f'no seed of {",".join(map(str, seeds))} has its plain, gated and control runs all '
+        f'finished in {workdir} yet: nothing to summarise'
+      )
+  elif vectorize:
     for kind in RUNS:  # every plain run first: the gated runs start from them
       todo = [(seed, *prepared[kind, seed]) for seed, _ in runs[kind]]
       unfinished = [seed for seed, _, finished in todo if not finished]
@@ -194,8 +206,11 @@ def reproduce(
       preemption.check_stop()
       progress(f'seed {seed}: {kind}')
       train[kind](c, run_dir(workdir, seed, kind))
-  rows = {kind: {seed: scored(run_dir(workdir, seed, kind)) for seed in seeds} for kind in RUNS}
-  summary = summarize(rows, runs['gated'][0][1], seeds)
+  if not summary_only:
+    done = seeds
+  rows = {kind: {seed: scored(run_dir(workdir, seed, kind)) for seed in done} for kind in RUNS}
+  summary = summarize(rows, runs['gated'][0][1], done)
+  summary['unfinished_seeds'] = [seed for seed in seeds if seed not in done]
   if distributed.is_leader():
     from gaternet_jax.analysis import figures  # noqa: PLC0415 - matplotlib only here
 
@@ -330,6 +345,12 @@ def markdown(summary: dict[str, Any]) -> str:
     mean = f'{d["mean"]:+.2f} ± {d["std"]:.2f}'
     lines.append(f'| gated − {other} | ' + ' | '.join(cells) + f' | {mean} | | | |')
   lines.append('')
+  if summary.get('unfinished_seeds'):
+    unfinished = summary['unfinished_seeds']
+    seeds_word = 'seed' if len(unfinished) == 1 else 'seeds'
+    lines.append(
+      f'Not finished yet, left out of this table: {seeds_word} {", ".join(map(str, unfinished))}.'
+    )
   for other in ('plain', 'control'):
     d = summary[f'gated_minus_{other}']
     if 'ci95' in d:

@@ -180,8 +180,10 @@ def reproduce(
     for kind in RUNS
     for seed, c in runs[kind]
   }
+  # The seeds the summary covers: with summary_only those whose three runs are finished, else every
+  # seed (trained below).
+  done = [s for s in seeds if all(prepared[k, s][1] for k in RUNS)] if summary_only else seeds
   if summary_only:
-    done = [seed for seed in seeds if all(prepared[kind, seed][1] for kind in RUNS)]
     if not done:
       raise UserError(
         f'no seed of {",".join(map(str, seeds))} has its plain, gated and control runs all '
@@ -206,8 +208,6 @@ def reproduce(
       preemption.check_stop()
       progress(f'seed {seed}: {kind}')
       train[kind](c, run_dir(workdir, seed, kind))
-  if not summary_only:
-    done = seeds
   rows = {kind: {seed: scored(run_dir(workdir, seed, kind)) for seed in done} for kind in RUNS}
   summary = summarize(rows, runs['gated'][0][1], done)
   summary['unfinished_seeds'] = [seed for seed in seeds if seed not in done]
@@ -345,8 +345,7 @@ def markdown(summary: dict[str, Any]) -> str:
     mean = f'{d["mean"]:+.2f} ± {d["std"]:.2f}'
     lines.append(f'| gated − {other} | ' + ' | '.join(cells) + f' | {mean} | | | |')
   lines.append('')
-  if summary.get('unfinished_seeds'):
-    unfinished = summary['unfinished_seeds']
+  if unfinished := summary.get('unfinished_seeds'):
     seeds_word = 'seed' if len(unfinished) == 1 else 'seeds'
     lines.append(
       f'Not finished yet, left out of this table: {seeds_word} {", ".join(map(str, unfinished))}.'
